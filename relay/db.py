@@ -1,0 +1,73 @@
+"""Connecting to PostgreSQL with errors a person can act on.
+
+Driver errors are mapped here, at the boundary, to ``DatabaseUnavailable``
+whose message names host, port and database but never the password.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from relay.errors import ConfigError, DatabaseUnavailable
+
+__all__ = ["aconnect", "connect", "describe", "redact"]
+
+
+def describe(database_url: str) -> str:
+    """``user@host:port/dbname`` for messages: everything but the password."""
+    try:
+        params = conninfo_to_dict(database_url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"DATABASE_URL is not a valid libpq URL: {_first_line(exc)}") from None
+    host = str(params.get("host") or "localhost")
+    if host.startswith("/"):
+        host = f"socket {host}"
+    port = params.get("port") or 5432
+    user = params.get("user") or "(default user)"
+    dbname = params.get("dbname") or "(default database)"
+    return f"{user}@{host}:{port}/{dbname}"
+
+
+def redact(text: str, database_url: str) -> str:
+    """Remove the URL's password from a message that might quote it."""
+    password = conninfo_to_dict(database_url).get("password")
+    return text.replace(str(password), "***") if password else text
+
+
+def _unavailable(database_url: str, exc: Exception) -> DatabaseUnavailable:
+    reason = redact(_first_line(exc), database_url)
+    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {describe(database_url)}: {reason}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def connect(
+    database_url: str, *, autocommit: bool = False, connect_timeout: int = 5, **kwargs: Any
+) -> psycopg.Connection[Any]:
+    """A sync connection, or ``DatabaseUnavailable`` naming where it tried."""
+    describe(database_url)  # validates the URL first, with its own message
+    try:
+        return psycopg.connect(
+            database_url, autocommit=autocommit, connect_timeout=connect_timeout, **kwargs
+        )
+    except psycopg.OperationalError as exc:
+        raise _unavailable(database_url, exc) from None
+
+
+async def aconnect(
+    database_url: str, *, autocommit: bool = False, connect_timeout: int = 5, **kwargs: Any
+) -> psycopg.AsyncConnection[Any]:
+    """An async connection, or ``DatabaseUnavailable`` naming where it tried."""
+    describe(database_url)
+    try:
+        return await psycopg.AsyncConnection.connect(
+            database_url, autocommit=autocommit, connect_timeout=connect_timeout, **kwargs
+        )
+    except psycopg.OperationalError as exc:
+        raise _unavailable(database_url, exc) from None

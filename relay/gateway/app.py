@@ -1,0 +1,203 @@
+"""The Starlette application: routes, auth checks, CORS, health and metrics.
+
+Endpoints never parse tokens themselves: ``_principal`` asks the verifier and
+turns its refusal into 401/403 with a ``WWW-Authenticate`` header.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter as Tally
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from relay.errors import AuthError
+from relay.gateway.auth import Principal, TokenVerifier, authenticate
+from relay.gateway.hub import Hub
+from relay.gateway.streams import StreamOptions, page, resolve_order, sse_stream
+from relay.log import Stream
+from relay.metrics import REGISTRY, M
+
+__all__ = ["GatewayConfig", "create_app"]
+
+log = logging.getLogger("relay.gateway")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    stream: StreamOptions = field(default_factory=StreamOptions)
+    cors_origins: tuple[str, ...] = ()
+    max_connections: int = 0
+    max_connections_per_subject: int = 0
+    poll_limit_max: int = 1000
+
+
+Readiness = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def _problem(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+def _refused(exc: AuthError) -> JSONResponse:
+    M.auth_failures.labels(reason=exc.reason).inc()
+    if exc.status == 401:
+        return _problem(401, str(exc), **{"WWW-Authenticate": 'Bearer realm="relay"'})
+    return _problem(403, str(exc))
+
+
+def _uuid(value: str) -> UUID | None:
+    try:
+        return UUID(value)
+    except ValueError:
+        return None
+
+
+def create_app(
+    *,
+    hub: Hub,
+    pool: AsyncConnectionPool[Any],
+    verifier: TokenVerifier,
+    config: GatewayConfig,
+    readiness: Readiness,
+) -> Starlette:
+    open_per_subject: Tally[str] = Tally()
+
+    async def principal(request: Request) -> Principal:
+        return await authenticate(request, verifier)
+
+    def capacity(subject: str) -> JSONResponse | None:
+        if config.max_connections and hub.subscriber_count >= config.max_connections:
+            return _problem(429, "too many open streams on this relay", **{"Retry-After": "5"})
+        limit = config.max_connections_per_subject
+        if limit and open_per_subject[subject] >= limit:
+            return _problem(429, "too many open streams for this subject", **{"Retry-After": "5"})
+        return None
+
+    def respond(stream: Stream, request: Request, who: Principal) -> Response:
+        cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
+        too_many = capacity(who.subject)
+        if too_many is not None:
+            return too_many
+        open_per_subject[who.subject] += 1
+
+        async def body() -> Any:
+            try:
+                async for chunk in sse_stream(
+                    hub, pool, stream, cursor, options=config.stream,
+                    expires_at=who.expires_at, subject=who.subject,
+                ):
+                    yield chunk
+            finally:
+                open_per_subject[who.subject] -= 1
+                if open_per_subject[who.subject] <= 0:
+                    del open_per_subject[who.subject]
+
+        return EventSourceResponse(
+            body(),
+            ping=config.stream.heartbeat,
+            ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"),
+            sep="\n",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            send_timeout=30,
+        )
+
+    async def restaurant_stream(request: Request) -> Response:
+        restaurant = _uuid(request.path_params["restaurant_id"])
+        if restaurant is None:
+            return _problem(400, "restaurantId must be a UUID")
+        try:
+            who = await principal(request)
+        except AuthError as exc:
+            return _refused(exc)
+        if not who.may_see_restaurant(restaurant):
+            return _refused(AuthError("token does not grant this restaurant", status=403, reason="forbidden"))
+        return respond(Stream.restaurant(restaurant), request, who)
+
+    async def order_stream(request: Request) -> Response:
+        order = _uuid(request.path_params["order_id"])
+        if order is None:
+            return _problem(400, "orderId must be a UUID")
+        try:
+            who = await principal(request)
+        except AuthError as exc:
+            return _refused(exc)
+        owner = await resolve_order(pool, order)
+        allowed = owner is not None and (
+            (owner[1] is not None and str(owner[1]) == who.subject)
+            or who.may_see_restaurant(owner[0])
+        )
+        if owner is None or not allowed:
+            return _refused(AuthError("token does not grant this order", status=403, reason="forbidden"))
+        return respond(Stream.order(order, owner[0]), request, who)
+
+    async def restaurant_events(request: Request) -> Response:
+        restaurant = _uuid(request.path_params["restaurant_id"])
+        if restaurant is None:
+            return _problem(400, "restaurantId must be a UUID")
+        try:
+            who = await principal(request)
+        except AuthError as exc:
+            return _refused(exc)
+        if not who.may_see_restaurant(restaurant):
+            return _refused(AuthError("token does not grant this restaurant", status=403, reason="forbidden"))
+        raw_limit = request.query_params.get("limit", "100")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= config.poll_limit_max:
+            return _problem(400, f"limit must be an integer from 1 to {config.poll_limit_max}")
+        body = await page(pool, Stream.restaurant(restaurant), request.query_params.get("after"), int(raw_limit))
+        return JSONResponse(body, headers={"Cache-Control": "no-cache"})
+
+    async def healthz(_request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_request: Request) -> Response:
+        checks = await readiness()
+        ok = all(v is True or v is None or (isinstance(v, dict) and v.get("ok", True)) for v in checks.values())
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    async def metrics(_request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def dashboard(_request: Request) -> Response:
+        html = Path(__file__).with_name("dashboard.html")
+        if not html.exists():
+            return _problem(404, "dashboard not built")
+        return HTMLResponse(html.read_text(), headers={"Cache-Control": "no-cache"})
+
+    middleware = []
+    if config.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.cors_origins),
+                allow_credentials=True,
+                allow_methods=["GET"],
+                allow_headers=["Authorization", "Last-Event-ID"],
+            )
+        )
+    return Starlette(
+        routes=[
+            Route("/v1/restaurants/{restaurant_id}/stream", restaurant_stream),
+            Route("/v1/orders/{order_id}/stream", order_stream),
+            Route("/v1/restaurants/{restaurant_id}/events", restaurant_events),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Route("/dashboard", dashboard),
+        ],
+        middleware=middleware,
+    )

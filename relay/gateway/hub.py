@@ -1,0 +1,259 @@
+"""One hub per process: follows the event log and fans frames out to subscribers.
+
+The hub keeps, per partition, the last position it has fanned out. Work
+arrives as "partition p now reaches position q", from three sources: batches
+this process just published (events in hand), ``NOTIFY relay_events`` from
+any replica, and a periodic sweep of the partition heads (covers a dead
+listener or a lost notification). One worker applies them in order; whatever
+it does not hold in hand it reads from the log, so every subscriber sees each
+partition's events in position order with no gap, whichever replica
+published them. Each event is encoded into one SSE frame, once, and the same
+bytes go to every subscriber of its channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+
+from relay import log as event_log
+from relay.db import aconnect
+from relay.dispatcher import PARTITIONS, BatchResult, LogEvent
+from relay.dispatcher.listener import _KEEPALIVE, Listener
+from relay.errors import DatabaseUnavailable
+from relay.metrics import M
+
+__all__ = ["Hub", "Subscriber", "frame"]
+
+_READ_LIMIT = 5000
+
+log = logging.getLogger("relay.hub")
+
+
+def frame(event: LogEvent) -> bytes:
+    """The SSE frame of one event: id, event name, one-line JSON data."""
+    return (
+        f"id: {event.partition}-{event.position}\nevent: {event.sse_event}\n"
+        f"data: {event.data}\n\n"
+    ).encode()
+
+
+class Subscriber:
+    """A stream's bounded buffer; overflow closes the stream (the client resumes)."""
+
+    __slots__ = ("_wake", "channel", "closed", "frames", "limit", "partition", "subject")
+
+    def __init__(self, channel: str, partition: int, limit: int, subject: str = "") -> None:
+        self.channel = channel
+        self.partition = partition
+        self.limit = limit
+        self.subject = subject
+        self.frames: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.closed: str | None = None
+        self._wake = asyncio.Event()
+
+    def offer(self, position: int, data: bytes) -> None:
+        if self.closed:
+            return
+        if len(self.frames) >= self.limit:
+            self.close("slow")
+            M.slow_disconnects.inc()
+            return
+        self.frames.append((position, data))
+        self._wake.set()
+
+    def close(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = reason
+            self.frames.clear()
+        self._wake.set()
+
+    async def wait(self, timeout: float | None) -> None:
+        if self.frames or self.closed:
+            return
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def take(self) -> list[tuple[int, bytes]]:
+        taken = list(self.frames)
+        self.frames.clear()
+        return taken
+
+
+class Hub:
+    """Fan-out of the event log to this process's subscribers."""
+
+    def __init__(self, database_url: str, *, sweep_every: float = 1.0) -> None:
+        self._url = database_url
+        self._sweep_every = sweep_every
+        self._channels: dict[str, set[Subscriber]] = {}
+        self.delivered: list[int] = [0] * PARTITIONS
+        self._work: asyncio.Queue[tuple[int, int, tuple[LogEvent, ...]]] = asyncio.Queue()
+        self._listener: Listener | None = None
+        self.ready = asyncio.Event()
+        self.subscriber_count = 0
+
+    # -- subscribers ---------------------------------------------------------
+
+    def subscribe(self, channel: str, partition: int, limit: int, subject: str = "") -> Subscriber:
+        sub = Subscriber(channel, partition, limit, subject)
+        self._channels.setdefault(channel, set()).add(sub)
+        self.subscriber_count += 1
+        M.subscribers.inc()
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        subs = self._channels.get(sub.channel)
+        if subs is not None and sub in subs:
+            subs.discard(sub)
+            if not subs:
+                del self._channels[sub.channel]
+            self.subscriber_count -= 1
+            M.subscribers.dec()
+
+    def close_all(self, reason: str) -> None:
+        for subs in list(self._channels.values()):
+            for sub in list(subs):
+                sub.close(reason)
+
+    @property
+    def listener_connected(self) -> bool:
+        return self._listener is not None and self._listener.connected
+
+    # -- inputs --------------------------------------------------------------
+
+    def published(self, batch: BatchResult) -> None:
+        """A batch this process committed: fan it out without reading it back."""
+        by_partition: dict[int, list[LogEvent]] = {}
+        for event in batch.events:
+            by_partition.setdefault(event.partition, []).append(event)
+        for partition, events in by_partition.items():
+            self._work.put_nowait((partition, events[-1].position, tuple(events)))
+
+    def _notified(self, _channel: str, payload: str) -> None:
+        for part in payload.split(","):
+            try:
+                p, _first, last = part.split(":")
+                partition, through = int(p), int(last)
+            except ValueError:
+                log.warning("ignoring malformed notification %r", payload[:80])
+                return
+            if 0 <= partition < PARTITIONS and through > self.delivered[partition]:
+                self._work.put_nowait((partition, through, ()))
+
+    # -- running -------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._listener = Listener(self._url, ["relay_events"], self._notified)
+        tasks = [
+            asyncio.create_task(self._listener.run(stop), name="hub-listener"),
+            asyncio.create_task(self._follow(stop), name="hub-follow"),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.close_all("shutdown")
+
+    async def _follow(self, stop: asyncio.Event) -> None:
+        """Apply work items in order, reading from the log what is not in hand."""
+        first = True
+        while not stop.is_set():
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await aconnect(self._url, autocommit=True, **_KEEPALIVE)
+                if first:
+                    for p, (last, _pruned) in (await event_log.heads(conn)).items():
+                        self.delivered[p] = last
+                    first = False
+                    self.ready.set()
+                else:
+                    await self._sweep(conn)  # catch up on whatever passed while down
+                await self._apply_forever(conn, stop)
+            except (psycopg.Error, DatabaseUnavailable, OSError) as exc:
+                log.warning("hub lost the database (%s); retrying", str(exc).splitlines()[0:1])
+            finally:
+                if conn is not None:
+                    try:
+                        await asyncio.wait_for(conn.close(), 1.0)
+                    except Exception:
+                        pass
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                pass
+
+    async def _apply_forever(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + self._sweep_every
+        pending: tuple[int, int, tuple[LogEvent, ...]] | None = None
+        while not stop.is_set():
+            timeout = max(0.0, next_sweep - loop.time())
+            try:
+                pending = await asyncio.wait_for(self._work.get(), timeout)
+            except TimeoutError:
+                await self._sweep(conn)
+                next_sweep = loop.time() + self._sweep_every
+                continue
+            partition, through, events = pending
+            await self._advance(conn, partition, through, events)
+
+    async def _sweep(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        for p, (last, _pruned) in (await event_log.heads(conn)).items():
+            if last > self.delivered[p]:
+                await self._advance(conn, p, last, ())
+
+    async def _advance(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        partition: int,
+        through: int,
+        events: tuple[LogEvent, ...],
+    ) -> None:
+        delivered = self.delivered[partition]
+        if through <= delivered:
+            return
+        if events and events[0].position <= delivered + 1:
+            self._deliver(e for e in events if e.position > delivered)
+            return
+        # A gap (another replica published in between, or no events in hand):
+        # read it from the log, in order, before anything above it.
+        gap_end = events[0].position - 1 if events else through
+        while self.delivered[partition] < gap_end:
+            chunk = await event_log.read_partition(
+                conn, partition, self.delivered[partition], gap_end, limit=_READ_LIMIT
+            )
+            self._deliver(chunk)
+            if len(chunk) < _READ_LIMIT:
+                # Positions up to gap_end are committed; any still missing are
+                # holes (dropped duplicates), not late arrivals.
+                self.delivered[partition] = gap_end
+        if events:
+            self._deliver(e for e in events if e.position > self.delivered[partition])
+
+    def _deliver(self, events: Iterable[LogEvent]) -> None:
+        channels = self._channels
+        count = 0
+        for event in events:
+            data: bytes | None = None
+            for channel in event.channels:
+                subs = channels.get(channel)
+                if subs:
+                    if data is None:
+                        data = frame(event)
+                    for sub in subs:
+                        sub.offer(event.position, data)
+                        count += 1
+            self.delivered[event.partition] = event.position
+        if count:
+            M.deliveries.inc(count)

@@ -1,0 +1,157 @@
+"""SSE streams and the polling fallback, over the hub and the event log.
+
+Joining a stream without a gap or a duplicate: subscribe to the hub first
+(live frames start buffering), then replay the log after the client's cursor,
+then drain the buffer skipping every position already sent. The hub delivers
+each partition in position order, so "skip positions <= last sent" is an
+exact dedupe at the seam between replay and live.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from psycopg_pool import AsyncConnectionPool
+
+from relay import log as event_log
+from relay.dispatcher import LogEvent
+from relay.errors import InvalidCursor
+from relay.gateway.hub import Hub, frame
+from relay.log import Cursor, Stream
+from relay.sql import query
+
+__all__ = ["StreamOptions", "page", "resolve_order", "sse_stream", "start_position"]
+
+_REPLAY_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    buffer: int = 1000
+    retry_ms: int = 3000
+    heartbeat: float = 15.0
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a stream begins: after ``position``; ``reset`` says why we could not resume."""
+
+    position: int
+    head: int
+    oldest: int  # positions <= oldest are gone (retention)
+    reset: str | None = None
+
+
+async def start_position(
+    pool: AsyncConnectionPool[Any], stream: Stream, cursor_text: str | None
+) -> Start:
+    """Resolve a client's cursor against the log: resume, or reset with a reason."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(query("partition_head"), {"partition": stream.partition})
+        row = await cur.fetchone()
+    head, pruned = (int(row[0]), int(row[1])) if row else (0, 0)
+    if not cursor_text:
+        return Start(head, head, pruned)
+    try:
+        position = stream.start(Cursor.parse(cursor_text))
+    except InvalidCursor as exc:
+        return Start(head, head, pruned, reset=str(exc))
+    if position > head:
+        return Start(head, head, pruned, reset="cursor is ahead of the log (another database?)")
+    if position < pruned:
+        return Start(head, head, pruned, reset="cursor is older than the retention window")
+    return Start(position, head, pruned)
+
+
+async def resolve_order(pool: AsyncConnectionPool[Any], order_id: UUID) -> tuple[UUID, UUID | None] | None:
+    """(restaurant_id, customer_id) of an order, or None if the relay never saw it."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(query("order_owner"), {"order_id": order_id})
+        row = await cur.fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def _reset_frame(reason: str, cursor: str) -> bytes:
+    data = json.dumps({"reason": reason, "cursor": cursor}, separators=(",", ":"))
+    return f"id: {cursor}\nevent: reset\ndata: {data}\n\n".encode()
+
+
+async def sse_stream(
+    hub: Hub,
+    pool: AsyncConnectionPool[Any],
+    stream: Stream,
+    cursor_text: str | None,
+    *,
+    options: StreamOptions,
+    expires_at: datetime,
+    subject: str,
+) -> AsyncIterator[bytes]:
+    """Yield SSE bytes for one subscriber until it is closed, slow, or its token expires."""
+    sub = hub.subscribe(stream.channel, stream.partition, options.buffer, subject)
+    try:
+        start = await start_position(pool, stream, cursor_text)
+        retry = int(options.retry_ms * random.uniform(0.8, 1.2))
+        opening = f"retry: {retry}\n"
+        sent = start.position
+        if start.reset is not None:
+            yield opening.encode() + _reset_frame(start.reset, Cursor(stream.partition, sent).encode())
+        else:
+            # An id-only frame gives a fresh client a cursor before any event arrives.
+            yield f"{opening}id: {stream.partition}-{sent}\n\n".encode()
+            while True:
+                async with pool.connection() as conn:
+                    events = await event_log.replay(conn, stream, sent, _REPLAY_PAGE)
+                if events:
+                    yield b"".join(frame(e) for e in events)
+                    sent = events[-1].position
+                if len(events) < _REPLAY_PAGE:
+                    break
+        while True:
+            remaining = (expires_at - datetime.now(UTC)).total_seconds()
+            if remaining <= 0:
+                yield b": token expired; reconnect with a fresh token\n\n"
+                return
+            await sub.wait(min(remaining, options.heartbeat * 4))
+            if sub.closed:
+                if sub.closed == "slow":
+                    yield b": buffer overflow; resume with Last-Event-ID\n\n"
+                return
+            fresh = [(position, data) for position, data in sub.take() if position > sent]
+            if fresh:
+                sent = fresh[-1][0]
+                yield b"".join(data for _position, data in fresh)
+    finally:
+        hub.unsubscribe(sub)
+
+
+async def page(
+    pool: AsyncConnectionPool[Any], stream: Stream, after_text: str | None, limit: int
+) -> dict[str, Any]:
+    """The polling fallback: the same events as the stream, and the next cursor."""
+    start = await start_position(pool, stream, after_text)
+    body: dict[str, Any] = {"events": []}
+    after = start.position
+    if start.reset is not None or not after_text:
+        # No cursor, or one we cannot honour: from the oldest retained event,
+        # so a client can rebuild its state from this page onwards.
+        after = start.oldest
+        if start.reset is not None:
+            body["reset"] = start.reset
+    async with pool.connection() as conn:
+        events: list[LogEvent] = await event_log.replay(conn, stream, after, limit)
+    body["events"] = [
+        {"id": f"{e.partition}-{e.position}", "event": e.sse_event, "data": json.loads(e.data)}
+        for e in events
+    ]
+    last = events[-1].position if events else after
+    if len(events) < limit:
+        # The head was read before the page: every position up to it is in the page.
+        last = max(last, start.head)
+    body["next"] = Cursor(stream.partition, last).encode()
+    return body

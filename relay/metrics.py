@@ -1,0 +1,59 @@
+"""Prometheus metrics: one registry per process, no ids as labels.
+
+Labels are bounded sets (event type, reason, mode), never a restaurant, order
+or user id, so cardinality stays fixed whatever the traffic.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["REGISTRY", "M"]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.claimed = Counter("relay_claimed_events", "Outbox rows claimed", registry=r)
+        self.published = Counter(
+            "relay_published_events", "Events appended to the log", ["event_type"], registry=r
+        )
+        self.dead_lettered = Counter(
+            "relay_dead_lettered_events", "Rows moved to dead letters", registry=r
+        )
+        self.pii_dropped = Counter(
+            "relay_dropped_fields", "Payload fields dropped by the contract whitelist", registry=r
+        )
+        self.auth_failures = Counter(
+            "relay_auth_failures", "Refused stream or poll requests", ["reason"], registry=r
+        )
+        self.slow_disconnects = Counter(
+            "relay_slow_subscriber_disconnects",
+            "Streams closed because their buffer overflowed",
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "relay_sse_deliveries", "Events written to SSE subscribers", registry=r
+        )
+        self.claim_seconds = Histogram(
+            "relay_claim_batch_seconds", "Claim+publish transaction time", buckets=_LATENCY,
+            registry=r,
+        )
+        self.publish_lag = Histogram(
+            "relay_commit_to_publish_seconds", "Outbox insert to log publication", buckets=_LATENCY,
+            registry=r,
+        )
+        self.send_latency = Histogram(
+            "relay_publish_to_send_seconds", "Log publication to hub fan-out", buckets=_LATENCY,
+            registry=r,
+        )
+        self.subscribers = Gauge("relay_subscribers", "Open SSE streams", registry=r)
+        self.backlog = Gauge("relay_backlog", "Pending outbox rows (sampled)", registry=r)
+        self.replicas = Gauge("relay_replicas", "Live relay processes (sampled)", registry=r)
+
+
+M = _Metrics(REGISTRY)

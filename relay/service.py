@@ -1,0 +1,190 @@
+"""``relay run``: the dispatcher and the HTTP gateway in one sidecar process.
+
+SIGTERM drains: the dispatcher finishes its current batch (or the batch rolls
+back and returns to the outbox), every stream is closed cleanly so clients
+reconnect elsewhere with their cursor, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from psycopg_pool import AsyncConnectionPool
+from sse_starlette.sse import AppStatus
+
+from relay.dispatcher import BatchResult, Dispatcher, DispatcherConfig
+from relay.dispatcher.listener import _KEEPALIVE
+from relay.gateway.app import GatewayConfig, create_app
+from relay.gateway.auth import AuthConfig, TokenVerifier
+from relay.gateway.hub import Hub
+from relay.gateway.streams import StreamOptions
+from relay.maintenance import Maintenance
+from relay.metrics import M
+from relay.settings import Settings
+
+__all__ = ["serve"]
+
+log = logging.getLogger("relay")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: this process drains itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _observe(batch: BatchResult) -> None:
+    M.claimed.inc(batch.claimed)
+    M.dead_lettered.inc(batch.dead_lettered)
+    M.pii_dropped.inc(batch.dropped_fields)
+    M.claim_seconds.observe(batch.seconds)
+    for event in batch.events:
+        M.published.labels(event_type=event.event_type).inc()
+
+
+async def serve(settings: Settings, *, dispatcher: bool = True, gateway: bool = True) -> None:
+    """Run until SIGTERM/SIGINT; returns after a clean drain."""
+    url = settings.require_database_url()
+    if gateway:
+        settings.require_jwt_key()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    roles = [r for r, on in (("dispatcher", dispatcher), ("gateway", gateway)) if on]
+    hub = Hub(url) if gateway else None
+
+    def on_batch(batch: BatchResult) -> None:
+        _observe(batch)
+        if hub is not None:
+            hub.published(batch)
+
+    worker = (
+        Dispatcher(
+            url,
+            DispatcherConfig(
+                batch_size=settings.batch_size,
+                wakeup=settings.wakeup,
+                poll_idle=settings.poll_idle.total_seconds(),
+                safety_sweep=settings.safety_sweep.total_seconds(),
+            ),
+            on_batch=on_batch,
+        )
+        if dispatcher
+        else None
+    )
+    maintenance = Maintenance(
+        url,
+        replica_id=settings.replica_id,
+        roles=roles,
+        retention=settings.retention,
+        published=lambda: worker.published if worker else 0,
+    )
+    tasks: list[asyncio.Task[Any]] = [
+        asyncio.create_task(maintenance.run(stop), name="maintenance")
+    ]
+    if worker is not None:
+        tasks.append(asyncio.create_task(worker.run(stop), name="dispatcher"))
+    server: _Server | None = None
+    pool: AsyncConnectionPool[Any] | None = None
+    if hub is not None:
+        tasks.append(asyncio.create_task(hub.run(stop), name="hub"))
+        pool = AsyncConnectionPool(
+            url, min_size=1, max_size=8, open=False, kwargs={"autocommit": True, **_KEEPALIVE},
+            timeout=5,
+        )
+        await pool.open(wait=False)
+        verifier = TokenVerifier(
+            AuthConfig(
+                secret=settings.jwt_secret,
+                jwks=settings.jwt_jwks,
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+            )
+        )
+
+        async def readiness() -> dict[str, Any]:
+            checks: dict[str, Any] = {"database": await _database_ok(pool)}
+            checks["listener"] = hub.listener_connected
+            if worker is not None:
+                checks["dispatcher"] = worker.running
+            return checks
+
+        app = create_app(
+            hub=hub,
+            pool=pool,
+            verifier=verifier,
+            config=GatewayConfig(
+                stream=StreamOptions(
+                    buffer=settings.subscriber_buffer, heartbeat=settings.heartbeat_seconds
+                ),
+                cors_origins=tuple(settings.cors_origin_list),
+                max_connections=settings.max_connections,
+                max_connections_per_subject=settings.max_connections_per_subject,
+            ),
+            readiness=readiness,
+        )
+        server = _Server(
+            uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace.total_seconds())),
+                backlog=4096,
+            )
+        )
+        tasks.append(asyncio.create_task(server.serve(), name="http"))
+
+    def drain(signame: str) -> None:
+        if stop.is_set():
+            return
+        log.info("received %s: draining", signame)
+        stop.set()
+        AppStatus.should_exit = True
+        if hub is not None:
+            hub.close_all("shutdown")
+        if server is not None:
+            server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, drain, sig.name)
+    log.info(
+        "relay started", extra={"roles": roles, "replica": settings.replica_id,
+                                "http": f"{settings.host}:{settings.port}" if gateway else None},
+    )
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task.exception() is not None and not stop.is_set():
+                raise task.exception()  # type: ignore[misc]
+        if not stop.is_set():
+            drain("exit")
+        grace = settings.shutdown_grace.total_seconds()
+        _, late = await asyncio.wait(tasks, timeout=grace)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if pool is not None:
+            await pool.close(timeout=1)
+        log.info("relay stopped")
+
+
+async def _database_ok(pool: AsyncConnectionPool[Any]) -> bool:
+    try:
+        async with pool.connection(timeout=2) as conn:
+            await asyncio.wait_for(conn.execute("SELECT 1"), 2)
+        return True
+    except Exception:
+        return False
