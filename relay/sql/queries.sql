@@ -25,9 +25,11 @@ SELECT last_value FROM relay_outbox_id_seq
 -- Become the only publisher of up to N partitions that have pending rows, for
 -- this transaction. SKIP LOCKED: a partition another replica is publishing is
 -- skipped, never waited for. Least recently published first, for fairness.
+-- The scalar subquery is one index probe per partition (never a scan of the outbox).
 SELECT p.partition, p.last_position
 FROM relay_partitions AS p
-WHERE EXISTS (SELECT FROM relay_outbox AS o WHERE o.partition = p.partition)
+WHERE (SELECT o.id FROM relay_outbox AS o WHERE o.partition = p.partition ORDER BY o.id LIMIT 1)
+      IS NOT NULL
 ORDER BY p.published_at NULLS FIRST, p.partition
 LIMIT %(max_partitions)s
 FOR UPDATE OF p SKIP LOCKED

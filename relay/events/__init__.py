@@ -1,0 +1,23 @@
+"""The event contract (SPEC §1): models per (type, version) and the routing table."""
+
+from __future__ import annotations
+
+from relay.events.registry import (
+    REGISTRY,
+    Broadcast,
+    Envelope,
+    EventSpec,
+    known_event_types,
+    render,
+    spec_for,
+)
+
+__all__ = [
+    "REGISTRY",
+    "Broadcast",
+    "Envelope",
+    "EventSpec",
+    "known_event_types",
+    "render",
+    "spec_for",
+]

@@ -1,0 +1,40 @@
+"""The base of every contract model: camelCase or PascalCase in, camelCase out."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from relay.events.types import json_value
+
+__all__ = ["Contract"]
+
+
+class Contract(BaseModel):
+    """A whitelist: only declared fields are read, only they are broadcast."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=False, extra="ignore", frozen=True
+    )
+    # input key (camelCase or PascalCase) -> camelCase alias, built once per class
+    _keys: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def input_keys(cls) -> dict[str, str]:
+        keys = cls.__dict__.get("_input_keys")
+        if keys is None:
+            keys = {}
+            for name, info in cls.model_fields.items():
+                alias = info.alias or name
+                keys[alias] = alias
+                keys[alias[0].upper() + alias[1:]] = alias
+            cls._input_keys = keys  # type: ignore[attr-defined]
+        return keys  # type: ignore[no-any-return]
+
+    def broadcast(self) -> dict[str, Any]:
+        return {
+            info.alias or name: json_value(getattr(self, name))
+            for name, info in type(self).model_fields.items()
+        }

@@ -1,0 +1,191 @@
+"""The routing table: event type → model → SSE name → channels. One entry per type.
+
+Adding an event type is one ``EventSpec`` below plus its model. ``render`` is
+the only way an outbox row becomes a broadcast: it validates, whitelists and
+routes, and refuses a payload whose ids disagree with the row's routing
+columns (a mismatch could send one restaurant's event to another).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from relay.errors import InvalidPayload, UnknownEventType
+from relay.events.base import Contract
+from relay.events.deferred import CouponUsed, FinanceEntry, OrderDelayAlert
+from relay.events.orders import OrderPaymentFailed, OrderPaymentSucceeded, OrderStatusChanged
+from relay.events.types import utc_text
+
+__all__ = [
+    "REGISTRY",
+    "Broadcast",
+    "Envelope",
+    "EventSpec",
+    "known_event_types",
+    "render",
+    "spec_for",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One outbox row's routing columns and its decoded payload."""
+
+    event_id: uuid.UUID
+    event_type: str
+    schema_version: int
+    restaurant_id: uuid.UUID
+    order_id: uuid.UUID | None
+    customer_id: uuid.UUID | None
+    occurred_on_utc: datetime
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    sse_event: str
+    data: dict[str, Any]
+    channels: tuple[str, ...]
+    dropped_fields: tuple[str, ...]
+
+
+Route = Callable[[Envelope, Any], tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    event_type: str
+    schema_version: int
+    model: type[Contract]
+    sse_event: str
+    route: Route
+    expected_status: str | None = None  # for the uniform status DTO
+
+
+def _kitchen_and_order(envelope: Envelope, model: Any) -> tuple[str, ...]:
+    order = envelope.order_id or model.order_id
+    return (f"restaurant:{envelope.restaurant_id}", f"order:{order}")
+
+
+def _coupon(_envelope: Envelope, model: Any) -> tuple[str, ...]:
+    return (f"coupon:{model.coupon_id}", "admin")
+
+
+def _finance(envelope: Envelope, _model: Any) -> tuple[str, ...]:
+    return (f"finance:{envelope.restaurant_id}",)
+
+
+def _status(event_type: str, status: str) -> EventSpec:
+    return EventSpec(event_type, 1, OrderStatusChanged, "OrderStatusChanged",
+                     _kitchen_and_order, expected_status=status)  # fmt: skip
+
+
+_SPECS = (
+    EventSpec("OrderPaymentSucceeded", 1, OrderPaymentSucceeded, "OrderPaymentSucceeded",
+              _kitchen_and_order),  # fmt: skip
+    EventSpec("OrderPaymentFailed", 1, OrderPaymentFailed, "OrderPaymentFailed",
+              _kitchen_and_order),  # fmt: skip
+    _status("OrderAccepted", "Accepted"),
+    _status("OrderPreparing", "Preparing"),
+    _status("OrderReadyForDelivery", "ReadyForDelivery"),
+    _status("OrderDelivered", "Delivered"),
+    _status("OrderRejected", "Rejected"),
+    _status("OrderCancelled", "Cancelled"),
+    EventSpec("CouponUsed", 1, CouponUsed, "CouponUsed", _coupon),
+    EventSpec("RevenueRecorded", 1, FinanceEntry, "RevenueRecorded", _finance),
+    EventSpec("PlatformFeeRecorded", 1, FinanceEntry, "PlatformFeeRecorded", _finance),
+    EventSpec("OrderDelayAlert", 1, OrderDelayAlert, "OrderDelayAlert", _kitchen_and_order),
+)
+
+REGISTRY: Mapping[tuple[str, int], EventSpec] = {(s.event_type, s.schema_version): s for s in _SPECS}
+
+
+def known_event_types() -> frozenset[str]:
+    return frozenset(event_type for event_type, _ in REGISTRY)
+
+
+def spec_for(event_type: str, schema_version: int) -> EventSpec:
+    spec = REGISTRY.get((event_type, schema_version))
+    if spec is None:
+        raise UnknownEventType(
+            f"unknown event type {event_type!r} version {schema_version}: "
+            f"known types are {', '.join(sorted(known_event_types()))}"
+        )
+    return spec
+
+
+def render(envelope: Envelope) -> Broadcast:
+    """Validate, whitelist and route one event; raises a ContractError subclass."""
+    spec = spec_for(envelope.event_type, envelope.schema_version)
+    payload = envelope.payload
+    if not isinstance(payload, Mapping):
+        raise InvalidPayload(f"{envelope.event_type}: payload must be a JSON object")
+    keys = spec.model.input_keys()
+    accepted: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key, value in payload.items():
+        alias = keys.get(key)
+        if alias is None:
+            dropped.append(str(key))
+        else:
+            accepted[alias] = value
+    if spec.expected_status is not None:
+        status = accepted.get("newStatus")
+        if status != spec.expected_status:
+            raise InvalidPayload(
+                f'{envelope.event_type}: newStatus: must be "{spec.expected_status}" for '
+                f'{envelope.event_type}, got {_shown(status)}',
+                field="newStatus",
+            )
+        accepted.setdefault("occurredOnUtc", envelope.occurred_on_utc)
+    try:
+        model = spec.model.model_validate(accepted)
+    except ValidationError as exc:
+        raise _invalid(envelope.event_type, exc) from None
+    _check_routing(envelope, model)
+    data = model.broadcast()
+    data["eventId"] = str(envelope.event_id)
+    data["eventType"] = envelope.event_type
+    data["schemaVersion"] = envelope.schema_version
+    data["occurredOnUtc"] = data.get("occurredOnUtc") or utc_text(envelope.occurred_on_utc)
+    return Broadcast(spec.sse_event, data, spec.route(envelope, model), tuple(dropped))
+
+
+def _check_routing(envelope: Envelope, model: Any) -> None:
+    name = envelope.event_type
+    restaurant = getattr(model, "restaurant_id", None)
+    if restaurant is not None and restaurant != envelope.restaurant_id:
+        raise InvalidPayload(
+            f"{name}: restaurantId: payload says {restaurant}, the outbox row says "
+            f"{envelope.restaurant_id}",
+            field="restaurantId",
+        )
+    order = getattr(model, "order_id", None)
+    if order is not None and envelope.order_id is not None and order != envelope.order_id:
+        raise InvalidPayload(
+            f"{name}: orderId: payload says {order}, the outbox row says {envelope.order_id}",
+            field="orderId",
+        )
+
+
+def _shown(value: Any) -> str:
+    return "nothing" if value is None else f'"{str(value)[:40]}"'
+
+
+def _invalid(event_type: str, exc: ValidationError) -> InvalidPayload:
+    first = exc.errors(include_url=False)[0]
+    location = [str(part) for part in first["loc"]]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    field = location[0] if location else None
+    if field is None and ":" in message:  # a model-level check names its field first
+        field, message = (part.strip() for part in message.split(":", 1))
+    if first["type"] == "missing":
+        message = "required"
+    where = ".".join(location) if location else field or "payload"
+    return InvalidPayload(f"{event_type}: {where}: {message}", field=field)

@@ -1,0 +1,191 @@
+"""The claim → publish transaction against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from relay import log as event_log
+from relay.dispatcher import claim_and_publish, partition_of
+from relay.log import Stream
+from relay.outbox import enqueue
+from tests.helpers.orders import CHAIN, INSERT_SQL, event, payload
+
+
+async def _conn(url: str) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(url, autocommit=True)
+
+
+def _log_rows(url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT partition, position, event_type, restaurant_id, data::text"
+            " FROM relay_events ORDER BY partition, position"
+        ).fetchall()
+
+
+async def test_publishes_committed_rows_in_order_and_empties_the_outbox(database_url: str) -> None:
+    restaurants = [uuid.uuid4() for _ in range(3)]
+    with psycopg.connect(database_url) as conn:
+        for r in restaurants:
+            order = uuid.uuid4()
+            for kind in CHAIN:
+                enqueue(conn, event(kind, restaurant_id=r, order_id=order))
+    conn_a = await _conn(database_url)
+    result = await claim_and_publish(conn_a, batch_size=500)
+    await conn_a.close()
+    assert result.claimed == 12 and len(result.events) == 12
+    rows = _log_rows(database_url)
+    for r in restaurants:
+        mine = [row for row in rows if row[3] == r]
+        assert [row[2] for row in mine] == CHAIN
+        positions = [row[1] for row in mine]
+        assert positions == sorted(positions) and len(set(positions)) == 4
+        assert all(row[0] == partition_of(r) for row in mine)
+        assert all("customerName" not in row[4] for row in mine)
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM relay_outbox").fetchone() == (0,)
+
+
+async def test_partition_matches_the_database_function(database_url: str) -> None:
+    ids = [uuid.uuid4() for _ in range(200)]
+    with psycopg.connect(database_url) as conn:
+        got = conn.execute(
+            "SELECT r, get_byte(uuid_send(r), 15) & 63 FROM unnest(%s::uuid[]) AS r", (ids,)
+        ).fetchall()
+    assert all(partition_of(r) == p for r, p in got)
+
+
+async def test_late_commit_lands_after_the_position_a_reader_has_seen(database_url: str) -> None:
+    """T1 inserts first but commits last: it must appear above T2's position."""
+    restaurant = uuid.uuid4()
+    slow = psycopg.connect(database_url)
+    enqueue(slow, event("OrderAccepted", restaurant_id=restaurant))  # T1: uncommitted
+    with psycopg.connect(database_url) as fast:
+        enqueue(fast, event("OrderPreparing", restaurant_id=restaurant))  # T2 commits
+    conn = await _conn(database_url)
+    first = await claim_and_publish(conn, batch_size=500)
+    assert [e.event_type for e in first.events] == ["OrderPreparing"]
+    seen = first.events[-1].position
+    slow.commit()
+    slow.close()
+    second = await claim_and_publish(conn, batch_size=500)
+    assert [e.event_type for e in second.events] == ["OrderAccepted"]
+    resumed = await event_log.replay(conn, Stream.restaurant(restaurant), seen)
+    await conn.close()
+    assert [e.sse_event for e in resumed] == ["OrderStatusChanged"]
+    assert resumed[0].position > seen
+
+
+async def test_rolled_back_rows_are_never_published(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    with psycopg.connect(database_url) as conn:
+        enqueue(conn, event("OrderAccepted", restaurant_id=restaurant))
+        conn.rollback()
+        enqueue(conn, event("OrderPreparing", restaurant_id=restaurant))
+    aconn = await _conn(database_url)
+    result = await claim_and_publish(aconn, batch_size=500)
+    await aconn.close()
+    assert [e.event_type for e in result.events] == ["OrderPreparing"]
+
+
+async def test_poison_row_is_dead_lettered_and_later_rows_flow(database_url: str) -> None:
+    restaurant, order = uuid.uuid4(), uuid.uuid4()
+    bad = payload("OrderPreparing", restaurant_id=restaurant, order_id=order)
+    bad["newStatus"] = "Delivered"  # does not match the event type
+    with psycopg.connect(database_url) as conn:
+        enqueue(conn, event("OrderAccepted", restaurant_id=restaurant, order_id=order))
+        conn.execute(
+            INSERT_SQL,
+            (uuid.uuid4(), "OrderPreparing", restaurant, order, None, json.dumps(bad)),
+        )
+        conn.execute(
+            INSERT_SQL, (uuid.uuid4(), "OrderTeleported", restaurant, order, None, json.dumps(bad))
+        )
+        conn.commit()
+        enqueue(conn, event("OrderReadyForDelivery", restaurant_id=restaurant, order_id=order))
+    aconn = await _conn(database_url)
+    result = await claim_and_publish(aconn, batch_size=500)
+    await aconn.close()
+    assert [e.event_type for e in result.events] == ["OrderAccepted", "OrderReadyForDelivery"]
+    assert result.dead_lettered == 2
+    with psycopg.connect(database_url) as conn:
+        reasons = [r for (r,) in conn.execute("SELECT reason FROM relay_dead_letters ORDER BY id")]
+    assert "newStatus" in reasons[0]
+    assert "OrderTeleported" in reasons[1]
+
+
+async def test_large_payload_is_published_whole(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    big = event("OrderAccepted", restaurant_id=restaurant, order_number="N" * 20_000)
+    with psycopg.connect(database_url) as conn:
+        enqueue(conn, big)
+    aconn = await _conn(database_url)
+    result = await claim_and_publish(aconn, batch_size=500)
+    await aconn.close()
+    assert len(result.events) == 1 and len(result.events[0].data) > 20_000
+
+
+async def test_reinserted_published_event_is_not_published_twice(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    once = event("OrderAccepted", restaurant_id=restaurant)
+    with psycopg.connect(database_url) as conn:
+        enqueue(conn, once)
+    aconn = await _conn(database_url)
+    await claim_and_publish(aconn, batch_size=500)
+    with psycopg.connect(database_url) as conn:
+        enqueue(conn, once)  # the producer retries after a timeout it misread
+        enqueue(conn, event("OrderPreparing", restaurant_id=restaurant))
+    second = await claim_and_publish(aconn, batch_size=500)
+    await aconn.close()
+    assert [e.event_type for e in second.events] == ["OrderPreparing"]
+    assert len(_log_rows(database_url)) == 2
+
+
+async def test_retention_deletes_only_old_published_events(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    with psycopg.connect(database_url) as conn:
+        for _ in range(30):
+            enqueue(conn, event("OrderAccepted", restaurant_id=restaurant))
+    aconn = await _conn(database_url)
+    await claim_and_publish(aconn, batch_size=500)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE relay_events SET published_at = now() - interval '2 days'"
+            " WHERE position <= (SELECT min(position) + 24 FROM relay_events)"
+        )
+        enqueue_conn = psycopg.connect(database_url)
+        enqueue(enqueue_conn, event("OrderPreparing", restaurant_id=restaurant))
+        enqueue_conn.commit()
+        enqueue_conn.close()
+    deleted = await event_log.prune(aconn, timedelta(hours=24), batch=10)
+    await aconn.close()
+    assert deleted == 25
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM relay_events").fetchone() == (5,)
+        assert conn.execute("SELECT count(*) FROM relay_outbox").fetchone() == (1,)
+        pruned = conn.execute(
+            "SELECT pruned_through FROM relay_partitions WHERE partition = %s",
+            (partition_of(restaurant),),
+        ).fetchone()
+    assert pruned == (25,)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+async def test_small_batches_keep_order(database_url: str, batch_size: int) -> None:
+    restaurant, order = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(database_url) as conn:
+        for kind in CHAIN:
+            enqueue(conn, event(kind, restaurant_id=restaurant, order_id=order))
+    aconn = await _conn(database_url)
+    published = []
+    while (result := await claim_and_publish(aconn, batch_size=batch_size)).claimed:
+        published.extend(result.events)
+    await aconn.close()
+    assert [e.event_type for e in published] == CHAIN
+    assert [e.position for e in published] == [1, 2, 3, 4]
