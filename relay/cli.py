@@ -50,12 +50,38 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _not_yet(name: str) -> Handler:
-    def handler(_args: argparse.Namespace, _settings: Settings) -> int:
-        print(f"relay {name}: not implemented yet", file=sys.stderr)
-        return 2
+def _delegate(module: str) -> Handler:
+    """Commands living in their own module expose ``run(args, settings) -> int``."""
+
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        import importlib
+
+        try:
+            target = importlib.import_module(f"relay.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"relay.{module}":
+                raise
+            print(f"relay {args.command}: not implemented yet", file=sys.stderr)
+            return 2
+        code: int = target.run(args, settings)
+        return code
 
     return handler
+
+
+def _arguments(module: str, parser: argparse.ArgumentParser) -> None:
+    """Let a command module declare its own flags (``add_arguments(parser)``)."""
+    import importlib
+
+    try:
+        target = importlib.import_module(f"relay.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"relay.{module}":
+            raise
+        return
+    adder = getattr(target, "add_arguments", None)
+    if adder is not None:
+        adder(parser)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,28 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     only.add_argument("--gateway-only", action="store_true", help="no dispatcher")
     p.set_defaults(handler=_run)
 
-    p = sub.add_parser("demo", help="embedded PostgreSQL, simulated orders and the dashboard")
-    p.set_defaults(handler=_not_yet("demo"))
-
-    p = sub.add_parser("status", help="backlog, lag, dead letters and replicas")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=_not_yet("status"))
-
-    p = sub.add_parser("dead-letters", help="list or retry dead-lettered events")
-    dl = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = dl.add_parser("list", help="list dead letters")
-    q.add_argument("--json", action="store_true")
-    q.set_defaults(handler=_not_yet("dead-letters list"))
-    q = dl.add_parser("retry", help="re-validate and re-queue dead letters")
-    q.add_argument("ids", nargs="*", type=int)
-    q.add_argument("--all", action="store_true")
-    q.set_defaults(handler=_not_yet("dead-letters retry"))
-
-    p = sub.add_parser("token", help="mint a development token")
-    p.set_defaults(handler=_not_yet("token"))
-
-    p = sub.add_parser("bench", help="benchmark the whole path against its ceilings")
-    p.set_defaults(handler=_not_yet("bench"))
+    for name, module, text in (
+        ("demo", "demo", "embedded PostgreSQL, simulated orders and the dashboard"),
+        ("status", "status", "backlog, lag, dead letters, replicas and publishers"),
+        ("dead-letters", "deadletters", "list or retry dead-lettered events"),
+        ("token", "token", "mint a development token"),
+        ("bench", "bench", "benchmark the whole path against its ceilings"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _arguments(module, p)
+        p.set_defaults(handler=_delegate(module))
 
     p = sub.add_parser("config", help="print the effective configuration, secrets masked")
     p.add_argument("--json", action="store_true")

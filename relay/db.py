@@ -39,7 +39,9 @@ def redact(text: str, database_url: str) -> str:
 
 def _unavailable(database_url: str, exc: Exception) -> DatabaseUnavailable:
     reason = redact(_first_line(exc), database_url)
-    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {describe(database_url)}: {reason}")
+    return DatabaseUnavailable(
+        f"cannot connect to PostgreSQL at {describe(database_url)}: {reason}"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ _PATTERNS = (
     (re.compile(r"(password=)\S+", re.I), r"\1***"),
     (re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), "***jwt***"),
 )
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
 def redact(text: str) -> str:
@@ -57,7 +57,9 @@ class _JsonFormatter(logging.Formatter):
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(
-            f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")
+            f"{k}={v}"
+            for k, v in vars(record).items()
+            if k not in _STANDARD and not k.startswith("_")
         )
         line = super().format(record)
         return f"{line} {extras}" if extras else line

@@ -40,15 +40,21 @@ class _Metrics:
             "relay_sse_deliveries", "Events written to SSE subscribers", registry=r
         )
         self.claim_seconds = Histogram(
-            "relay_claim_batch_seconds", "Claim+publish transaction time", buckets=_LATENCY,
+            "relay_claim_batch_seconds",
+            "Claim+publish transaction time",
+            buckets=_LATENCY,
             registry=r,
         )
         self.publish_lag = Histogram(
-            "relay_commit_to_publish_seconds", "Outbox insert to log publication", buckets=_LATENCY,
+            "relay_commit_to_publish_seconds",
+            "Outbox insert to log publication",
+            buckets=_LATENCY,
             registry=r,
         )
         self.send_latency = Histogram(
-            "relay_publish_to_send_seconds", "Log publication to hub fan-out", buckets=_LATENCY,
+            "relay_publish_to_send_seconds",
+            "Log publication to hub fan-out",
+            buckets=_LATENCY,
             registry=r,
         )
         self.subscribers = Gauge("relay_subscribers", "Open SSE streams", registry=r)

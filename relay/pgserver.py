@@ -115,7 +115,9 @@ class ThrowawayPostgres:
     def dsn(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         kwargs: dict[str, Any] = {}
         if self._user is not None:
             user = self._user
@@ -124,8 +126,13 @@ class ThrowawayPostgres:
             kwargs["extra_groups"] = []
             kwargs["env"] = {**os.environ, "HOME": user.pw_dir, "USER": user.pw_name}
         result = subprocess.run(
-            list(args), capture_output=True, text=True, timeout=timeout, check=False,
-            cwd=str(self._root), **kwargs,
+            list(args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=str(self._root),
+            **kwargs,
         )
         if check and result.returncode != 0:
             raise RuntimeError(
@@ -149,8 +156,17 @@ class ThrowawayPostgres:
             os.chown(self._root, self._user.pw_uid, self._user.pw_gid)
         atexit.register(self.stop)
         self._run(
-            binaries.tool("initdb"), "-D", str(self.data_dir), "-A", "trust", "-U", "postgres",
-            "--no-sync", "-E", "UTF8", "--locale=C",
+            binaries.tool("initdb"),
+            "-D",
+            str(self.data_dir),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
         )
         options = {
             "listen_addresses": "127.0.0.1",
@@ -158,8 +174,11 @@ class ThrowawayPostgres:
             "unix_socket_directories": str(self._root),
             "max_connections": "300",
             "shared_buffers": "128MB",
-            **({} if self.durable else {"fsync": "off", "synchronous_commit": "off",
-                                        "full_page_writes": "off"}),
+            **(
+                {}
+                if self.durable
+                else {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+            ),
             **self._settings,
         }
         with (self.data_dir / "postgresql.auto.conf").open("a") as conf:
@@ -184,7 +203,9 @@ class ThrowawayPostgres:
                 return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"PostgreSQL did not start:\n{self.server_log()[-2000:]}") from None
+                    raise RuntimeError(
+                        f"PostgreSQL did not start:\n{self.server_log()[-2000:]}"
+                    ) from None
                 time.sleep(0.1)
 
     def server_log(self) -> str:
@@ -193,8 +214,9 @@ class ThrowawayPostgres:
 
     def restart(self) -> None:
         """A clean restart on the same port (every connection is dropped)."""
-        self._run(self.binaries.tool("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w",
-                  "restart", "-l", str(self._root / "server.log") if self._root else "")  # fmt: skip
+        log = str(self._root / "server.log") if self._root else "server.log"
+        ctl = self.binaries.tool("pg_ctl")
+        self._run(ctl, "-D", str(self.data_dir), "-m", "fast", "-w", "restart", "-l", log)
         self._wait_ready()
 
     def kill(self) -> None:

@@ -96,7 +96,11 @@ async def serve(settings: Settings, *, dispatcher: bool = True, gateway: bool = 
     if hub is not None:
         tasks.append(asyncio.create_task(hub.run(stop), name="hub"))
         pool = AsyncConnectionPool(
-            url, min_size=1, max_size=8, open=False, kwargs={"autocommit": True, **_KEEPALIVE},
+            url,
+            min_size=1,
+            max_size=8,
+            open=False,
+            kwargs={"autocommit": True, **_KEEPALIVE},
             timeout=5,
         )
         await pool.open(wait=False)
@@ -158,8 +162,12 @@ async def serve(settings: Settings, *, dispatcher: bool = True, gateway: bool = 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drain, sig.name)
     log.info(
-        "relay started", extra={"roles": roles, "replica": settings.replica_id,
-                                "http": f"{settings.host}:{settings.port}" if gateway else None},
+        "relay started",
+        extra={
+            "roles": roles,
+            "replica": settings.replica_id,
+            "http": f"{settings.host}:{settings.port}" if gateway else None,
+        },
     )
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -89,9 +89,7 @@ async def claim_and_publish(
         if not heads:
             return BatchResult(0, (), 0, 0, {}, (), time.perf_counter() - started)
         per_partition = max(1, -(-batch_size // len(heads)))
-        cur = await conn.execute(
-            _TAKE, {"partitions": list(heads), "per_partition": per_partition}
-        )
+        cur = await conn.execute(_TAKE, {"partitions": list(heads), "per_partition": per_partition})
         rows = await cur.fetchall()
         if not rows:
             return BatchResult(0, (), 0, 0, {}, (), time.perf_counter() - started)
@@ -131,6 +129,18 @@ async def _committed_only(
     return kept
 
 
+_LOG_COLUMNS = (
+    "partition", "position", "event_id", "event_type", "schema_version", "sse_event",
+    "restaurant_id", "order_id", "customer_id", "channels", "data", "occurred_on_utc",
+    "enqueued_at",
+)  # fmt: skip
+_DEAD_COLUMNS = (
+    "event_id", "event_type", "schema_version", "restaurant_id", "order_id", "customer_id",
+    "payload", "occurred_on_utc", "enqueued_at", "reason",
+)  # fmt: skip
+_COLUMNS = (*(f"e_{c}" for c in _LOG_COLUMNS), *(f"d_{c}" for c in _DEAD_COLUMNS))
+
+
 class _Plan:
     """Turns claimed rows into the publish statement's column arrays."""
 
@@ -138,15 +148,7 @@ class _Plan:
         self.next_position = {p: last + 1 for p, last in heads.items()}
         self.first_position: dict[int, int] = {}
         self.events: list[LogEvent] = []
-        self.columns: dict[str, list[Any]] = {
-            k: []
-            for k in (
-                "e_partition e_position e_event_id e_event_type e_schema_version e_sse_event "
-                "e_restaurant_id e_order_id e_customer_id e_channels e_data e_occurred_on_utc "
-                "e_enqueued_at d_event_id d_event_type d_schema_version d_restaurant_id "
-                "d_order_id d_customer_id d_payload d_occurred_on_utc d_enqueued_at d_reason"
-            ).split()
-        }
+        self.columns: dict[str, list[Any]] = {k: [] for k in _COLUMNS}
         self.dead: list[UUID] = []
         self.dropped_fields = 0
         self.enqueued_at: list[datetime] = []
@@ -211,7 +213,11 @@ class _Plan:
         (_id, _partition, event_id, event_type, version, restaurant_id, order_id, customer_id,
          payload_text, occurred, enqueued) = row  # fmt: skip
         log.warning(
-            "dead-lettered event %s (%s v%s): %s", event_id, event_type, version, reason,
+            "dead-lettered event %s (%s v%s): %s",
+            event_id,
+            event_type,
+            version,
+            reason,
             extra={"event_id": str(event_id), "event_type": event_type},
         )
         self.dead.append(event_id)

@@ -10,6 +10,7 @@ replaced, while callers keep working through their polling fallback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,10 +64,8 @@ class Listener:
                 await self._close()
             if stop.is_set():
                 break
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
             delay = min(delay * 2, 5.0)
             if self.connected:
                 delay = 0.1
@@ -94,10 +93,8 @@ class Listener:
     async def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 1.0)
-            except Exception:
-                pass
 
     async def kill(self) -> None:
         """Drop the connection now (tests and shutdown)."""

@@ -18,6 +18,7 @@ notification or a missed bump only delays an event, never strands it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -85,7 +86,9 @@ class Dispatcher:
         tasks: list[asyncio.Task[None]] = []
         if self.config.wakeup == "notify":
             self._listener = Listener(
-                self._url, ["relay_outbox"], lambda _c, _p: self._wake.set(),
+                self._url,
+                ["relay_outbox"],
+                lambda _c, _p: self._wake.set(),
                 on_reconnect=self._wake.set,
             )
             tasks.append(asyncio.create_task(self._listener.run(stop), name="outbox-listener"))
@@ -138,10 +141,15 @@ class Dispatcher:
             return
         try:
             await conn.execute(query("install_notify_trigger" if wanted else "drop_notify_trigger"))
-            log.info("wake-up mode %s: NOTIFY trigger %s", self.config.wakeup,
-                     "installed" if wanted else "removed")
+            log.info(
+                "wake-up mode %s: NOTIFY trigger %s",
+                self.config.wakeup,
+                "installed" if wanted else "removed",
+            )
         except psycopg.errors.LockNotAvailable:
-            log.warning("could not change the NOTIFY trigger now (table busy); will retry on reconnect")
+            log.warning(
+                "could not change the NOTIFY trigger now (table busy); will retry on reconnect"
+            )
 
     async def _loop(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         cfg = self.config
@@ -216,14 +224,10 @@ def _short(exc: BaseException) -> str:
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
 
 
 async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:
-    try:
+    with contextlib.suppress(Exception):
         await asyncio.wait_for(conn.close(), 1.0)
-    except Exception:
-        pass

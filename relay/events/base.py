@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
@@ -18,12 +18,10 @@ class Contract(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=False, extra="ignore", frozen=True
     )
-    # input key (camelCase or PascalCase) -> camelCase alias, built once per class
-    _keys: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def input_keys(cls) -> dict[str, str]:
-        keys = cls.__dict__.get("_input_keys")
+        keys: dict[str, str] | None = cls.__dict__.get("_input_keys")
         if keys is None:
             keys = {}
             for name, info in cls.model_fields.items():
@@ -31,7 +29,7 @@ class Contract(BaseModel):
                 keys[alias] = alias
                 keys[alias[0].upper() + alias[1:]] = alias
             cls._input_keys = keys  # type: ignore[attr-defined]
-        return keys  # type: ignore[no-any-return]
+        return keys
 
     def broadcast(self) -> dict[str, Any]:
         return {

@@ -82,15 +82,27 @@ def _finance(envelope: Envelope, _model: Any) -> tuple[str, ...]:
 
 
 def _status(event_type: str, status: str) -> EventSpec:
-    return EventSpec(event_type, 1, OrderStatusChanged, "OrderStatusChanged",
-                     _kitchen_and_order, expected_status=status)  # fmt: skip
+    return EventSpec(
+        event_type,
+        1,
+        OrderStatusChanged,
+        "OrderStatusChanged",
+        _kitchen_and_order,
+        expected_status=status,
+    )
 
 
 _SPECS = (
-    EventSpec("OrderPaymentSucceeded", 1, OrderPaymentSucceeded, "OrderPaymentSucceeded",
-              _kitchen_and_order),  # fmt: skip
-    EventSpec("OrderPaymentFailed", 1, OrderPaymentFailed, "OrderPaymentFailed",
-              _kitchen_and_order),  # fmt: skip
+    EventSpec(
+        "OrderPaymentSucceeded",
+        1,
+        OrderPaymentSucceeded,
+        "OrderPaymentSucceeded",
+        _kitchen_and_order,
+    ),
+    EventSpec(
+        "OrderPaymentFailed", 1, OrderPaymentFailed, "OrderPaymentFailed", _kitchen_and_order
+    ),
     _status("OrderAccepted", "Accepted"),
     _status("OrderPreparing", "Preparing"),
     _status("OrderReadyForDelivery", "ReadyForDelivery"),
@@ -103,7 +115,9 @@ _SPECS = (
     EventSpec("OrderDelayAlert", 1, OrderDelayAlert, "OrderDelayAlert", _kitchen_and_order),
 )
 
-REGISTRY: Mapping[tuple[str, int], EventSpec] = {(s.event_type, s.schema_version): s for s in _SPECS}
+REGISTRY: Mapping[tuple[str, int], EventSpec] = {
+    (s.event_type, s.schema_version): s for s in _SPECS
+}
 
 
 def known_event_types() -> frozenset[str]:
@@ -140,7 +154,7 @@ def render(envelope: Envelope) -> Broadcast:
         if status != spec.expected_status:
             raise InvalidPayload(
                 f'{envelope.event_type}: newStatus: must be "{spec.expected_status}" for '
-                f'{envelope.event_type}, got {_shown(status)}',
+                f"{envelope.event_type}, got {_shown(status)}",
                 field="newStatus",
             )
         accepted.setdefault("occurredOnUtc", envelope.occurred_on_utc)

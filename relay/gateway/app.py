@@ -98,8 +98,13 @@ def create_app(
         async def body() -> Any:
             try:
                 async for chunk in sse_stream(
-                    hub, pool, stream, cursor, options=config.stream,
-                    expires_at=who.expires_at, subject=who.subject,
+                    hub,
+                    pool,
+                    stream,
+                    cursor,
+                    options=config.stream,
+                    expires_at=who.expires_at,
+                    subject=who.subject,
                 ):
                     yield chunk
             finally:
@@ -125,7 +130,9 @@ def create_app(
         except AuthError as exc:
             return _refused(exc)
         if not who.may_see_restaurant(restaurant):
-            return _refused(AuthError("token does not grant this restaurant", status=403, reason="forbidden"))
+            return _refused(
+                AuthError("token does not grant this restaurant", status=403, reason="forbidden")
+            )
         return respond(Stream.restaurant(restaurant), request, who)
 
     async def order_stream(request: Request) -> Response:
@@ -142,7 +149,9 @@ def create_app(
             or who.may_see_restaurant(owner[0])
         )
         if owner is None or not allowed:
-            return _refused(AuthError("token does not grant this order", status=403, reason="forbidden"))
+            return _refused(
+                AuthError("token does not grant this order", status=403, reason="forbidden")
+            )
         return respond(Stream.order(order, owner[0]), request, who)
 
     async def restaurant_events(request: Request) -> Response:
@@ -154,11 +163,15 @@ def create_app(
         except AuthError as exc:
             return _refused(exc)
         if not who.may_see_restaurant(restaurant):
-            return _refused(AuthError("token does not grant this restaurant", status=403, reason="forbidden"))
+            return _refused(
+                AuthError("token does not grant this restaurant", status=403, reason="forbidden")
+            )
         raw_limit = request.query_params.get("limit", "100")
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= config.poll_limit_max:
             return _problem(400, f"limit must be an integer from 1 to {config.poll_limit_max}")
-        body = await page(pool, Stream.restaurant(restaurant), request.query_params.get("after"), int(raw_limit))
+        body = await page(
+            pool, Stream.restaurant(restaurant), request.query_params.get("after"), int(raw_limit)
+        )
         return JSONResponse(body, headers={"Cache-Control": "no-cache"})
 
     async def healthz(_request: Request) -> Response:
@@ -166,7 +179,10 @@ def create_app(
 
     async def readyz(_request: Request) -> Response:
         checks = await readiness()
-        ok = all(v is True or v is None or (isinstance(v, dict) and v.get("ok", True)) for v in checks.values())
+        ok = all(
+            v is True or v is None or (isinstance(v, dict) and v.get("ok", True))
+            for v in checks.values()
+        )
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
     async def metrics(_request: Request) -> Response:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -38,8 +39,7 @@ log = logging.getLogger("relay.hub")
 def frame(event: LogEvent) -> bytes:
     """The SSE frame of one event: id, event name, one-line JSON data."""
     return (
-        f"id: {event.partition}-{event.position}\nevent: {event.sse_event}\n"
-        f"data: {event.data}\n\n"
+        f"id: {event.partition}-{event.position}\nevent: {event.sse_event}\ndata: {event.data}\n\n"
     ).encode()
 
 
@@ -77,10 +77,8 @@ class Subscriber:
         if self.frames or self.closed:
             return
         self._wake.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def take(self) -> list[tuple[int, bytes]]:
         taken = list(self.frames)
@@ -184,14 +182,10 @@ class Hub:
                 log.warning("hub lost the database (%s); retrying", str(exc).splitlines()[0:1])
             finally:
                 if conn is not None:
-                    try:
+                    with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 1.0)
-                    except Exception:
-                        pass
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-            except TimeoutError:
-                pass
 
     async def _apply_forever(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

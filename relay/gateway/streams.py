@@ -69,7 +69,9 @@ async def start_position(
     return Start(position, head, pruned)
 
 
-async def resolve_order(pool: AsyncConnectionPool[Any], order_id: UUID) -> tuple[UUID, UUID | None] | None:
+async def resolve_order(
+    pool: AsyncConnectionPool[Any], order_id: UUID
+) -> tuple[UUID, UUID | None] | None:
     """(restaurant_id, customer_id) of an order, or None if the relay never saw it."""
     async with pool.connection() as conn:
         cur = await conn.execute(query("order_owner"), {"order_id": order_id})
@@ -100,7 +102,9 @@ async def sse_stream(
         opening = f"retry: {retry}\n"
         sent = start.position
         if start.reset is not None:
-            yield opening.encode() + _reset_frame(start.reset, Cursor(stream.partition, sent).encode())
+            yield opening.encode() + _reset_frame(
+                start.reset, Cursor(stream.partition, sent).encode()
+            )
         else:
             # An id-only frame gives a fresh client a cursor before any event arrives.
             yield f"{opening}id: {stream.partition}-{sent}\n\n".encode()

@@ -87,7 +87,9 @@ class Databases:
     def drop(self, url: str) -> None:
         name = conninfo_to_dict(url)["dbname"]
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(str(name))))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(str(name)))
+            )
 
     def close(self) -> None:
         with contextlib.suppress(psycopg.Error):

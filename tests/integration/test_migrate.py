@@ -20,8 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def _relay(*args: str, url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": url}
     return subprocess.run(
-        [sys.executable, "-m", "relay", *args], env=env, capture_output=True, text=True,
-        timeout=timeout, check=False,
+        [sys.executable, "-m", "relay", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -57,8 +61,11 @@ def test_two_concurrent_migrations_apply_once(empty_database_url: str) -> None:
     env = {**os.environ, "DATABASE_URL": empty_database_url}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "relay", "migrate"], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "relay", "migrate"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -120,8 +127,12 @@ def test_unreachable_database_is_one_clear_line() -> None:
 def test_missing_database_url_is_a_config_error() -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     result = subprocess.run(
-        [sys.executable, "-m", "relay", "migrate"], env=env, capture_output=True, text=True,
-        timeout=30, check=False,
+        [sys.executable, "-m", "relay", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert "DATABASE_URL" in result.stderr
