@@ -91,6 +91,11 @@ async def serve(settings: Settings, *, dispatcher: bool = True, gateway: bool = 
     ]
     if worker is not None:
         tasks.append(asyncio.create_task(worker.run(stop), name="dispatcher"))
+    if settings.publisher_urls:
+        # External publishers follow the log from their own durable offsets.
+        from relay.publishers import run_publishers
+
+        tasks.append(asyncio.create_task(run_publishers(settings, stop), name="publishers"))
     server: _Server | None = None
     pool: AsyncConnectionPool[Any] | None = None
     if hub is not None:

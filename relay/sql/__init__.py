@@ -1,6 +1,7 @@
-"""Every query relay runs, named and commented in ``queries.sql``.
+"""Every query relay runs, named and commented in ``relay/sql/*.sql``.
 
-A DBA reviews all SQL in one file; code asks for a query by name. Queries are
+A DBA reviews all SQL in this folder (``queries.sql`` for the pipeline, one
+file per further concern); code asks for a query by name. Queries are
 returned as bytes, which psycopg accepts as a static query text.
 """
 
@@ -17,13 +18,13 @@ _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 @cache
 def _queries() -> dict[str, bytes]:
-    text = (Path(__file__).parent / "queries.sql").read_text()
-    parts = _HEADER.split(text)
     found: dict[str, bytes] = {}
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        if name in found:
-            raise RuntimeError(f"query {name} is defined twice in queries.sql")
-        found[name] = body.strip().encode()
+    for path in sorted(Path(__file__).parent.glob("*.sql")):
+        parts = _HEADER.split(path.read_text())
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in found:
+                raise RuntimeError(f"query {name} is defined twice ({path.name})")
+            found[name] = body.strip().encode()
     return found
 
 
@@ -32,4 +33,4 @@ def query(name: str) -> bytes:
     try:
         return _queries()[name]
     except KeyError:
-        raise KeyError(f"no query named {name!r} in relay/sql/queries.sql") from None
+        raise KeyError(f"no query named {name!r} in relay/sql/*.sql") from None
