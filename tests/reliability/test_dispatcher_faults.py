@@ -1,0 +1,209 @@
+"""SPEC §3.1–3.5 under faults: several dispatcher processes, kills, lost connections, restarts."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from relay.pgserver import ThrowawayPostgres
+from tests.helpers.relay_process import RelayProcess
+from tests.reliability.ledger import Ledger, LogReader, check, write_orders
+
+
+def _drain(url: str, reader: LogReader, ledger: Ledger, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    want = len(ledger.committed)
+    while time.monotonic() < deadline:
+        reader.poll()
+        if len(reader.seen) >= want:
+            with psycopg.connect(url) as conn:
+                left = conn.execute("SELECT count(*) FROM relay_outbox").fetchone()
+            if left == (0,):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"log has {len(reader.seen)} of {want} committed events after {timeout}s")
+
+
+def _writers(
+    url: str, ledger: Ledger, restaurants: list[uuid.UUID], orders: int
+) -> list[threading.Thread]:
+    threads = [
+        threading.Thread(
+            target=write_orders, args=(url, ledger, restaurants, orders // 4), kwargs={"seed": i}
+        )
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    return threads
+
+
+@pytest.fixture
+def dispatchers(database_url: str) -> Iterator[list[RelayProcess]]:
+    procs = [
+        RelayProcess(database_url, ("--dispatcher-only",), {"RELAY_BATCH_SIZE": "50"})
+        for _ in range(3)
+    ]
+    for p in procs:
+        p.start(wait=False)
+    yield procs
+    for p in procs:
+        p.__exit__()
+
+
+def test_three_dispatchers_with_one_killed_every_second_lose_and_reorder_nothing(
+    database_url: str, dispatchers: list[RelayProcess]
+) -> None:
+    ledger = Ledger()
+    reader = LogReader(database_url)
+    restaurants = [uuid.uuid4() for _ in range(20)]
+    threads = _writers(database_url, ledger, restaurants, orders=500)  # 2,000 events
+    rng = random.Random(7)
+    kills = 0
+    while any(t.is_alive() for t in threads):
+        time.sleep(1.0)
+        victim = rng.choice(dispatchers)
+        victim.kill()
+        kills += 1
+        victim.start(wait=False)
+        reader.poll()
+    for t in threads:
+        t.join()
+    _drain(database_url, reader, ledger)
+    assert len(ledger.committed) == 2000
+    assert kills >= 1
+    assert check(ledger, reader) == []
+
+
+def test_terminated_connections_and_a_restart_lose_nothing(cluster: ThrowawayPostgres) -> None:
+    url = cluster.dsn
+    ledger = Ledger()
+    reader = LogReader(url)
+    restaurants = [uuid.uuid4() for _ in range(5)]
+    procs = [RelayProcess(url, ("--dispatcher-only",)) for _ in range(2)]
+    for p in procs:
+        p.start(wait=False)
+    try:
+        threads = [
+            threading.Thread(target=_resilient_writer, args=(url, ledger, restaurants, 60, seed))
+            for seed in range(2)
+        ]
+        for t in threads:
+            t.start()
+        with psycopg.connect(url, autocommit=True) as conn:
+            deadline = time.monotonic() + 20
+            relay_connections = (
+                " FROM pg_stat_activity WHERE application_name <> 'writer'"
+                " AND pid <> pg_backend_pid() AND datname = current_database()"
+            )
+            while time.monotonic() < deadline:
+                row = conn.execute("SELECT count(*)" + relay_connections).fetchone()
+                if row is not None and row[0] >= 4:  # 2 x (dispatcher + maintenance)
+                    break
+                time.sleep(0.1)
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid))" + relay_connections
+            ).fetchone()
+        assert killed is not None and killed[0] >= 4
+        time.sleep(1.0)
+        cluster.restart()
+        for t in threads:
+            t.join(60)
+        _drain(url, reader, ledger)
+        assert check(ledger, reader) == []
+        outages = sum(p.output().count("database unavailable") for p in procs)
+        assert 1 <= outages <= 6, [p.output() for p in procs]
+        assert all("Traceback" not in p.output() for p in procs)
+    finally:
+        for p in procs:
+            p.__exit__()
+
+
+def _resilient_writer(
+    url: str, ledger: Ledger, restaurants: list[uuid.UUID], orders: int, seed: int
+) -> None:
+    """A writer that survives the restart it is subjected to (retries its whole chain step)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            write_orders(url + "?application_name=writer", ledger, restaurants, orders, seed=seed)
+            return
+        except psycopg.OperationalError:
+            time.sleep(0.2)
+            orders = 5  # what was committed is in the ledger; add a few more and finish
+
+
+def test_listener_down_events_still_flow_by_polling(database_url: str) -> None:
+    """notify mode with its LISTEN connection killed over and over: the safety sweep delivers."""
+    proc = RelayProcess(
+        database_url,
+        ("--dispatcher-only",),
+        {"RELAY_WAKEUP": "notify", "RELAY_SAFETY_SWEEP": "200ms"},
+    ).start(wait=False)
+    stop = threading.Event()
+
+    def kill_listeners() -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE query ILIKE 'LISTEN%%' OR query ILIKE 'SELECT 1%%'"
+                )
+                time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_listeners)
+    try:
+        time.sleep(1.5)
+        killer.start()
+        ledger = Ledger()
+        reader = LogReader(database_url)
+        write_orders(database_url, ledger, [uuid.uuid4()], 10, seed=1)
+        _drain(database_url, reader, ledger, timeout=30)
+        assert check(ledger, reader) == []
+    finally:
+        stop.set()
+        if killer.is_alive():
+            killer.join()
+        proc.__exit__()
+
+
+@pytest.mark.parametrize("mode", ["poll", "notify"])
+def test_wakeup_mode_converges_the_trigger(database_url: str, mode: str) -> None:
+    proc = RelayProcess(database_url, ("--dispatcher-only",), {"RELAY_WAKEUP": mode}).start(
+        wait=False
+    )
+    try:
+        deadline = time.monotonic() + 15
+        want = mode == "notify"
+        while time.monotonic() < deadline:
+            with psycopg.connect(database_url) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_trigger WHERE tgname = 'relay_outbox_notify'"
+                ).fetchone()
+            if row == (int(want),):
+                break
+            time.sleep(0.1)
+        assert row == (int(want),)
+        ledger = Ledger()
+        reader = LogReader(database_url)
+        write_orders(database_url, ledger, [uuid.uuid4()], 3, seed=2)
+        _drain(database_url, reader, ledger, timeout=20)
+        assert check(ledger, reader) == []
+    finally:
+        proc.__exit__()
+
+
+def test_sigterm_exits_zero_promptly(database_url: str) -> None:
+    proc = RelayProcess(database_url).start()
+    started = time.monotonic()
+    assert proc.stop(timeout=10) == 0
+    assert time.monotonic() - started < 8
+    assert proc.proc is not None
+    proc.signal(signal.SIGTERM)
