@@ -6,14 +6,19 @@ whose message names host, port and database but never the password.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from typing import Any
 
 import psycopg
+import tenacity
 from psycopg.conninfo import conninfo_to_dict
 
 from relay.errors import ConfigError, DatabaseUnavailable
 
-__all__ = ["aconnect", "connect", "describe", "redact"]
+__all__ = ["aconnect", "aconnect_retrying", "connect", "describe", "redact"]
 
 
 def describe(database_url: str) -> str:
@@ -73,3 +78,59 @@ async def aconnect(
         )
     except psycopg.OperationalError as exc:
         raise _unavailable(database_url, exc) from None
+
+
+_TRANSIENT = (psycopg.OperationalError, DatabaseUnavailable, OSError)
+
+
+async def aconnect_retrying(
+    database_url: str,
+    stop: asyncio.Event,
+    *,
+    label: str,
+    logger: logging.Logger,
+    **kwargs: Any,
+) -> psycopg.AsyncConnection[Any] | None:
+    """Connect, retrying with exponential back-off and jitter until ``stop``.
+
+    Logs one warning when an outage begins and one line when it ends, never a
+    traceback per attempt. Returns None when stopped first.
+    """
+    started = time.monotonic()
+    failures = 0
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(_TRANSIENT),
+        wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+        stop=lambda _state: stop.is_set(),
+        sleep=lambda seconds: _sleep_or_stop(stop, seconds),
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                if stop.is_set():
+                    return None
+                try:
+                    conn = await aconnect(database_url, **kwargs)
+                except _TRANSIENT as exc:
+                    failures += 1
+                    if failures == 1:
+                        logger.warning(
+                            "%s: database unavailable (%s); retrying with backoff",
+                            label, _first_line(exc),
+                        )  # fmt: skip
+                    raise
+                if failures:
+                    logger.info(
+                        "%s: database reachable again after %.1f s",
+                        label, time.monotonic() - started,
+                    )  # fmt: skip
+                return conn
+    except _TRANSIENT:
+        return None
+    return None
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from relay.db import aconnect
+from relay.db import aconnect_retrying
 from relay.errors import DatabaseUnavailable
 
 __all__ = ["Listener"]
@@ -49,31 +49,23 @@ class Listener:
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.1
-        down_since: float | None = None
-        loop = asyncio.get_running_loop()
         while not stop.is_set():
-            try:
-                await self._listen(stop)
-            except (psycopg.Error, DatabaseUnavailable, OSError, TimeoutError) as exc:
-                self.connected = False
-                if down_since is None:
-                    down_since = loop.time()
-                    log.warning("listener lost (%s); polling covers until it is back", _short(exc))
-            finally:
-                await self._close()
-            if stop.is_set():
+            conn = await aconnect_retrying(
+                self._url, stop, label="listener", logger=log, autocommit=True, **_KEEPALIVE
+            )
+            if conn is None:
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, 5.0)
-            if self.connected:
-                delay = 0.1
+            self._conn = conn
+            try:
+                await self._listen(conn, stop)
+            except (psycopg.Error, DatabaseUnavailable, OSError, TimeoutError) as exc:
+                log.warning("listener lost (%s); polling covers until it is back", _short(exc))
+            finally:
+                self.connected = False
+                await self._close()
         self.connected = False
 
-    async def _listen(self, stop: asyncio.Event) -> None:
-        conn = await aconnect(self._url, autocommit=True, **_KEEPALIVE)
-        self._conn = conn
+    async def _listen(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         for channel in self._channels:
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         self.connected = True
@@ -88,6 +80,7 @@ class Listener:
                     log.exception("error handling a notification on %s", notice.channel)
                 if stop.is_set():
                     return
+            # No traffic for a while: prove the connection is alive (half-open TCP).
             await asyncio.wait_for(conn.execute("SELECT 1"), self._ping_timeout)
 
     async def _close(self) -> None:

@@ -20,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
-from relay.db import aconnect
+from relay.db import aconnect_retrying
 from relay.dispatcher.batch import BatchResult, claim_and_publish
 from relay.dispatcher.listener import _KEEPALIVE, Listener
 from relay.errors import DatabaseUnavailable
@@ -101,35 +100,23 @@ class Dispatcher:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run_connected(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        down_since: float | None = None
-        delay = 0.1
         while not stop.is_set():
-            conn: psycopg.AsyncConnection[Any] | None = None
+            conn = await aconnect_retrying(
+                self._url, stop, label="dispatcher", logger=log, autocommit=True, **_KEEPALIVE
+            )
+            if conn is None:
+                break
             try:
-                conn = await aconnect(self._url, autocommit=True, **_KEEPALIVE)
                 for name, value in self.config.session_settings.items():
                     await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
                 await self._converge_wakeup(conn)
-                if down_since is not None:
-                    log.info("database reachable again after %.1f s", loop.time() - down_since)
-                    down_since, delay = None, 0.1
                 self.running = True
                 await self._loop(conn, stop)
             except (psycopg.OperationalError, DatabaseUnavailable, OSError) as exc:
-                self.running = False
-                if down_since is None:
-                    down_since = loop.time()
-                    log.warning(
-                        "database unavailable (%s); dispatcher retrying with backoff", _short(exc)
-                    )
+                log.warning("dispatcher lost its database connection (%s)", _short(exc))
             finally:
-                if conn is not None:
-                    await _close_quietly(conn)
-            if stop.is_set():
-                break
-            await _sleep_or_stop(stop, delay * (0.5 + _jitter()))
-            delay = min(delay * 2, 5.0)
+                self.running = False
+                await _close_quietly(conn)
 
     async def _converge_wakeup(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Attach the NOTIFY trigger in notify mode, remove it in poll mode."""
@@ -214,18 +201,9 @@ class Dispatcher:
                 log.exception("error handing a published batch to the gateway")
 
 
-def _jitter() -> float:
-    return (time.perf_counter_ns() % 1000) / 1000
-
-
 def _short(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:
