@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from urllib.parse import quote
 from collections.abc import Iterator
 
 import psycopg
@@ -25,9 +26,15 @@ from relay.pgserver import ThrowawayPostgres, find_binaries
 
 
 def with_database(url: str, dbname: str) -> str:
+    """The same server as ``url``, another database; a libpq URL like DATABASE_URL."""
     params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo("", **params)
+    user = params.get("user") or "postgres"
+    password = f":{quote(str(params['password']))}" if params.get("password") else ""
+    host = params.get("host") or "127.0.0.1"
+    port = params.get("port") or 5432
+    if str(host).startswith("/"):
+        return make_conninfo("", **{**params, "dbname": dbname})
+    return f"postgresql://{quote(str(user))}{password}@{host}:{port}/{dbname}"
 
 
 def _docker_answers() -> bool:

@@ -1,0 +1,304 @@
+"""The event contract (SPEC §1): validation, whitelisting, routing, exact money and time."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from relay.errors import InvalidPayload, UnknownEventType
+from relay.events import REGISTRY, Envelope, known_event_types, render, spec_for
+
+R = uuid.UUID("8e0f1c2a-3b4c-4d5e-8f60-7a8b9c0d1e2f")
+O = uuid.UUID("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d")
+C = uuid.UUID("11111111-2222-4333-8444-555555555555")
+E = uuid.UUID("99999999-8888-4777-8666-555555555555")
+WHEN = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+
+
+def envelope(event_type: str, payload: dict[str, Any], **kw: Any) -> Envelope:
+    return Envelope(
+        event_id=kw.get("event_id", E),
+        event_type=event_type,
+        schema_version=kw.get("schema_version", 1),
+        restaurant_id=kw.get("restaurant_id", R),
+        order_id=kw.get("order_id", O),
+        customer_id=kw.get("customer_id", C),
+        occurred_on_utc=kw.get("occurred_on_utc", WHEN),
+        payload=payload,
+    )
+
+
+def pascal(payload: dict[str, Any]) -> dict[str, Any]:
+    return {k[0].upper() + k[1:]: v for k, v in payload.items()}
+
+
+PII = {"customerName": "Ada Lovelace", "deliveryAddress": "12 Engine Lane", "phone": "+44 1"}
+COMMON = {
+    "eventId": str(E),
+    "schemaVersion": 1,
+}
+
+CASES: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = [
+    (
+        "OrderPaymentSucceeded",
+        {
+            "orderId": str(O),
+            "restaurantId": str(R),
+            "orderNumber": "A-1001",
+            "status": "Paid",
+            "total": "42.50",
+            "placementTimestamp": "2026-11-25T11:59:00Z",
+            "lastUpdateTimestamp": "2026-11-25T12:00:00.250Z",
+            "estimatedDeliveryTime": None,
+        },
+        "OrderPaymentSucceeded",
+        {
+            "orderId": str(O),
+            "restaurantId": str(R),
+            "orderNumber": "A-1001",
+            "status": "Paid",
+            "total": "42.50",
+            "placementTimestamp": "2026-11-25T11:59:00Z",
+            "lastUpdateTimestamp": "2026-11-25T12:00:00.250000Z",
+            "estimatedDeliveryTime": None,
+            "eventType": "OrderPaymentSucceeded",
+            "occurredOnUtc": "2026-11-25T12:00:00Z",
+        },
+    ),
+    (
+        "OrderPaymentFailed",
+        {
+            "orderId": str(O),
+            "restaurantId": str(R),
+            "status": "PaymentFailed",
+            "failureTimestamp": "2026-11-25T13:00:00+01:00",
+        },
+        "OrderPaymentFailed",
+        {
+            "orderId": str(O),
+            "restaurantId": str(R),
+            "status": "PaymentFailed",
+            "failureTimestamp": "2026-11-25T12:00:00Z",
+            "eventType": "OrderPaymentFailed",
+            "occurredOnUtc": "2026-11-25T12:00:00Z",
+        },
+    ),
+]
+for _type, _status in [
+    ("OrderAccepted", "Accepted"),
+    ("OrderPreparing", "Preparing"),
+    ("OrderReadyForDelivery", "ReadyForDelivery"),
+    ("OrderDelivered", "Delivered"),
+    ("OrderRejected", "Rejected"),
+    ("OrderCancelled", "Cancelled"),
+]:
+    delivered = "2026-11-25T12:30:00Z" if _status == "Delivered" else None
+    CASES.append(
+        (
+            _type,
+            {
+                "orderId": str(O),
+                "restaurantId": str(R),
+                "orderNumber": 1001,
+                "newStatus": _status,
+                "lastUpdateTimestamp": "2026-11-25T12:00:00Z",
+                "estimatedDeliveryTime": "2026-11-25T12:40:00Z",
+                "actualDeliveryTime": delivered,
+                "occurredOnUtc": "2026-11-25T12:00:00Z",
+            },
+            "OrderStatusChanged",
+            {
+                "orderId": str(O),
+                "restaurantId": str(R),
+                "orderNumber": "1001",
+                "newStatus": _status,
+                "lastUpdateTimestamp": "2026-11-25T12:00:00Z",
+                "estimatedDeliveryTime": "2026-11-25T12:40:00Z",
+                "actualDeliveryTime": delivered,
+                "occurredOnUtc": "2026-11-25T12:00:00Z",
+                "eventType": _type,
+            },
+        )
+    )
+
+
+@pytest.mark.parametrize("keys", ["camel", "pascal"])
+@pytest.mark.parametrize(
+    ("event_type", "given", "sse", "expected"), CASES, ids=[c[0] for c in CASES]
+)
+def test_phase1_events_round_trip_to_the_contract(
+    keys: str, event_type: str, given: dict[str, Any], sse: str, expected: dict[str, Any]
+) -> None:
+    payload = {**given, **PII}
+    if keys == "pascal":
+        payload = pascal(payload)
+    result = render(envelope(event_type, payload))
+    assert result.sse_event == sse
+    assert result.data == {**expected, **COMMON}
+    assert result.channels == (f"restaurant:{R}", f"order:{O}")
+    assert sorted(result.dropped_fields) == sorted(pascal(PII) if keys == "pascal" else PII)
+    for leaked in ("customerName", "deliveryAddress", "phone"):
+        assert leaked not in result.data
+
+
+def test_every_phase1_type_is_registered() -> None:
+    phase1 = {c[0] for c in CASES}
+    assert phase1 <= known_event_types()
+    assert {"CouponUsed", "RevenueRecorded", "PlatformFeeRecorded"} <= known_event_types()
+    assert all(spec.schema_version == 1 for spec in REGISTRY.values())
+
+
+def _status_payload(**changes: Any) -> dict[str, Any]:
+    base = dict(CASES[3][1])  # OrderPreparing
+    base.update(changes)
+    return base
+
+
+def test_wrong_new_status_is_rejected_naming_the_field() -> None:
+    with pytest.raises(InvalidPayload, match="newStatus") as caught:
+        render(envelope("OrderPreparing", _status_payload(newStatus="Delivered")))
+    assert caught.value.field == "newStatus"
+
+
+def test_delivered_requires_actual_delivery_time() -> None:
+    payload = dict(CASES[5][1])
+    payload["actualDeliveryTime"] = None
+    with pytest.raises(InvalidPayload) as caught:
+        render(envelope("OrderDelivered", payload))
+    assert caught.value.field == "actualDeliveryTime"
+
+
+def test_actual_delivery_time_must_be_null_before_delivery() -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        render(
+            envelope("OrderPreparing", _status_payload(actualDeliveryTime="2026-11-25T12:30:00Z"))
+        )
+    assert caught.value.field == "actualDeliveryTime"
+
+
+def test_a_float_total_is_rejected_because_floats_cannot_carry_money() -> None:
+    payload = {**CASES[0][1], "total": 42.5}
+    with pytest.raises(InvalidPayload, match="floats") as caught:
+        render(envelope("OrderPaymentSucceeded", payload))
+    assert caught.value.field == "total"
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [(Decimal("42.50"), "42.50"), (Decimal("0.10"), "0.10"), (12, "12"), ("19.999", "19.999")],
+)
+def test_exact_totals_are_broadcast_as_decimal_strings(given: Any, shown: str) -> None:
+    result = render(envelope("OrderPaymentSucceeded", {**CASES[0][1], "total": given}))
+    assert result.data["total"] == shown
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-1.00", "forty", True])
+def test_impossible_totals_are_rejected(bad: Any) -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        render(envelope("OrderPaymentSucceeded", {**CASES[0][1], "total": bad}))
+    assert caught.value.field == "total"
+
+
+def test_missing_field_is_named() -> None:
+    payload = dict(CASES[0][1])
+    del payload["orderNumber"]
+    with pytest.raises(InvalidPayload, match="orderNumber: required") as caught:
+        render(envelope("OrderPaymentSucceeded", payload))
+    assert caught.value.field == "orderNumber"
+
+
+def test_payload_for_another_restaurant_is_refused() -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        render(envelope("OrderAccepted", CASES[2][1], restaurant_id=uuid.uuid4()))
+    assert caught.value.field == "restaurantId"
+
+
+def test_payload_for_another_order_is_refused() -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        render(envelope("OrderAccepted", CASES[2][1], order_id=uuid.uuid4()))
+    assert caught.value.field == "orderId"
+
+
+def test_status_event_without_occurred_on_takes_the_rows() -> None:
+    payload = dict(CASES[2][1])
+    del payload["occurredOnUtc"]
+    result = render(envelope("OrderAccepted", payload))
+    assert result.data["occurredOnUtc"] == "2026-11-25T12:00:00Z"
+
+
+def test_naive_timestamps_are_taken_as_utc() -> None:
+    payload = _status_payload(lastUpdateTimestamp="2026-11-25T12:00:00")
+    assert render(envelope("OrderPreparing", payload)).data["lastUpdateTimestamp"] == (
+        "2026-11-25T12:00:00Z"
+    )
+
+
+@pytest.mark.parametrize(("event_type", "version"), [("OrderTeleported", 1), ("OrderAccepted", 2)])
+def test_unknown_type_or_version(event_type: str, version: int) -> None:
+    with pytest.raises(UnknownEventType, match=f"{event_type}.*version {version}"):
+        render(envelope(event_type, CASES[2][1], schema_version=version))
+    with pytest.raises(UnknownEventType):
+        spec_for(event_type, version)
+
+
+def test_payload_must_be_an_object() -> None:
+    with pytest.raises(InvalidPayload, match="JSON object"):
+        render(envelope("OrderAccepted", ["not", "an", "object"]))  # type: ignore[arg-type]
+
+
+def test_coupon_used_goes_to_coupon_and_admin_channels() -> None:
+    coupon = uuid.uuid4()
+    result = render(
+        envelope(
+            "CouponUsed",
+            {
+                "CouponId": str(coupon),
+                "PreviousUsageCount": 3,
+                "NewUsageCount": 4,
+                "UsedAt": "2026-11-25T12:00:00Z",
+                "customerEmail": "a@b.c",
+            },  # fmt: skip
+        )
+    )
+    assert result.channels == (f"coupon:{coupon}", "admin")
+    assert result.data["newUsageCount"] == 4 and "customerEmail" not in result.data
+
+
+@pytest.mark.parametrize("event_type", ["RevenueRecorded", "PlatformFeeRecorded"])
+def test_finance_events_never_reach_the_kitchen_channel(event_type: str) -> None:
+    result = render(
+        envelope(
+            event_type,
+            {
+                "restaurantAccountId": str(uuid.uuid4()),
+                "restaurantId": str(R),
+                "orderId": str(O),
+                "amount": "3.20",
+                "newBalance": "-10.00",
+            },  # fmt: skip
+        )
+    )
+    assert result.channels == (f"finance:{R}",)
+    assert result.data["amount"] == "3.20" and result.data["newBalance"] == "-10.00"
+    assert result.sse_event == event_type
+
+
+def test_delay_alert_routes_to_restaurant_and_order() -> None:
+    result = render(
+        envelope(
+            "OrderDelayAlert",
+            {
+                "orderId": str(O),
+                "restaurantId": str(R),
+                "kind": "NotAccepted",
+                "expectedBy": "2026-11-25T12:03:00Z",
+                "detectedAt": "2026-11-25T12:03:01Z",
+            },  # fmt: skip
+        )
+    )
+    assert result.channels == (f"restaurant:{R}", f"order:{O}")
+    assert result.sse_event == "OrderDelayAlert"
