@@ -12,8 +12,8 @@ import os
 import shutil
 import subprocess
 import uuid
-from urllib.parse import quote
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import psycopg
 import pytest

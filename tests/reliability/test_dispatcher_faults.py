@@ -1,4 +1,4 @@
-"""SPEC §3.1–3.5 under faults: several dispatcher processes, kills, lost connections, restarts."""
+"""SPEC §3.1-3.5 under faults: several dispatcher processes, kills, lost connections, restarts."""
 
 from __future__ import annotations
 

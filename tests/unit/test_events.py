@@ -13,7 +13,7 @@ from relay.errors import InvalidPayload, UnknownEventType
 from relay.events import REGISTRY, Envelope, known_event_types, render, spec_for
 
 R = uuid.UUID("8e0f1c2a-3b4c-4d5e-8f60-7a8b9c0d1e2f")
-O = uuid.UUID("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d")
+ORDER = uuid.UUID("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d")
 C = uuid.UUID("11111111-2222-4333-8444-555555555555")
 E = uuid.UUID("99999999-8888-4777-8666-555555555555")
 WHEN = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
@@ -25,7 +25,7 @@ def envelope(event_type: str, payload: dict[str, Any], **kw: Any) -> Envelope:
         event_type=event_type,
         schema_version=kw.get("schema_version", 1),
         restaurant_id=kw.get("restaurant_id", R),
-        order_id=kw.get("order_id", O),
+        order_id=kw.get("order_id", ORDER),
         customer_id=kw.get("customer_id", C),
         occurred_on_utc=kw.get("occurred_on_utc", WHEN),
         payload=payload,
@@ -46,7 +46,7 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = [
     (
         "OrderPaymentSucceeded",
         {
-            "orderId": str(O),
+            "orderId": str(ORDER),
             "restaurantId": str(R),
             "orderNumber": "A-1001",
             "status": "Paid",
@@ -57,7 +57,7 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = [
         },
         "OrderPaymentSucceeded",
         {
-            "orderId": str(O),
+            "orderId": str(ORDER),
             "restaurantId": str(R),
             "orderNumber": "A-1001",
             "status": "Paid",
@@ -72,14 +72,14 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = [
     (
         "OrderPaymentFailed",
         {
-            "orderId": str(O),
+            "orderId": str(ORDER),
             "restaurantId": str(R),
             "status": "PaymentFailed",
             "failureTimestamp": "2026-11-25T13:00:00+01:00",
         },
         "OrderPaymentFailed",
         {
-            "orderId": str(O),
+            "orderId": str(ORDER),
             "restaurantId": str(R),
             "status": "PaymentFailed",
             "failureTimestamp": "2026-11-25T12:00:00Z",
@@ -101,7 +101,7 @@ for _type, _status in [
         (
             _type,
             {
-                "orderId": str(O),
+                "orderId": str(ORDER),
                 "restaurantId": str(R),
                 "orderNumber": 1001,
                 "newStatus": _status,
@@ -112,7 +112,7 @@ for _type, _status in [
             },
             "OrderStatusChanged",
             {
-                "orderId": str(O),
+                "orderId": str(ORDER),
                 "restaurantId": str(R),
                 "orderNumber": "1001",
                 "newStatus": _status,
@@ -139,7 +139,7 @@ def test_phase1_events_round_trip_to_the_contract(
     result = render(envelope(event_type, payload))
     assert result.sse_event == sse
     assert result.data == {**expected, **COMMON}
-    assert result.channels == (f"restaurant:{R}", f"order:{O}")
+    assert result.channels == (f"restaurant:{R}", f"order:{ORDER}")
     assert sorted(result.dropped_fields) == sorted(pascal(PII) if keys == "pascal" else PII)
     for leaked in ("customerName", "deliveryAddress", "phone"):
         assert leaked not in result.data
@@ -261,7 +261,7 @@ def test_coupon_used_goes_to_coupon_and_admin_channels() -> None:
                 "NewUsageCount": 4,
                 "UsedAt": "2026-11-25T12:00:00Z",
                 "customerEmail": "a@b.c",
-            },  # fmt: skip
+            },
         )
     )
     assert result.channels == (f"coupon:{coupon}", "admin")
@@ -276,10 +276,10 @@ def test_finance_events_never_reach_the_kitchen_channel(event_type: str) -> None
             {
                 "restaurantAccountId": str(uuid.uuid4()),
                 "restaurantId": str(R),
-                "orderId": str(O),
+                "orderId": str(ORDER),
                 "amount": "3.20",
                 "newBalance": "-10.00",
-            },  # fmt: skip
+            },
         )
     )
     assert result.channels == (f"finance:{R}",)
@@ -292,13 +292,13 @@ def test_delay_alert_routes_to_restaurant_and_order() -> None:
         envelope(
             "OrderDelayAlert",
             {
-                "orderId": str(O),
+                "orderId": str(ORDER),
                 "restaurantId": str(R),
                 "kind": "NotAccepted",
                 "expectedBy": "2026-11-25T12:03:00Z",
                 "detectedAt": "2026-11-25T12:03:01Z",
-            },  # fmt: skip
+            },
         )
     )
-    assert result.channels == (f"restaurant:{R}", f"order:{O}")
+    assert result.channels == (f"restaurant:{R}", f"order:{ORDER}")
     assert result.sse_event == "OrderDelayAlert"
