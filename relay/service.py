@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import uvicorn
@@ -27,6 +27,7 @@ from relay.gateway.streams import StreamOptions
 from relay.maintenance import Maintenance
 from relay.metrics import M
 from relay.settings import Settings
+from relay.sla import SlaConfig, SlaWatcher
 
 __all__ = ["serve"]
 
@@ -50,8 +51,21 @@ def _observe(batch: BatchResult) -> None:
         M.published.labels(event_type=event.event_type).inc()
 
 
-async def serve(settings: Settings, *, dispatcher: bool = True, gateway: bool = True) -> None:
-    """Run until SIGTERM/SIGINT; returns after a clean drain."""
+Extra = tuple[str, Callable[[asyncio.Event], Coroutine[Any, Any, None]]]
+
+
+async def serve(
+    settings: Settings,
+    *,
+    dispatcher: bool = True,
+    gateway: bool = True,
+    extra: Sequence[Extra] = (),
+) -> None:
+    """Run until SIGTERM/SIGINT; returns after a clean drain.
+
+    ``extra`` tasks (``relay demo``'s simulator) get the same stop event and
+    live and die with the service, so one signal drains everything.
+    """
     url = settings.require_database_url()
     if gateway:
         settings.require_jwt_key()
@@ -91,11 +105,23 @@ async def serve(settings: Settings, *, dispatcher: bool = True, gateway: bool = 
     ]
     if worker is not None:
         tasks.append(asyncio.create_task(worker.run(stop), name="dispatcher"))
+        if settings.sla_enabled:
+            sla = SlaWatcher(
+                url,
+                SlaConfig(
+                    not_accepted=settings.sla_not_accepted,
+                    not_ready=settings.sla_not_ready,
+                    delivery_grace=settings.sla_delivery_grace,
+                ),
+            )
+            tasks.append(asyncio.create_task(sla.run(stop), name="sla"))
     if settings.publisher_urls:
         # External publishers follow the log from their own durable offsets.
         from relay.publishers import run_publishers
 
         tasks.append(asyncio.create_task(run_publishers(settings, stop), name="publishers"))
+    for name, start in extra:
+        tasks.append(asyncio.create_task(start(stop), name=name))
     server: _Server | None = None
     pool: AsyncConnectionPool[Any] | None = None
     if hub is not None:

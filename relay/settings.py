@@ -132,6 +132,25 @@ class Settings(BaseSettings):
         description="how long SIGTERM waits for in-flight work",
     )
 
+    sla_enabled: bool = Field(
+        True, alias="RELAY_SLA_ENABLED", description="derive OrderDelayAlert events from deadlines"
+    )
+    sla_not_accepted: Duration = Field(
+        timedelta(minutes=3),
+        alias="RELAY_SLA_NOT_ACCEPTED",
+        description="alert when a paid order is not accepted within this",
+    )
+    sla_not_ready: Duration = Field(
+        timedelta(minutes=25),
+        alias="RELAY_SLA_NOT_READY",
+        description="alert when an accepted order is not ready within this",
+    )
+    sla_delivery_grace: Duration = Field(
+        timedelta(0),
+        alias="RELAY_SLA_DELIVERY_GRACE",
+        description="alert when delivery runs this far past estimatedDeliveryTime",
+    )
+
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
