@@ -47,6 +47,9 @@ class DispatcherConfig:
     wakeup: str = "poll"
     poll_idle: float = 0.010
     safety_sweep: float = 1.0
+    # Client-side bound on any one round trip: a half-open connection (a
+    # network that silently drops packets) must not stall the loop forever.
+    query_timeout: float = 30.0
     session_settings: dict[str, str] = field(
         default_factory=lambda: {
             # A stuck or paused dispatcher must not hold partition locks for long.
@@ -149,8 +152,11 @@ class Dispatcher:
         claim = True
         while not stop.is_set():
             if claim:
-                result = await claim_and_publish(
-                    conn, batch_size=cfg.batch_size, max_partitions=cfg.max_partitions
+                result = await asyncio.wait_for(
+                    claim_and_publish(
+                        conn, batch_size=cfg.batch_size, max_partitions=cfg.max_partitions
+                    ),
+                    cfg.query_timeout,
                 )
                 now = loop.time()
                 next_sweep = now + cfg.safety_sweep
@@ -170,7 +176,7 @@ class Dispatcher:
             elif now < chase_until:
                 claim = True
             elif cfg.wakeup == "poll" or not self.listener_connected:
-                cur = await conn.execute(probe)
+                cur = await asyncio.wait_for(conn.execute(probe), cfg.query_timeout)
                 row = await cur.fetchone()
                 seq = int(row[0]) if row else 0
                 claim = last_seq is not None and seq != last_seq
