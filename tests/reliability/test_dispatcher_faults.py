@@ -58,13 +58,14 @@ def dispatchers(database_url: str) -> Iterator[list[RelayProcess]]:
         p.__exit__()
 
 
+@pytest.mark.parametrize("orders", [500, pytest.param(5000, marks=pytest.mark.soak)])
 def test_three_dispatchers_with_one_killed_every_second_lose_and_reorder_nothing(
-    database_url: str, dispatchers: list[RelayProcess]
+    database_url: str, dispatchers: list[RelayProcess], orders: int
 ) -> None:
     ledger = Ledger()
     reader = LogReader(database_url)
     restaurants = [uuid.uuid4() for _ in range(20)]
-    threads = _writers(database_url, ledger, restaurants, orders=500)  # 2,000 events
+    threads = _writers(database_url, ledger, restaurants, orders=orders)  # 4 events per order
     rng = random.Random(7)
     kills = 0
     while any(t.is_alive() for t in threads):
@@ -77,7 +78,7 @@ def test_three_dispatchers_with_one_killed_every_second_lose_and_reorder_nothing
     for t in threads:
         t.join()
     _drain(database_url, reader, ledger)
-    assert len(ledger.committed) == 2000
+    assert len(ledger.committed) == orders * 4
     assert kills >= 1
     assert check(ledger, reader) == []
 

@@ -10,7 +10,6 @@ rolled back and nothing foreign arrived.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import threading
@@ -28,8 +27,6 @@ from relay.gateway.auth import mint_token
 from relay.pgserver import ThrowawayPostgres
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
 from tests.reliability.ledger import Ledger, write_orders
-
-SOAK = os.environ.get("RELAY_SOAK") == "1"
 
 
 @dataclass
@@ -123,11 +120,11 @@ def _chains_agree(ledger: Ledger, received: list[str], committed: list[str]) -> 
 
 
 def _faults(cluster: ThrowawayPostgres, relays: list[RelayProcess], stop: threading.Event,
-            log: list[str], rng: random.Random) -> None:  # fmt: skip
+            log: list[str], rng: random.Random, soak: bool) -> None:  # fmt: skip
     actions = ["kill", "term", "terminate_backends", "restart_db", "kill"]
     step = 0
     while not stop.wait(2.5):
-        action = actions[step % len(actions)] if not SOAK else rng.choice(actions)
+        action = rng.choice(actions) if soak else actions[step % len(actions)]
         step += 1
         victim = rng.choice(relays)
         if action == "kill":
@@ -150,7 +147,7 @@ def _faults(cluster: ThrowawayPostgres, relays: list[RelayProcess], stop: thread
         log.append(action)
 
 
-@pytest.mark.parametrize("seconds", [90 if SOAK else 15])
+@pytest.mark.parametrize("seconds", [15, pytest.param(180, marks=pytest.mark.soak)])
 def test_every_committed_event_reaches_every_subscriber_once_in_order_under_faults(
     cluster: ThrowawayPostgres, seconds: int
 ) -> None:
@@ -174,7 +171,9 @@ def test_every_committed_event_reaches_every_subscriber_once_in_order_under_faul
     threads = [threading.Thread(target=s.run, args=(relays, stop_clients)) for s in subscribers]
     ledger = Ledger()
     injected: list[str] = []
-    faults = threading.Thread(target=_faults, args=(cluster, relays, stop_faults, injected, rng))
+    faults = threading.Thread(
+        target=_faults, args=(cluster, relays, stop_faults, injected, rng, seconds > 60)
+    )
     try:
         for t in threads:
             t.start()

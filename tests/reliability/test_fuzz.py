@@ -18,7 +18,7 @@ from relay.gateway.auth import AuthConfig, TokenVerifier
 from relay.log import Cursor
 from tests.helpers.orders import payload
 
-R, O = uuid.uuid4(), uuid.uuid4()
+RESTAURANT, ORDER = uuid.uuid4(), uuid.uuid4()
 SECRET = "fuzz-secret-" * 6
 json_values = st.recursive(
     st.none()
@@ -31,7 +31,7 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
-event_types = st.sampled_from(sorted({t for t, _ in REGISTRY}) + ["Nope", ""])
+event_types = st.sampled_from([*sorted({t for t, _ in REGISTRY}), "Nope", ""])
 
 
 def _contract_fields(event_type: str) -> set[str]:
@@ -78,7 +78,7 @@ def test_random_payloads_are_rejected_cleanly_or_whitelisted(
 def test_mutated_real_payloads_never_leak_extra_fields(
     event_type: str, drop: set[str], extra: dict[str, str], mutate: dict[str, Any]
 ) -> None:
-    body = payload(event_type, restaurant_id=R, order_id=O, pii=False)
+    body = payload(event_type, restaurant_id=RESTAURANT, order_id=ORDER, pii=False)
     for key in drop:
         body.pop(key, None)
     body.update(mutate)
@@ -87,7 +87,7 @@ def test_mutated_real_payloads_never_leak_extra_fields(
 
 
 def _render_and_check(event_type: str, body: dict[str, Any]) -> None:
-    env = Envelope(uuid.uuid4(), event_type, 1, R, O, None, datetime.now(UTC), body)
+    env = Envelope(uuid.uuid4(), event_type, 1, RESTAURANT, ORDER, None, datetime.now(UTC), body)
     try:
         result = render(env)
     except ContractError:
