@@ -189,3 +189,38 @@ async def test_small_batches_keep_order(database_url: str, batch_size: int) -> N
     await aconn.close()
     assert [e.event_type for e in published] == CHAIN
     assert [e.position for e in published] == [1, 2, 3, 4]
+
+
+async def test_retention_runs_while_claiming_continues(database_url: str) -> None:
+    """Pruning in small batches never blocks the claim, and never touches pending rows."""
+    import asyncio
+
+    restaurants = [uuid.uuid4() for _ in range(8)]
+    with psycopg.connect(database_url) as conn:
+        for i in range(400):
+            enqueue(conn, event("OrderAccepted", restaurant_id=restaurants[i % 8]))
+    claimer = await _conn(database_url)
+    pruner = await _conn(database_url)
+    while (await claim_and_publish(claimer, batch_size=100)).claimed:
+        pass
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE relay_events SET published_at = now() - interval '3 days'")
+        for i in range(400):
+            with conn.transaction():
+                enqueue(conn, event("OrderPreparing", restaurant_id=restaurants[i % 8]))
+
+    async def claim_all() -> int:
+        total = 0
+        while (result := await claim_and_publish(claimer, batch_size=20)).claimed:
+            total += result.claimed
+            await asyncio.sleep(0)
+        return total
+
+    claimed, pruned = await asyncio.gather(
+        claim_all(), event_log.prune(pruner, timedelta(hours=24), batch=7)
+    )
+    await claimer.close()
+    await pruner.close()
+    assert claimed == 400 and pruned == 400
+    rows = _log_rows(database_url)
+    assert len(rows) == 400 and {r[2] for r in rows} == {"OrderPreparing"}
