@@ -89,7 +89,9 @@ async def claim_and_publish(
         if not heads:
             return BatchResult(0, (), 0, 0, {}, (), time.perf_counter() - started)
         per_partition = max(1, -(-batch_size // len(heads)))
-        cur = await conn.execute(_TAKE, {"partitions": list(heads), "per_partition": per_partition})
+        cur = await conn.execute(
+            _TAKE, {"partitions": list(heads), "per_partition": per_partition}, binary=True
+        )
         rows = await cur.fetchall()
         if not rows:
             return BatchResult(0, (), 0, 0, {}, (), time.perf_counter() - started)
@@ -108,7 +110,7 @@ async def claim_and_publish(
     return BatchResult(
         claimed=len(rows),
         events=tuple(events),
-        dead_lettered=len(plan.dead),
+        dead_lettered=plan.dead,
         dropped_fields=plan.dropped_fields,
         heads=plan.published_heads(),
         enqueued_at=tuple(plan.enqueued_at),
@@ -129,33 +131,27 @@ async def _committed_only(
     return kept
 
 
-_LOG_COLUMNS = (
-    "partition", "position", "event_id", "event_type", "schema_version", "sse_event",
-    "restaurant_id", "order_id", "customer_id", "channels", "data", "occurred_on_utc",
-    "enqueued_at",
-)  # fmt: skip
-_DEAD_COLUMNS = (
-    "event_id", "event_type", "schema_version", "restaurant_id", "order_id", "customer_id",
-    "payload", "occurred_on_utc", "enqueued_at", "reason",
-)  # fmt: skip
-_COLUMNS = (*(f"e_{c}" for c in _LOG_COLUMNS), *(f"d_{c}" for c in _DEAD_COLUMNS))
-
-
 class _Plan:
-    """Turns claimed rows into the publish statement's column arrays."""
+    """Validates claimed rows and builds the publish statement's arrays."""
 
     def __init__(self, heads: dict[int, int]) -> None:
         self.next_position = {p: last + 1 for p, last in heads.items()}
         self.first_position: dict[int, int] = {}
         self.events: list[LogEvent] = []
-        self.columns: dict[str, list[Any]] = {k: [] for k in _COLUMNS}
-        self.dead: list[UUID] = []
+        self.ids: list[int] = []
+        self.positions: list[int | None] = []
+        self.sse_events: list[str | None] = []
+        self.channels: list[str | None] = []
+        self.data: list[str | None] = []
+        self.reasons: list[str | None] = []
+        self.dead = 0
         self.dropped_fields = 0
         self.enqueued_at: list[datetime] = []
 
     def add(self, row: tuple[Any, ...]) -> None:
-        (_id, partition, event_id, event_type, version, restaurant_id, order_id, customer_id,
+        (row_id, partition, event_id, event_type, version, restaurant_id, order_id, customer_id,
          payload_text, occurred, enqueued) = row  # fmt: skip
+        self.ids.append(row_id)
         try:
             broadcast = render(
                 Envelope(
@@ -170,31 +166,23 @@ class _Plan:
                 )
             )
         except ContractError as exc:
-            self._dead(row, str(exc))
+            self._dead(event_id, event_type, version, str(exc))
             return
         except Exception as exc:  # a bug must not lose the event: park it for retry
             log.exception("unexpected error validating event %s", event_id)
-            self._dead(row, f"internal error: {type(exc).__name__}: {exc}")
+            self._dead(
+                event_id, event_type, version, f"internal error: {type(exc).__name__}: {exc}"
+            )
             return
         self.dropped_fields += len(broadcast.dropped_fields)
         position = self.next_position[partition]
         self.next_position[partition] = position + 1
         self.first_position.setdefault(partition, position)
-        data = json.dumps(broadcast.data, separators=(",", ":"), ensure_ascii=False)
-        c = self.columns
-        c["e_partition"].append(partition)
-        c["e_position"].append(position)
-        c["e_event_id"].append(event_id)
-        c["e_event_type"].append(event_type)
-        c["e_schema_version"].append(version)
-        c["e_sse_event"].append(broadcast.sse_event)
-        c["e_restaurant_id"].append(restaurant_id)
-        c["e_order_id"].append(order_id)
-        c["e_customer_id"].append(customer_id)
-        c["e_channels"].append(" ".join(broadcast.channels))
-        c["e_data"].append(data)
-        c["e_occurred_on_utc"].append(occurred)
-        c["e_enqueued_at"].append(enqueued)
+        self.positions.append(position)
+        self.sse_events.append(broadcast.sse_event)
+        self.channels.append(" ".join(broadcast.channels))
+        self.data.append(broadcast.json)
+        self.reasons.append(None)
         self.enqueued_at.append(enqueued)
         self.events.append(
             LogEvent(
@@ -202,46 +190,38 @@ class _Plan:
                 position=position,
                 sse_event=broadcast.sse_event,
                 channels=broadcast.channels,
-                data=data,
+                data=broadcast.json,
                 event_id=event_id,
                 event_type=event_type,
                 restaurant_id=restaurant_id,
             )
         )
 
-    def _dead(self, row: tuple[Any, ...], reason: str) -> None:
-        (_id, _partition, event_id, event_type, version, restaurant_id, order_id, customer_id,
-         payload_text, occurred, enqueued) = row  # fmt: skip
+    def _dead(self, event_id: UUID, event_type: str, version: int, reason: str) -> None:
         log.warning(
-            "dead-lettered event %s (%s v%s): %s",
-            event_id,
-            event_type,
-            version,
-            reason,
+            "dead-lettered event %s (%s v%s): %s", event_id, event_type, version, reason,
             extra={"event_id": str(event_id), "event_type": event_type},
-        )
-        self.dead.append(event_id)
-        c = self.columns
-        c["d_event_id"].append(event_id)
-        c["d_event_type"].append(event_type)
-        c["d_schema_version"].append(version)
-        c["d_restaurant_id"].append(restaurant_id)
-        c["d_order_id"].append(order_id)
-        c["d_customer_id"].append(customer_id)
-        c["d_payload"].append(payload_text)
-        c["d_occurred_on_utc"].append(occurred)
-        c["d_enqueued_at"].append(enqueued)
-        c["d_reason"].append(reason)
+        )  # fmt: skip
+        self.dead += 1
+        self.positions.append(None)
+        self.sse_events.append(None)
+        self.channels.append(None)
+        self.data.append(None)
+        self.reasons.append(reason)
 
     def published_heads(self) -> dict[int, tuple[int, int]]:
         return {p: (first, self.next_position[p] - 1) for p, first in self.first_position.items()}
 
     def params(self) -> dict[str, Any]:
         heads = self.published_heads()
-        notice = ",".join(f"{p}:{first}:{last}" for p, (first, last) in heads.items())
         return {
-            **self.columns,
+            "ids": self.ids,
+            "positions": self.positions,
+            "sse_events": self.sse_events,
+            "channels": self.channels,
+            "data": self.data,
+            "reasons": self.reasons,
             "c_partition": list(heads),
             "c_last_position": [last for _first, last in heads.values()],
-            "notice": notice,
+            "notice": ",".join(f"{p}:{first}:{last}" for p, (first, last) in heads.items()),
         }

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
-
-from relay.events.types import json_value
 
 __all__ = ["Contract"]
 
@@ -31,8 +27,6 @@ class Contract(BaseModel):
             cls._input_keys = keys  # type: ignore[attr-defined]
         return keys
 
-    def broadcast(self) -> dict[str, Any]:
-        return {
-            info.alias or name: json_value(getattr(self, name))
-            for name, info in type(self).model_fields.items()
-        }
+    def broadcast_json(self) -> str:
+        """The contract fields as compact JSON (ids and money as strings, times with Z)."""
+        return self.model_dump_json(by_alias=True)

@@ -8,6 +8,8 @@ columns (a mismatch could send one restaurant's event to another).
 
 from __future__ import annotations
 
+import functools
+import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -50,9 +52,14 @@ class Envelope:
 @dataclass(frozen=True, slots=True)
 class Broadcast:
     sse_event: str
-    data: dict[str, Any]
+    json: str  # the broadcast object, encoded once (SSE data and broker body)
     channels: tuple[str, ...]
     dropped_fields: tuple[str, ...]
+
+    @property
+    def data(self) -> dict[str, Any]:
+        decoded: dict[str, Any] = json.loads(self.json)
+        return decoded
 
 
 Route = Callable[[Envelope, Any], tuple[str, ...]]
@@ -68,9 +75,19 @@ class EventSpec:
     expected_status: str | None = None  # for the uniform status DTO
 
 
+@functools.lru_cache(maxsize=65536)
+def _channel(kind: str, key: uuid.UUID) -> str:
+    return f"{kind}:{key}"  # cached: formatting a uuid costs more than the lookup
+
+
+@functools.lru_cache(maxsize=256)
+def _quoted(text: str) -> str:
+    return json.dumps(text)
+
+
 def _kitchen_and_order(envelope: Envelope, model: Any) -> tuple[str, ...]:
     order = envelope.order_id or model.order_id
-    return (f"restaurant:{envelope.restaurant_id}", f"order:{order}")
+    return (_channel("restaurant", envelope.restaurant_id), f"order:{order}")
 
 
 def _coupon(_envelope: Envelope, model: Any) -> tuple[str, ...]:
@@ -138,7 +155,7 @@ def render(envelope: Envelope) -> Broadcast:
     """Validate, whitelist and route one event; raises a ContractError subclass."""
     spec = spec_for(envelope.event_type, envelope.schema_version)
     payload = envelope.payload
-    if not isinstance(payload, Mapping):
+    if not isinstance(payload, dict | Mapping):
         raise InvalidPayload(f"{envelope.event_type}: payload must be a JSON object")
     keys = spec.model.input_keys()
     accepted: dict[str, Any] = {}
@@ -163,12 +180,15 @@ def render(envelope: Envelope) -> Broadcast:
     except ValidationError as exc:
         raise _invalid(envelope.event_type, exc) from None
     _check_routing(envelope, model)
-    data = model.broadcast()
-    data["eventId"] = str(envelope.event_id)
-    data["eventType"] = envelope.event_type
-    data["schemaVersion"] = envelope.schema_version
-    data["occurredOnUtc"] = data.get("occurredOnUtc") or utc_text(envelope.occurred_on_utc)
-    return Broadcast(spec.sse_event, data, spec.route(envelope, model), tuple(dropped))
+    # Every broadcast object also carries the envelope fields (SPEC §1).
+    extra = (
+        f',"eventId":"{envelope.event_id}","eventType":{_quoted(envelope.event_type)},'
+        f'"schemaVersion":{int(envelope.schema_version)}'
+    )
+    if spec.expected_status is None:
+        extra += f',"occurredOnUtc":"{utc_text(envelope.occurred_on_utc)}"'
+    text = model.broadcast_json()[:-1] + extra + "}"
+    return Broadcast(spec.sse_event, text, spec.route(envelope, model), tuple(dropped))
 
 
 def _check_routing(envelope: Envelope, model: Any) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator
+from pydantic import AfterValidator, BeforeValidator
 
-__all__ = ["Money", "OrderNumber", "Utc", "json_value", "utc_text"]
+__all__ = ["Money", "OrderNumber", "Utc", "utc_text"]
 
 
 def _utc(value: Any) -> datetime:
@@ -61,7 +60,24 @@ def _order_number(value: Any) -> str:
     return text
 
 
-Utc = Annotated[datetime, BeforeValidator(_utc)]
+def _timestamp_only(value: Any) -> Any:
+    """Pydantic would read a number as Unix time; the contract says ISO-8601."""
+    if isinstance(value, str | datetime):
+        return value
+    raise ValueError("expected an ISO-8601 timestamp string")
+
+
+def _as_utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)  # naive: .NET's Unspecified kind, taken as UTC
+    return (
+        moment if moment.utcoffset() == _ZERO and moment.tzinfo is UTC else moment.astimezone(UTC)
+    )
+
+
+_ZERO = timedelta(0)
+# Parsed by pydantic's core (fast), then normalised to UTC; serialised with Z.
+Utc = Annotated[datetime, BeforeValidator(_timestamp_only), AfterValidator(_as_utc)]
 Money = Annotated[Decimal, BeforeValidator(_money)]
 OrderNumber = Annotated[str, BeforeValidator(_order_number)]
 
@@ -72,14 +88,3 @@ def utc_text(moment: datetime) -> str:
     if moment.microsecond:
         return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def json_value(value: Any) -> Any:
-    """The broadcast form of a field value: ids and money as strings, times with Z."""
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, datetime):
-        return utc_text(value)
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    return value

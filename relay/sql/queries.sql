@@ -35,77 +35,69 @@ LIMIT %(max_partitions)s
 FOR UPDATE OF p SKIP LOCKED
 
 -- name: take_pending
--- Remove the oldest pending rows of the partitions we hold and return them.
--- Nobody else can publish these partitions until we commit, and a DELETE
--- keeps relay_outbox down to the pending set (no published history to skip).
-DELETE FROM relay_outbox AS o
-USING (
-    SELECT c.id
-    FROM unnest(%(partitions)s::smallint[]) AS p(partition)
-    CROSS JOIN LATERAL (
-        SELECT id FROM relay_outbox
-        WHERE partition = p.partition
-        ORDER BY id
-        LIMIT %(per_partition)s
-    ) AS c
-) AS claimed
-WHERE o.id = claimed.id
-RETURNING o.id, o.partition, o.event_id, o.event_type, o.schema_version, o.restaurant_id,
-          o.order_id, o.customer_id, o.payload::text, o.occurred_on_utc, o.enqueued_at
+-- Read the oldest pending rows of the partitions we hold, in insert order per
+-- partition. No row locks are needed: nobody else can publish these
+-- partitions until we commit (producers only ever insert new rows).
+SELECT o.id, o.partition, o.event_id, o.event_type, o.schema_version, o.restaurant_id,
+       o.order_id, o.customer_id, o.payload::text, o.occurred_on_utc, o.enqueued_at
+FROM unnest(%(partitions)s::smallint[]) AS p(partition)
+CROSS JOIN LATERAL (
+    SELECT * FROM relay_outbox
+    WHERE partition = p.partition
+    ORDER BY id
+    LIMIT %(per_partition)s
+) AS o
 
 -- name: publish
--- Append the batch to the log, dead-letter the rejects, remember order owners,
--- advance the partition counters and tell every relay process, in one round trip.
--- A producer re-inserting an already published event_id is dropped here (dedupe).
-WITH appended AS (
+-- Move the batch out of the outbox into the log in one statement: valid rows
+-- get their positions (computed by the dispatcher in insert order), invalid
+-- ones become dead letters with their reason; then advance the partition
+-- counters and tell every relay process. Only the relay-computed columns
+-- travel (in binary arrays); the rest is copied server-side from the outbox
+-- row. DELETE keeps relay_outbox down to the pending set, so the claim never
+-- walks published history. A producer re-inserting an already published
+-- event_id is dropped by the log's unique key (dedupe).
+WITH plan AS (
+    SELECT *
+    FROM unnest(%(ids)b::bigint[], %(positions)b::bigint[], %(sse_events)b::text[],
+                %(channels)b::text[], %(data)b::text[], %(reasons)b::text[])
+         AS p(id, position, sse_event, channels, data, reason)
+), moved AS (
+    DELETE FROM relay_outbox AS o
+    USING plan
+    WHERE o.id = plan.id
+    RETURNING o.*, plan.position, plan.sse_event, plan.channels, plan.data, plan.reason
+), appended AS (
     INSERT INTO relay_events
         (partition, position, event_id, event_type, schema_version, sse_event, restaurant_id,
          order_id, customer_id, channels, data, occurred_on_utc, enqueued_at)
-    SELECT e.partition, e.position, e.event_id, e.event_type, e.schema_version, e.sse_event,
-           e.restaurant_id, e.order_id, e.customer_id, string_to_array(e.channels, ' '),
-           e.data::json, e.occurred_on_utc, e.enqueued_at
-    FROM unnest(%(e_partition)s::smallint[], %(e_position)s::bigint[], %(e_event_id)s::uuid[],
-                %(e_event_type)s::text[], %(e_schema_version)s::int[], %(e_sse_event)s::text[],
-                %(e_restaurant_id)s::uuid[], %(e_order_id)s::uuid[], %(e_customer_id)s::uuid[],
-                %(e_channels)s::text[], %(e_data)s::text[], %(e_occurred_on_utc)s::timestamptz[],
-                %(e_enqueued_at)s::timestamptz[])
-         AS e(partition, position, event_id, event_type, schema_version, sse_event, restaurant_id,
-              order_id, customer_id, channels, data, occurred_on_utc, enqueued_at)
+    SELECT m.partition, m.position, m.event_id, m.event_type, m.schema_version, m.sse_event,
+           m.restaurant_id, m.order_id, m.customer_id, string_to_array(m.channels, ' '),
+           m.data::json, m.occurred_on_utc, m.enqueued_at
+    FROM moved AS m
+    WHERE m.reason IS NULL
     ON CONFLICT (event_id) DO NOTHING
     RETURNING 1
 ), dead AS (
     INSERT INTO relay_dead_letters
         (event_id, event_type, schema_version, restaurant_id, order_id, customer_id, payload,
          occurred_on_utc, enqueued_at, reason)
-    SELECT d.event_id, d.event_type, d.schema_version, d.restaurant_id, d.order_id,
-           d.customer_id, d.payload::jsonb, d.occurred_on_utc, d.enqueued_at, d.reason
-    FROM unnest(%(d_event_id)s::uuid[], %(d_event_type)s::text[], %(d_schema_version)s::int[],
-                %(d_restaurant_id)s::uuid[], %(d_order_id)s::uuid[], %(d_customer_id)s::uuid[],
-                %(d_payload)s::text[], %(d_occurred_on_utc)s::timestamptz[],
-                %(d_enqueued_at)s::timestamptz[], %(d_reason)s::text[])
-         AS d(event_id, event_type, schema_version, restaurant_id, order_id, customer_id, payload,
-              occurred_on_utc, enqueued_at, reason)
-    RETURNING 1
-), owners AS (
-    INSERT INTO relay_orders (order_id, restaurant_id, customer_id)
-    SELECT DISTINCT ON (o.order_id) o.order_id, o.restaurant_id, o.customer_id
-    FROM unnest(%(e_order_id)s::uuid[], %(e_restaurant_id)s::uuid[], %(e_customer_id)s::uuid[])
-         AS o(order_id, restaurant_id, customer_id)
-    WHERE o.order_id IS NOT NULL
-    ORDER BY o.order_id, o.customer_id NULLS LAST
-    ON CONFLICT (order_id) DO UPDATE SET customer_id = EXCLUDED.customer_id
-        WHERE relay_orders.customer_id IS NULL AND EXCLUDED.customer_id IS NOT NULL
+    SELECT m.event_id, m.event_type, m.schema_version, m.restaurant_id, m.order_id,
+           m.customer_id, m.payload, m.occurred_on_utc, m.enqueued_at, m.reason
+    FROM moved AS m
+    WHERE m.reason IS NOT NULL
     RETURNING 1
 ), counters AS (
     UPDATE relay_partitions AS p
     SET last_position = c.last_position, published_at = now()
-    FROM unnest(%(c_partition)s::smallint[], %(c_last_position)s::bigint[])
+    FROM unnest(%(c_partition)b::smallint[], %(c_last_position)b::bigint[])
          AS c(partition, last_position)
     WHERE p.partition = c.partition
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM appended) AS appended,
        (SELECT count(*) FROM dead) AS dead_lettered,
+       (SELECT max(enqueued_at) FROM moved) AS newest_enqueued,
        CASE WHEN %(notice)s <> '' THEN pg_notify('relay_events', %(notice)s) END AS notified
 
 -- name: install_notify_trigger
@@ -175,20 +167,27 @@ ORDER BY position
 LIMIT %(limit)s
 
 -- name: order_owner
--- Who may follow order:{id}: its restaurant's staff and the customer who placed it.
-SELECT restaurant_id, customer_id FROM relay_orders WHERE order_id = %(order_id)s
+-- Who may follow order:{id}: its restaurant's staff and the customer who placed it
+-- (from its published events, else its pending ones).
+(SELECT restaurant_id, customer_id FROM relay_events
+ WHERE order_id = %(order_id)s ORDER BY customer_id NULLS LAST LIMIT 1)
 UNION ALL
-SELECT restaurant_id, customer_id FROM relay_outbox WHERE order_id = %(order_id)s
+(SELECT restaurant_id, customer_id FROM relay_outbox
+ WHERE order_id = %(order_id)s ORDER BY customer_id NULLS LAST LIMIT 1)
 LIMIT 1
 
 -- name: prune_partition
 -- Retention: delete one small batch of a partition's oldest expired events and
 -- record how far the log was cut, so a resume from below it gets `reset`.
-WITH doomed AS (
-    SELECT position FROM relay_events
-    WHERE partition = %(partition)s AND published_at < now() - %(retention)s::interval
+-- The oldest positions are the oldest events, so this reads only the head of
+-- the partition's primary key.
+WITH oldest AS (
+    SELECT position, published_at FROM relay_events
+    WHERE partition = %(partition)s
     ORDER BY position
     LIMIT %(limit)s
+), doomed AS (
+    SELECT position FROM oldest WHERE published_at < now() - %(retention)s::interval
 ), deleted AS (
     DELETE FROM relay_events AS e
     USING doomed

@@ -1,4 +1,4 @@
--- relay 0004: SLA / delay alerts derived from the event log (never written by
+-- relay 0003: SLA / delay alerts derived from the event log (never written by
 -- the order service). One replica at a time follows the log from
 -- relay_sla_offsets and keeps, per open order, the next deadline it must meet.
 -- A due deadline is deleted and its OrderDelayAlert inserted into relay_outbox
