@@ -8,6 +8,7 @@ positions are committed in increasing order (see ``dispatcher.batch``), so
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,15 +22,22 @@ from relay.errors import InvalidCursor
 from relay.sql import query
 
 __all__ = [
+    "GLOBAL",
     "Cursor",
     "Stream",
+    "encode_vector",
     "heads",
+    "parse_vector",
     "prune",
     "read_partition",
     "replay",
+    "replay_global",
 ]
 
+_NIL = UUID(int=0)
+GLOBAL = -1  # Stream.partition of streams that span every partition
 _CURSOR = re.compile(r"^(\d{1,2})-(\d{1,19})$")
+_VECTOR = re.compile(r"^v(?:\.\d{1,2}-\d{1,19})*$")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -48,12 +56,29 @@ class Cursor:
         return cls(int(match.group(1)), int(match.group(2)))
 
 
+def encode_vector(positions: dict[int, int]) -> str:
+    """A cursor for streams spanning partitions: ``v.3-17.12-5`` (zero entries omitted)."""
+    return "v" + "".join(f".{p}-{pos}" for p, pos in sorted(positions.items()) if pos)
+
+
+def parse_vector(text: str) -> dict[int, int]:
+    if not _VECTOR.match(text.strip()):
+        raise InvalidCursor(f"malformed cursor {text[:40]!r}")
+    vector: dict[int, int] = {}
+    for part in text.strip().split(".")[1:]:
+        p, pos = part.split("-")
+        if int(p) >= PARTITIONS:
+            raise InvalidCursor(f"malformed cursor {text[:40]!r}")
+        vector[int(p)] = int(pos)
+    return vector
+
+
 @dataclass(frozen=True, slots=True)
 class Stream:
     """One subscribable channel and where its events live in the log."""
 
-    channel: str  # "restaurant:<uuid>" or "order:<uuid>"
-    partition: int
+    channel: str  # "restaurant:<uuid>", "order:<uuid>", "finance:<uuid>", "coupon:<uuid>", "admin"
+    partition: int  # GLOBAL for streams that span partitions
     key: UUID  # the restaurant or order id the replay query filters on
 
     @classmethod
@@ -63,6 +88,15 @@ class Stream:
     @classmethod
     def order(cls, order_id: UUID, restaurant_id: UUID) -> Stream:
         return cls(f"order:{order_id}", partition_of(restaurant_id), order_id)
+
+    @classmethod
+    def finance(cls, restaurant_id: UUID) -> Stream:
+        return cls(f"finance:{restaurant_id}", partition_of(restaurant_id), restaurant_id)
+
+    @classmethod
+    def global_(cls, channel: str) -> Stream:
+        """``admin`` or ``coupon:<uuid>``: events from every partition."""
+        return cls(channel, GLOBAL, _NIL)
 
     @property
     def kind(self) -> str:
@@ -89,9 +123,6 @@ def _event(row: tuple[Any, ...]) -> LogEvent:
     )
 
 
-_NIL = UUID(int=0)
-
-
 async def heads(conn: psycopg.AsyncConnection[Any]) -> dict[int, tuple[int, int]]:
     """partition -> (last committed position, pruned through)."""
     cur = await conn.execute(query("partition_heads"))
@@ -113,11 +144,23 @@ async def replay(
     conn: psycopg.AsyncConnection[Any], stream: Stream, after: int, limit: int = 1000
 ) -> list[LogEvent]:
     """One stream's events after ``after``, in position order, at most ``limit``."""
-    name = "replay_channel_restaurant" if stream.kind == "restaurant" else "replay_channel_order"
-    key = "restaurant_id" if stream.kind == "restaurant" else "order_id"
+    name = "replay_channel_order" if stream.kind == "order" else "replay_channel_restaurant"
+    key = "order_id" if stream.kind == "order" else "restaurant_id"
     cur = await conn.execute(
         query(name), {key: stream.key, "after": after, "channel": stream.channel, "limit": limit}
     )
+    return [_event(r) for r in await cur.fetchall()]
+
+
+async def replay_global(
+    conn: psycopg.AsyncConnection[Any], channel: str, after: dict[int, int], limit: int = 1000
+) -> list[LogEvent]:
+    """A cross-partition stream's events after a vector cursor, in position order per partition."""
+    cur = await conn.execute(
+        query("replay_channel_global"),
+        {"channel": channel, "after": json.dumps({str(p): v for p, v in after.items()}),
+         "limit": limit},
+    )  # fmt: skip
     return [_event(r) for r in await cur.fetchall()]
 
 

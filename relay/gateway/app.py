@@ -28,8 +28,14 @@ from starlette.routing import Route
 from relay.errors import AuthError
 from relay.gateway.auth import Principal, TokenVerifier, authenticate
 from relay.gateway.hub import Hub
-from relay.gateway.streams import StreamOptions, page, resolve_order, sse_stream
-from relay.log import Stream
+from relay.gateway.streams import (
+    StreamOptions,
+    page,
+    resolve_order,
+    sse_global_stream,
+    sse_stream,
+)
+from relay.log import GLOBAL, Stream
 from relay.metrics import REGISTRY, M
 
 __all__ = ["GatewayConfig", "create_app"]
@@ -94,18 +100,20 @@ def create_app(
         if too_many is not None:
             return too_many
         open_per_subject[who.subject] += 1
+        if stream.partition == GLOBAL:
+            source = sse_global_stream(
+                hub, pool, stream.channel, cursor, options=config.stream,
+                expires_at=who.expires_at, subject=who.subject,
+            )  # fmt: skip
+        else:
+            source = sse_stream(
+                hub, pool, stream, cursor, options=config.stream,
+                expires_at=who.expires_at, subject=who.subject,
+            )  # fmt: skip
 
         async def body() -> Any:
             try:
-                async for chunk in sse_stream(
-                    hub,
-                    pool,
-                    stream,
-                    cursor,
-                    options=config.stream,
-                    expires_at=who.expires_at,
-                    subject=who.subject,
-                ):
+                async for chunk in source:
                     yield chunk
             finally:
                 open_per_subject[who.subject] -= 1
@@ -153,6 +161,43 @@ def create_app(
                 AuthError("token does not grant this order", status=403, reason="forbidden")
             )
         return respond(Stream.order(order, owner[0]), request, who)
+
+    async def finance_stream(request: Request) -> Response:
+        restaurant = _uuid(request.path_params["restaurant_id"])
+        if restaurant is None:
+            return _problem(400, "restaurantId must be a UUID")
+        try:
+            who = await principal(request)
+        except AuthError as exc:
+            return _refused(exc)
+        if not (who.has_role("finance") and who.may_see_restaurant(restaurant)):
+            return _refused(
+                AuthError(
+                    "finance streams need the finance role and the restaurant",
+                    status=403,
+                    reason="forbidden",
+                )
+            )
+        return respond(Stream.finance(restaurant), request, who)
+
+    async def admin_stream(request: Request) -> Response:
+        return await _admin_only(request, "admin")
+
+    async def coupon_stream(request: Request) -> Response:
+        coupon = _uuid(request.path_params["coupon_id"])
+        if coupon is None:
+            return _problem(400, "couponId must be a UUID")
+        return await _admin_only(request, f"coupon:{coupon}")
+
+    async def _admin_only(request: Request, channel: str) -> Response:
+        try:
+            who = await principal(request)
+        except AuthError as exc:
+            return _refused(exc)
+        if not who.has_role("admin"):
+            return _refused(AuthError("this stream needs the admin role", status=403,
+                                      reason="forbidden"))  # fmt: skip
+        return respond(Stream.global_(channel), request, who)
 
     async def restaurant_events(request: Request) -> Response:
         restaurant = _uuid(request.path_params["restaurant_id"])
@@ -209,6 +254,9 @@ def create_app(
         routes=[
             Route("/v1/restaurants/{restaurant_id}/stream", restaurant_stream),
             Route("/v1/orders/{order_id}/stream", order_stream),
+            Route("/v1/restaurants/{restaurant_id}/finance/stream", finance_stream),
+            Route("/v1/admin/stream", admin_stream),
+            Route("/v1/coupons/{coupon_id}/stream", coupon_stream),
             Route("/v1/restaurants/{restaurant_id}/events", restaurant_events),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

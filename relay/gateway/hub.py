@@ -53,18 +53,18 @@ class Subscriber:
         self.partition = partition
         self.limit = limit
         self.subject = subject
-        self.frames: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.frames: collections.deque[tuple[LogEvent, bytes]] = collections.deque()
         self.closed: str | None = None
         self._wake = asyncio.Event()
 
-    def offer(self, position: int, data: bytes) -> None:
+    def offer(self, event: LogEvent, data: bytes) -> None:
         if self.closed:
             return
         if len(self.frames) >= self.limit:
             self.close("slow")
             M.slow_disconnects.inc()
             return
-        self.frames.append((position, data))
+        self.frames.append((event, data))
         self._wake.set()
 
     def close(self, reason: str) -> None:
@@ -80,7 +80,7 @@ class Subscriber:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def take(self) -> list[tuple[int, bytes]]:
+    def take(self) -> list[tuple[LogEvent, bytes]]:
         taken = list(self.frames)
         self.frames.clear()
         return taken
@@ -246,7 +246,7 @@ class Hub:
                     if data is None:
                         data = frame(event)
                     for sub in subs:
-                        sub.offer(event.position, data)
+                        sub.offer(event, data)
                         count += 1
             self.delivered[event.partition] = event.position
         if count:

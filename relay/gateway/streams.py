@@ -23,10 +23,17 @@ from relay import log as event_log
 from relay.dispatcher import LogEvent
 from relay.errors import InvalidCursor
 from relay.gateway.hub import Hub, frame
-from relay.log import Cursor, Stream
+from relay.log import GLOBAL, Cursor, Stream, encode_vector, parse_vector
 from relay.sql import query
 
-__all__ = ["StreamOptions", "page", "resolve_order", "sse_stream", "start_position"]
+__all__ = [
+    "StreamOptions",
+    "page",
+    "resolve_order",
+    "sse_global_stream",
+    "sse_stream",
+    "start_position",
+]
 
 _REPLAY_PAGE = 1000
 
@@ -126,7 +133,7 @@ async def sse_stream(
                 if sub.closed == "slow":
                     yield b": buffer overflow; resume with Last-Event-ID\n\n"
                 return
-            fresh = [(position, data) for position, data in sub.take() if position > sent]
+            fresh = [(e.position, data) for e, data in sub.take() if e.position > sent]
             if fresh:
                 sent = fresh[-1][0]
                 yield b"".join(data for _position, data in fresh)
@@ -159,3 +166,79 @@ async def page(
         last = max(last, start.head)
     body["next"] = Cursor(stream.partition, last).encode()
     return body
+
+
+async def sse_global_stream(
+    hub: Hub,
+    pool: AsyncConnectionPool[Any],
+    channel: str,
+    cursor_text: str | None,
+    *,
+    options: StreamOptions,
+    expires_at: datetime,
+    subject: str,
+) -> AsyncIterator[bytes]:
+    """A stream spanning every partition (admin, coupon:{id}), resumable by a vector cursor.
+
+    Each frame's id carries the position reached in every partition, so a
+    resume is as exact as for a restaurant stream. Such streams are low
+    volume by nature (coupons, finance), so the longer id is affordable.
+    """
+    sub = hub.subscribe(channel, GLOBAL, options.buffer, subject)
+    try:
+        async with pool.connection() as conn:
+            heads = await event_log.heads(conn)
+        now = {p: last for p, (last, _pruned) in heads.items()}
+        reset: str | None = None
+        vector = dict(now)
+        if cursor_text:
+            try:
+                vector = parse_vector(cursor_text)
+            except InvalidCursor as exc:
+                reset = str(exc)
+            else:
+                if any(pos > now.get(p, 0) for p, pos in vector.items()):
+                    reset = "cursor is ahead of the log (another database?)"
+                elif any(vector.get(p, 0) < pruned for p, (_l, pruned) in heads.items()):
+                    reset = "cursor is older than the retention window"
+            if reset is not None:
+                vector = dict(now)
+        retry = int(options.retry_ms * random.uniform(0.8, 1.2))
+        if reset is not None:
+            yield f"retry: {retry}\n".encode() + _reset_frame(reset, encode_vector(vector))
+        else:
+            yield f"retry: {retry}\nid: {encode_vector(vector)}\n\n".encode()
+            while True:
+                async with pool.connection() as conn:
+                    events = await event_log.replay_global(conn, channel, vector, _REPLAY_PAGE)
+                chunks = []
+                for e in events:
+                    vector[e.partition] = e.position
+                    chunks.append(_vector_frame(e, vector))
+                if chunks:
+                    yield b"".join(chunks)
+                if len(events) < _REPLAY_PAGE:
+                    break
+        while True:
+            remaining = (expires_at - datetime.now(UTC)).total_seconds()
+            if remaining <= 0:
+                yield b": token expired; reconnect with a fresh token\n\n"
+                return
+            await sub.wait(min(remaining, options.heartbeat * 4))
+            if sub.closed:
+                return
+            chunks = []
+            for e, _data in sub.take():
+                if e.position > vector.get(e.partition, 0):
+                    vector[e.partition] = e.position
+                    chunks.append(_vector_frame(e, vector))
+            if chunks:
+                yield b"".join(chunks)
+    finally:
+        hub.unsubscribe(sub)
+
+
+def _vector_frame(event: LogEvent, vector: dict[int, int]) -> bytes:
+    return (
+        f"id: {encode_vector(vector)}\nevent: {event.sse_event}\ndata: {event.data}\n\n"
+    ).encode()

@@ -200,3 +200,15 @@ WITH oldest AS (
     RETURNING 1
 )
 SELECT count(*) FROM deleted
+
+-- name: replay_channel_global
+-- Replay a stream that spans partitions (admin, coupon:{id}) after a vector
+-- cursor {partition: position}. Only off-kitchen events can be on such
+-- channels; the predicate matches relay_events_off_kitchen_idx.
+SELECT partition, position, sse_event, channels, data::text
+FROM relay_events
+WHERE NOT (channels @> ARRAY['restaurant:' || restaurant_id::text])
+  AND %(channel)s = ANY (channels)
+  AND position > coalesce((%(after)s::jsonb ->> partition::text)::bigint, 0)
+ORDER BY partition, position
+LIMIT %(limit)s
