@@ -29,6 +29,7 @@ __all__ = ["Maintenance"]
 log = logging.getLogger("relay.maintenance")
 
 _LOCK_KEY = 0x72656C6179 + 1
+_IO_TIMEOUT = 15.0
 
 
 class Maintenance:
@@ -61,13 +62,14 @@ class Maintenance:
             try:
                 async with await aconnect(self._url, autocommit=True) as conn:
                     while not stop.is_set():
-                        await self._heartbeat(conn)
+                        # Bounded, so a half-open connection is noticed and replaced.
+                        await asyncio.wait_for(self._heartbeat(conn), _IO_TIMEOUT)
                         now = loop.time()
                         if now >= next_prune:
-                            await self._exclusive(conn, self._prune)
+                            await asyncio.wait_for(self._exclusive(conn, self._prune), 600)
                             next_prune = now + self._prune_every
                         if now >= next_vacuum:
-                            await self._exclusive(conn, self._vacuum)
+                            await asyncio.wait_for(self._exclusive(conn, self._vacuum), 600)
                             next_vacuum = now + self._vacuum_every
                         await _sleep_or_stop(stop, self._heartbeat_every)
                     await conn.execute(query("leave"), {"replica_id": self.replica_id})

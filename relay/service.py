@@ -87,6 +87,7 @@ async def serve(
                 wakeup=settings.wakeup,
                 poll_idle=settings.poll_idle.total_seconds(),
                 safety_sweep=settings.safety_sweep.total_seconds(),
+                query_timeout=settings.query_timeout.total_seconds(),
             ),
             on_batch=on_batch,
         )

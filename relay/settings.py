@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         description="how long SIGTERM waits for in-flight work",
     )
 
+    query_timeout: Duration = Field(
+        timedelta(seconds=15),
+        alias="RELAY_QUERY_TIMEOUT",
+        description="client-side bound on one database round trip (detects half-open links)",
+    )
     sla_enabled: bool = Field(
         True, alias="RELAY_SLA_ENABLED", description="derive OrderDelayAlert events from deadlines"
     )

@@ -62,7 +62,7 @@ class SlaWatcher:
                 return
             try:
                 while not stop.is_set():
-                    await self.step(conn)
+                    await asyncio.wait_for(self.step(conn), 60)  # half-open: reconnect
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.config.scan_every)
             except (psycopg.OperationalError, DatabaseUnavailable, OSError) as exc:

@@ -32,6 +32,7 @@ from relay.metrics import M
 __all__ = ["Hub", "Subscriber", "frame"]
 
 _READ_LIMIT = 5000
+_IO_TIMEOUT = 15.0  # seconds any one log read may take before the connection is presumed dead
 
 log = logging.getLogger("relay.hub")
 
@@ -196,11 +197,17 @@ class Hub:
             try:
                 pending = await asyncio.wait_for(self._work.get(), timeout)
             except TimeoutError:
-                await self._sweep(conn)
+                # Bounded: a half-open connection (packets silently dropped)
+                # raises TimeoutError here, and _follow reconnects.
+                await asyncio.wait_for(self._sweep(conn), _IO_TIMEOUT)
                 next_sweep = loop.time() + self._sweep_every
                 continue
             partition, through, events = pending
-            await self._advance(conn, partition, through, events)
+            try:
+                await asyncio.wait_for(self._advance(conn, partition, through, events), _IO_TIMEOUT)
+            except BaseException:
+                self._work.put_nowait(pending)  # not lost: retried after reconnecting
+                raise
 
     async def _sweep(self, conn: psycopg.AsyncConnection[Any]) -> None:
         for p, (last, _pruned) in (await event_log.heads(conn)).items():

@@ -9,6 +9,7 @@ exact dedupe at the seam between replay and live.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 _REPLAY_PAGE = 1000
+_IO_TIMEOUT = 15.0  # a read that takes longer is on a dead connection
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ async def start_position(
     pool: AsyncConnectionPool[Any], stream: Stream, cursor_text: str | None
 ) -> Start:
     """Resolve a client's cursor against the log: resume, or reset with a reason."""
-    async with pool.connection() as conn:
+    async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
         cur = await conn.execute(query("partition_head"), {"partition": stream.partition})
         row = await cur.fetchone()
     head, pruned = (int(row[0]), int(row[1])) if row else (0, 0)
@@ -80,7 +82,7 @@ async def resolve_order(
     pool: AsyncConnectionPool[Any], order_id: UUID
 ) -> tuple[UUID, UUID | None] | None:
     """(restaurant_id, customer_id) of an order, or None if the relay never saw it."""
-    async with pool.connection() as conn:
+    async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
         cur = await conn.execute(query("order_owner"), {"order_id": order_id})
         row = await cur.fetchone()
     return (row[0], row[1]) if row else None
@@ -116,7 +118,7 @@ async def sse_stream(
             # An id-only frame gives a fresh client a cursor before any event arrives.
             yield f"{opening}id: {stream.partition}-{sent}\n\n".encode()
             while True:
-                async with pool.connection() as conn:
+                async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
                     events = await event_log.replay(conn, stream, sent, _REPLAY_PAGE)
                 if events:
                     yield b"".join(frame(e) for e in events)
@@ -154,7 +156,7 @@ async def page(
         after = start.oldest
         if start.reset is not None:
             body["reset"] = start.reset
-    async with pool.connection() as conn:
+    async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
         events: list[LogEvent] = await event_log.replay(conn, stream, after, limit)
     body["events"] = [
         {"id": f"{e.partition}-{e.position}", "event": e.sse_event, "data": json.loads(e.data)}
@@ -186,7 +188,7 @@ async def sse_global_stream(
     """
     sub = hub.subscribe(channel, GLOBAL, options.buffer, subject)
     try:
-        async with pool.connection() as conn:
+        async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
             heads = await event_log.heads(conn)
         now = {p: last for p, (last, _pruned) in heads.items()}
         reset: str | None = None
@@ -209,7 +211,7 @@ async def sse_global_stream(
         else:
             yield f"retry: {retry}\nid: {encode_vector(vector)}\n\n".encode()
             while True:
-                async with pool.connection() as conn:
+                async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
                     events = await event_log.replay_global(conn, channel, vector, _REPLAY_PAGE)
                 chunks = []
                 for e in events:
