@@ -22,6 +22,7 @@ import psycopg
 from relay import log as event_log
 from relay.db import aconnect
 from relay.errors import DatabaseUnavailable
+from relay.metrics import M
 from relay.sql import query
 
 __all__ = ["Maintenance"]
@@ -78,6 +79,14 @@ class Maintenance:
                 await _sleep_or_stop(stop, 2.0)
 
     async def _heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = await conn.execute(
+            "SELECT (SELECT count(*) FROM relay_outbox), (SELECT count(*) FROM relay_replicas"
+            " WHERE heartbeat_at > now() - interval '30 seconds')"
+        )
+        row = await cur.fetchone()
+        if row:
+            M.backlog.set(row[0])
+            M.replicas.set(row[1])
         await conn.execute(
             query("heartbeat"),
             {

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from datetime import UTC, datetime
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
@@ -47,6 +48,9 @@ def _observe(batch: BatchResult) -> None:
     M.dead_lettered.inc(batch.dead_lettered)
     M.pii_dropped.inc(batch.dropped_fields)
     M.claim_seconds.observe(batch.seconds)
+    now = datetime.now(UTC)
+    for enqueued in batch.enqueued_at:
+        M.publish_lag.observe(max(0.0, (now - enqueued).total_seconds()))
     for event in batch.events:
         M.published.labels(event_type=event.event_type).inc()
 
