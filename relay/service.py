@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from datetime import UTC, datetime
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn

@@ -12,6 +12,4 @@ __all__ = ["run_publishers"]
 
 async def run_publishers(settings: Settings, stop: asyncio.Event) -> None:
     """Run one publisher per configured URL until ``stop``."""
-    raise ConfigError(
-        "RELAY_PUBLISHERS is set, but external publishers are not implemented yet"
-    )
+    raise ConfigError("RELAY_PUBLISHERS is set, but external publishers are not implemented yet")
