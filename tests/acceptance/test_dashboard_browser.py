@@ -9,6 +9,7 @@ duplicates the page had to drop, which must stay 0).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -22,6 +23,7 @@ import httpx
 import psycopg
 import pytest
 
+from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
 from relay.outbox import OutboxEvent, enqueue
 from tests.helpers.orders import event, iso
@@ -107,13 +109,13 @@ class Kitchen:
         self.columns[str(order_id)] = COLUMN[event_type]
         self.committed += 1
 
-    def alert(self, order_id: uuid.UUID) -> None:
+    def alert(self, order_id: uuid.UUID, kind: str = "NotReady") -> None:
         now = datetime.now(UTC)
         payload = {
             "orderId": str(order_id),
             "restaurantId": str(self.restaurant),
             "orderNumber": self.numbers[str(order_id)],
-            "kind": "NotReady",
+            "kind": kind,
             "expectedBy": iso(now - timedelta(minutes=2)),
             "detectedAt": iso(now),
         }
@@ -216,8 +218,10 @@ def test_cards_move_live_and_survive_a_relay_crash(
     kitchen.commit(burger, "OrderReadyForDelivery")
     late = kitchen.order("A-1045", "42.50")
     kitchen.commit(late, "OrderCancelled")
-    for number, total in (("A-1046", "27.80"), ("A-1047", "15.60"), ("A-1048", "22.30")):
+    waiting, salad, wrap = [
         kitchen.order(number, total)
+        for number, total in (("A-1046", "27.80"), ("A-1047", "15.60"), ("A-1048", "22.30"))
+    ]
     kitchen.commit(uuid.uuid4(), "OrderPaymentFailed")
 
     with RelayProcess(database_url, port=port) as second:
@@ -228,7 +232,13 @@ def test_cards_move_live_and_survive_a_relay_crash(
         assert seen["applied"] == kitchen.committed  # every event once, none missing
         # Live again after the catch-up.
         kitchen.commit(ramen, "OrderReadyForDelivery")
+        kitchen.commit(salad, "OrderAccepted")
+        kitchen.commit(wrap, "OrderAccepted")
+        kitchen.commit(wrap, "OrderPreparing")
+        kitchen.alert(waiting, "NotAccepted")
         wait_for_board(page, kitchen)
+        badge = page.wait_for_selector(f'[data-order-id="{waiting}"] .alert', timeout=TIMEOUT_MS)
+        assert badge is not None and "not accepted" in badge.inner_text()
         assert str(elsewhere.restaurant) not in page.content()
         text = page.inner_text("body")
         assert "Ada Lovelace" not in text and "Analytical Engine" not in text  # no PII
@@ -314,3 +324,53 @@ def test_falls_back_to_polling_when_streams_are_refused(page: Any, database_url:
         assert page.evaluate("() => window.relayBoard.mode") == "polling"
         assert stats(page)["applied"] == kitchen.committed
         assert stats(page)["duplicates"] == 0
+
+
+def test_board_survives_a_reload_and_rebuilds_after_a_reset(page: Any, database_url: str) -> None:
+    kitchen = Kitchen(database_url)
+    curry = kitchen.order("E-5001")
+    kitchen.commit(curry, "OrderAccepted")
+    kitchen.commit(kitchen.order("E-5002"), "OrderRejected")
+    with RelayProcess(database_url) as relay:
+        page.goto(board_url(relay, kitchen.restaurant, token_for(kitchen.restaurant)))
+        assert wait_for_state(page, "live") == "live"
+        wait_for_board(page, kitchen)
+        page.wait_for_function(
+            f"() => JSON.parse(sessionStorage.getItem('relay-board:{kitchen.restaurant}') || "
+            "'{}').lastId === window.relayBoard.lastId",
+            timeout=TIMEOUT_MS,
+        )
+
+        # A reload resumes from the saved cursor and state: nothing is replayed.
+        page.reload()
+        assert wait_for_state(page, "live") == "live"
+        assert cards(page) == kitchen.columns
+        assert stats(page)["applied"] == 0
+        kitchen.commit(curry, "OrderPreparing")
+        wait_for_board(page, kitchen)
+        after_reload = stats(page)
+        assert (after_reload["applied"], after_reload["duplicates"], after_reload["resets"]) == (
+            1,
+            0,
+            0,
+        )
+
+        # A cursor the server cannot honour (here: ahead of its log, as after the
+        # database was replaced) resets the board, rebuilt from the polling endpoint.
+        ghost = {
+            "id": str(uuid.uuid4()),
+            "number": "GHOST-1",
+            "status": "Preparing",
+            "firstSeen": iso(datetime.now(UTC)),
+        }
+        snapshot = {"lastId": f"{partition_of(kitchen.restaurant)}-999999", "orders": [ghost]}
+        page.evaluate(
+            "([key, value]) => sessionStorage.setItem(key, value)",
+            [f"relay-board:{kitchen.restaurant}", json.dumps(snapshot)],
+        )
+        page.reload()
+        wait_for_board(page, kitchen)
+        assert "GHOST-1" not in page.inner_text("#board")
+        assert stats(page)["resets"] == 1
+        assert stats(page)["applied"] == kitchen.committed
+        assert wait_for_state(page, "live") == "live"

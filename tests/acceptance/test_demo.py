@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,12 +178,27 @@ needs_binaries = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def private_tmp() -> Iterator[Path]:
+    """The demo's TMPDIR: whatever it leaves behind is visible, and only its own.
+
+    World-traversable, because as root the cluster runs as the postgres user.
+    """
+    path = Path(tempfile.mkdtemp(prefix="relay-demo-tmp-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @needs_binaries
-def test_demo_serves_dashboard_and_stream_then_cleans_up_on_sigint() -> None:
-    with demo() as running:
+def test_demo_serves_dashboard_and_stream_then_cleans_up_on_sigint(private_tmp: Path) -> None:
+    with demo(TMPDIR=str(private_tmp)) as running:
         shown = running.announcement()
         root = shown.cluster_root
         assert root is not None and (root / "data").is_dir(), shown.database
+        assert root.parent == private_tmp
         postmaster = int((root / "data" / "postmaster.pid").read_text().split()[0])
         assert alive(postmaster)
         assert shown.dashboard.startswith(f"{running.url}/dashboard?restaurant=")
@@ -204,13 +220,28 @@ def test_demo_serves_dashboard_and_stream_then_cleans_up_on_sigint() -> None:
         assert httpx.get(other).status_code == 401
 
         assert running.interrupt(signal.SIGINT) == 0, running.stderr()
-        assert not root.exists()
+        assert not root.exists() and list(private_tmp.iterdir()) == []
         deadline = time.monotonic() + 10
         while alive(postmaster) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not alive(postmaster)
-        assert processes_mentioning(str(root)) == []
+        assert processes_mentioning(str(private_tmp)) == []
         assert "Traceback" not in running.stderr()
+
+
+@needs_binaries
+def test_demo_interrupted_while_starting_postgres_leaves_nothing(private_tmp: Path) -> None:
+    with demo(TMPDIR=str(private_tmp)) as running:
+        deadline = time.monotonic() + 60
+        while "starting a throwaway PostgreSQL" not in running.stderr():
+            assert time.monotonic() < deadline and running.proc and running.proc.poll() is None
+            time.sleep(0.01)
+        code = running.interrupt(signal.SIGTERM)  # mid-initdb or mid-start
+        assert code == 130, running.stderr()
+        assert "Traceback" not in running.stderr()
+        assert list(private_tmp.iterdir()) == []
+        assert processes_mentioning(str(private_tmp)) == []
+        assert running.lines == []  # never announced a URL
 
 
 def test_demo_uses_database_url_and_stops_on_sigterm(database_url: str) -> None:
