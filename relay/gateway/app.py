@@ -126,7 +126,7 @@ def create_app(
             ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"),
             sep="\n",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            send_timeout=30,
+            send_timeout=config.stream.send_timeout,
         )
 
     async def restaurant_stream(request: Request) -> Response:

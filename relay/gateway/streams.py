@@ -46,6 +46,11 @@ class StreamOptions:
     retry_ms: int = 3000
     heartbeat: float = 15.0
 
+    @property
+    def send_timeout(self) -> float:
+        """A write stuck this long is on a client that stopped reading: close it."""
+        return max(10.0, 2 * self.heartbeat)
+
 
 @dataclass(frozen=True)
 class Start:
