@@ -78,3 +78,7 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # Broker clients log every lost connection with a traceback; the publisher
+    # already logs one line per outage, so only their errors get through.
+    for name in ("aiormq", "aio_pika", "nats"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -60,6 +60,22 @@ class _Metrics:
         self.subscribers = Gauge("relay_subscribers", "Open SSE streams", registry=r)
         self.backlog = Gauge("relay_backlog", "Pending outbox rows (sampled)", registry=r)
         self.replicas = Gauge("relay_replicas", "Live relay processes (sampled)", registry=r)
+        self.broker_published = Counter(
+            "relay_broker_published",
+            "Events a broker confirmed, per external publisher",
+            ["publisher"],
+            registry=r,
+        )
+        self.broker_rejected = Counter(
+            "relay_broker_rejected",
+            "Events a broker refused for good (dead-lettered for that publisher)",
+            ["publisher"],
+            registry=r,
+        )
+        self.broker_lag = Gauge(
+            "relay_broker_lag", "Events an external publisher has yet to deliver", ["publisher"],
+            registry=r,
+        )  # fmt: skip
 
 
 M = _Metrics(REGISTRY)

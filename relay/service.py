@@ -27,6 +27,7 @@ from relay.gateway.hub import Hub
 from relay.gateway.streams import StreamOptions
 from relay.maintenance import Maintenance
 from relay.metrics import M
+from relay.publishers import Follower, broker_for, parse_publishers, run_followers
 from relay.settings import Settings
 from relay.sla import SlaConfig, SlaWatcher
 
@@ -77,6 +78,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     roles = [r for r, on in (("dispatcher", dispatcher), ("gateway", gateway)) if on]
     hub = Hub(url) if gateway else None
+    # Publishers run beside the dispatcher; one process per name publishes at a time.
+    timeout = settings.query_timeout.total_seconds()
+    followers = [
+        Follower(url, config, broker_for(config), query_timeout=timeout)
+        for config in parse_publishers(settings.publisher_urls)
+    ] if dispatcher else []  # fmt: skip
 
     def on_batch(batch: BatchResult) -> None:
         _observe(batch)
@@ -120,11 +127,9 @@ async def serve(
                 ),
             )
             tasks.append(asyncio.create_task(sla.run(stop), name="sla"))
-    if settings.publisher_urls:
+    if followers:
         # External publishers follow the log from their own durable offsets.
-        from relay.publishers import run_publishers
-
-        tasks.append(asyncio.create_task(run_publishers(settings, stop), name="publishers"))
+        tasks.append(asyncio.create_task(run_followers(followers, stop), name="publishers"))
     for name, start in extra:
         tasks.append(asyncio.create_task(start(stop), name=name))
     server: _Server | None = None
@@ -154,6 +159,8 @@ async def serve(
             checks["listener"] = hub.listener_connected
             if worker is not None:
                 checks["dispatcher"] = worker.running
+            if followers:
+                checks["publishers"] = {f.config.name: f.status.report() for f in followers}
             return checks
 
         app = create_app(

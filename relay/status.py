@@ -47,13 +47,7 @@ def collect(database_url: str) -> dict[str, Any]:
         publishers: list[dict[str, Any]] = []
         has_offsets = conn.execute("SELECT to_regclass('relay_publisher_offsets')").fetchone()
         if has_offsets and has_offsets[0]:
-            rows = conn.execute(
-                """
-                SELECT o.publisher, sum(greatest(p.last_position - o.position, 0))::bigint
-                FROM relay_publisher_offsets AS o JOIN relay_partitions AS p USING (partition)
-                GROUP BY o.publisher ORDER BY o.publisher
-                """
-            ).fetchall()
+            rows = conn.execute(query("publisher_lag")).fetchall()
             publishers = [{"publisher": name, "lag_events": int(lag)} for name, lag in rows]
     return {
         "backlog": int(backlog),

@@ -1,0 +1,71 @@
+"""What every broker adapter implements, and the message it is given."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+from uuid import UUID
+
+__all__ = ["Broker", "Message", "Outcome", "PermanentRejection", "in_order_per_restaurant"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One log event as a broker message; ``body`` is the same JSON SSE clients get."""
+
+    partition: int
+    position: int
+    event_id: UUID
+    event_type: str
+    schema_version: int
+    restaurant_id: UUID
+    occurred_on_utc: datetime
+    body: bytes
+
+    @property
+    def occurred_on_text(self) -> str:
+        return self.occurred_on_utc.isoformat().replace("+00:00", "Z")
+
+
+class PermanentRejection(Exception):
+    """The broker (or its limits) refused this message for good: retrying cannot help."""
+
+
+Outcome = str | None  # None: the broker confirmed it; text: why it was refused for good
+
+
+class Broker(Protocol):
+    """A message bus adapter. Any exception from ``publish`` but a per-message
+    rejection is transient: the caller reconnects and republishes the batch."""
+
+    async def connect(self) -> None: ...
+
+    async def publish(self, batch: Sequence[Message]) -> list[Outcome]:
+        """Publish in order; return once the broker confirmed (or refused) each one."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def in_order_per_restaurant(
+    batch: Sequence[Message], send: Callable[[Message], Awaitable[None]]
+) -> list[Outcome]:
+    """Send each restaurant's messages one after another (each confirmed before the
+    next, so the broker keeps their order); different restaurants concurrently."""
+    outcomes: list[Outcome] = [None] * len(batch)
+    chains: dict[UUID, list[int]] = {}
+    for index, message in enumerate(batch):
+        chains.setdefault(message.restaurant_id, []).append(index)
+
+    async def chain(indexes: list[int]) -> None:
+        for index in indexes:
+            try:
+                await send(batch[index])
+            except PermanentRejection as exc:
+                outcomes[index] = str(exc) or type(exc).__name__
+
+    await asyncio.gather(*(chain(indexes) for indexes in chains.values()))
+    return outcomes

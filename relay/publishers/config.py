@@ -1,0 +1,101 @@
+"""Parse ``RELAY_PUBLISHERS``: one URL per publisher, options in its query string.
+
+    amqp://guest:guest@rabbit:5672/?exchange=relay.events&events=RevenueRecorded
+    nats://nats:4222?stream=RELAY&prefix=relay&create=true&name=analytics
+
+A publisher's ``name`` keys its durable offsets; by default it is the URL
+without credentials or options, so moving a password never resets delivery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from relay.errors import ConfigError
+from relay.events.registry import known_event_types
+
+__all__ = ["PublisherConfig", "parse_publisher_url", "parse_publishers"]
+
+Kind = Literal["amqp", "nats"]
+_KINDS: dict[str, Kind] = {"amqp": "amqp", "amqps": "amqp", "nats": "nats", "tls": "nats"}
+_OPTIONS: dict[Kind, dict[str, str]] = {
+    "amqp": {"exchange": "relay.events", "max_bytes": str(16 * 1024 * 1024)},
+    "nats": {"stream": "RELAY", "prefix": "relay", "create": "true"},
+}
+_COMMON = {"name", "events"}
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    kind: Kind
+    url: str  # may carry credentials: never log it, log `name`
+    name: str
+    events: frozenset[str] | None = None  # None: every event type
+    options: dict[str, str] = field(default_factory=dict)
+
+    def accepts(self, event_type: str) -> bool:
+        return self.events is None or event_type in self.events
+
+
+def _public(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def parse_publisher_url(url: str) -> PublisherConfig:
+    """One publisher's settings, or ``ConfigError`` saying exactly what is wrong."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"RELAY_PUBLISHERS: not a URL ({exc}): {_public(url)!r}") from None
+    kind = _KINDS.get(parts.scheme)
+    if kind is None:
+        raise ConfigError(
+            f"RELAY_PUBLISHERS: unsupported scheme {parts.scheme!r} in {_public(url)!r}; "
+            "expected amqp://, amqps:// (RabbitMQ) or nats://, tls:// (NATS JetStream)"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"RELAY_PUBLISHERS: no host in {_public(url)!r}")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    options = dict(_OPTIONS[kind])
+    unknown = set(query) - set(options) - _COMMON
+    if unknown:
+        raise ConfigError(
+            f"RELAY_PUBLISHERS: unknown option(s) {', '.join(sorted(unknown))} for {kind} in "
+            f"{_public(url)!r}; known: {', '.join(sorted(set(options) | _COMMON))}"
+        )
+    events: frozenset[str] | None = None
+    if query.get("events"):
+        events = frozenset(e.strip() for e in query["events"].split(",") if e.strip())
+        strangers = events - known_event_types()
+        if strangers:
+            raise ConfigError(
+                f"RELAY_PUBLISHERS: unknown event type(s) {', '.join(sorted(strangers))} in "
+                f"events= of {_public(url)!r}"
+            )
+    options.update({k: v for k, v in query.items() if k in options})
+    if kind == "amqp" and not options["max_bytes"].isdigit():
+        raise ConfigError(f"RELAY_PUBLISHERS: max_bytes must be a byte count in {_public(url)!r}")
+    if kind == "nats" and options["create"] not in ("true", "false"):
+        raise ConfigError(f"RELAY_PUBLISHERS: create must be true or false in {_public(url)!r}")
+    broker_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    target = options.get("exchange") or options.get("stream")
+    name = query.get("name") or f"{_public(url)}#{target}"
+    return PublisherConfig(kind=kind, url=broker_url, name=name, events=events, options=options)
+
+
+def parse_publishers(urls: list[str]) -> list[PublisherConfig]:
+    configs = [parse_publisher_url(u) for u in urls]
+    names = [c.name for c in configs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(
+            f"RELAY_PUBLISHERS: two publishers share the name {twice[0]!r}; "
+            "give one a distinct ?name= (it keys the durable offsets)"
+        )
+    return configs

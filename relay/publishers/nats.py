@@ -1,0 +1,114 @@
+"""NATS JetStream with nats-py: every publish acknowledged by the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import nats
+import nats.js.errors
+from nats.js.api import StreamConfig
+
+from relay.publishers.base import Message, Outcome, PermanentRejection, in_order_per_restaurant
+from relay.publishers.config import PublisherConfig
+
+__all__ = ["JetStreamBroker"]
+
+# JetStream errors that concern the message itself (retrying cannot help):
+# 10054 message larger than the stream allows, 10077 too many messages per subject
+_PERMANENT_ERR_CODES = frozenset({10054, 10077})
+
+
+async def _quiet(_error: Exception) -> None:
+    return None
+
+
+class JetStreamBroker:
+    """Subject ``{prefix}.{eventType}.{restaurantId}``; ``Nats-Msg-Id`` = event id,
+    so JetStream's duplicate window drops a republished batch."""
+
+    def __init__(self, config: PublisherConfig, *, timeout: float = 10.0) -> None:
+        self.config = config
+        self.stream = config.options["stream"]
+        self.prefix = config.options["prefix"]
+        self.create = config.options["create"] == "true"
+        self.timeout = timeout
+        self._nc: Any = None
+        self._js: Any = None
+        self._lost = asyncio.Event()
+
+    async def connect(self) -> None:
+        self._lost = asyncio.Event()
+
+        async def on_disconnect() -> None:
+            self._lost.set()
+
+        self._nc = await nats.connect(
+            self.config.url,
+            connect_timeout=self.timeout,
+            allow_reconnect=False,  # the follower owns reconnection and logs outages
+            max_reconnect_attempts=0,
+            error_cb=_quiet,  # the follower logs one line per outage
+            disconnected_cb=on_disconnect,
+        )
+        self._js = self._nc.jetstream(timeout=self.timeout)
+        if self.create:
+            try:
+                await self._js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                await self._js.add_stream(
+                    StreamConfig(name=self.stream, subjects=[f"{self.prefix}.>"])
+                )
+
+    async def _send(self, message: Message) -> None:
+        if len(message.body) > self._nc.max_payload:
+            raise PermanentRejection(
+                f"message of {len(message.body)} bytes exceeds the server's "
+                f"max_payload {self._nc.max_payload}"
+            )
+        try:
+            await self._js.publish(
+                f"{self.prefix}.{message.event_type}.{message.restaurant_id}",
+                message.body,
+                headers={
+                    "Nats-Msg-Id": str(message.event_id),
+                    "Relay-Schema-Version": str(message.schema_version),
+                    "Relay-Occurred-On-Utc": message.occurred_on_text,
+                    "Content-Type": "application/json",
+                },
+                stream=self.stream,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _PERMANENT_ERR_CODES:
+                raise PermanentRejection(
+                    f"JetStream refused the message: {exc.description}"
+                ) from exc
+            raise
+
+    async def publish(self, batch: Sequence[Message]) -> list[Outcome]:
+        # Acked one by one per restaurant (order), restaurants concurrently.
+        # Not publish_async: nats-py 2.16 never resolves its future when
+        # JetStream answers with an error, so a refused message would hang.
+        # nats-py leaves a request pending until its timeout when the
+        # connection drops: give up on the batch as soon as it does.
+        assert self._js is not None
+        sending = asyncio.ensure_future(in_order_per_restaurant(batch, self._send))
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            await asyncio.wait({sending, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if not sending.done():
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sending
+            raise ConnectionError("connection to NATS lost")
+        return sending.result()
+
+    async def close(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 5)
