@@ -1,0 +1,182 @@
+"""Where the bench runs: a PostgreSQL server, fresh databases, relay and worker processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from relay.gateway.auth import mint_token
+from relay.migrate import migrate
+
+__all__ = ["Bench", "RelayServer", "Worker"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Bench:
+    """One PostgreSQL server; each scenario gets a fresh database on it."""
+
+    server_url: str
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+
+    def url_for(self, dbname: str) -> str:
+        params = conninfo_to_dict(self.server_url)
+        params["dbname"] = dbname
+        return make_conninfo("", **params)
+
+    @contextlib.contextmanager
+    def database(self, *, migrated: bool = True) -> Iterator[str]:
+        name = f"relay_bench_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        url = self.url_for(name)
+        try:
+            if migrated:
+                migrate(url)
+            yield url
+        finally:
+            with psycopg.connect(self.server_url, autocommit=True) as admin:
+                admin.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+
+    def token(self, restaurants: list[uuid.UUID]) -> str:
+        return mint_token(
+            self.secret, subject="bench", restaurant_ids=restaurants, ttl_seconds=6 * 3600
+        )
+
+    def machine(self) -> dict[str, Any]:
+        with psycopg.connect(self.server_url) as conn:
+            settings = {
+                name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]  # type: ignore[index]
+                for name in (
+                    "server_version",
+                    "fsync",
+                    "synchronous_commit",
+                    "shared_buffers",
+                    "autovacuum",
+                    "max_connections",
+                )
+            }
+        return {"cores": os.cpu_count(), "python": sys.version.split()[0], "postgresql": settings}
+
+
+class RelayServer:
+    """A real ``relay run`` process on a free port, with its CPU and RSS readable."""
+
+    def __init__(self, bench: Bench, database_url: str, **env: str) -> None:
+        self.port = _free_port()
+        # A file, not a pipe: nobody reads it while the relay runs, and a full
+        # pipe would stall the relay on its next log line.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "run"],
+            env={
+                **os.environ,
+                "DATABASE_URL": database_url,
+                "PORT": str(self.port),
+                "HOST": "127.0.0.1",
+                "RELAY_JWT_SECRET": bench.secret,
+                "RELAY_LOG_LEVEL": "WARNING",
+                **env,
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            preexec_fn=_raise_fd_limit,
+        )
+
+    def wait_ready(self, timeout: float = 30) -> float:
+        """Block until ``/readyz`` answers 200; returns that moment (monotonic)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay exited {self.proc.returncode}: {self.output()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                    return time.monotonic()
+            time.sleep(0.02)
+        raise RuntimeError("relay did not become ready")
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def __enter__(self) -> RelayServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Worker:
+    """A ``relay.bench.workers`` process: started, waited for ``ready``, then its result."""
+
+    def __init__(self, mode: str, spec: dict[str, Any]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay.bench.workers", mode, json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.wait(10)
+            raise RuntimeError(f"bench worker failed to start (exit {self.proc.returncode})")
+
+    def result(self, timeout: float = 600) -> dict[str, Any]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"bench worker exited {self.proc.returncode}")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return result

@@ -1,0 +1,439 @@
+"""The bench scenarios (issue 10, SPEC §7): each measures relay and its ceiling in one run."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from relay.bench.env import Bench, RelayServer, Worker
+from relay.dispatcher import partition_of
+from relay.sql import query
+
+__all__ = ["SCENARIOS", "Sizes"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    drain_events: int = 200_000
+    restaurants: int = 100
+    live_seconds: float = 30.0
+    live_rate: float = 1000.0
+    fanout_subscribers: int = 1000
+    fanout_events: int = 2000
+    connections: int = 10_000
+    history_events: int = 50_000
+    history_rows: int = 1_000_000
+    replica_events: int = 100_000
+    producer_seconds: float = 20.0
+    mode_seconds: float = 10.0
+    writers: int = 4
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            drain_events=5_000,
+            restaurants=20,
+            live_seconds=4,
+            fanout_subscribers=200,
+            fanout_events=200,
+            connections=500,
+            history_events=3_000,
+            history_rows=20_000,
+            replica_events=5_000,
+            producer_seconds=3,
+            mode_seconds=3,
+        )
+
+
+def _restaurants(n: int) -> list[uuid.UUID]:
+    return [uuid.uuid4() for _ in range(n)]
+
+
+def _fill(url: str, restaurants: list[uuid.UUID], count: int, first: int = 1) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        for start in range(first, first + count, 50_000):
+            last = min(first + count - 1, start + 49_999)
+            conn.execute(
+                query("bench_fill_outbox"),
+                {"first": start, "last": last, "restaurants": restaurants},
+            )
+        conn.execute("VACUUM ANALYZE relay_outbox")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _streams(
+    restaurants: list[uuid.UUID], expect: int, *, from_start: bool
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "path": f"/v1/restaurants/{r}/stream",
+            "expect": expect,
+            "cursor": f"{partition_of(r)}-0" if from_start else None,
+        }
+        for r in restaurants
+    ]
+
+
+def ceiling(bench: Bench, events: int, restaurants: int) -> float:
+    """Bare-SQL claim loop on the same data: rows/s, payload decoded, one connection."""
+    with bench.database() as url:
+        _fill(url, _restaurants(restaurants), events)
+        with psycopg.connect(url, autocommit=True) as conn:
+            began = time.monotonic()
+            claimed = 0
+            while True:
+                rows = conn.execute(query("bench_ceiling_claim")).fetchall()
+                if not rows:
+                    break
+                claimed += len(rows)
+            elapsed = time.monotonic() - began
+    return claimed / elapsed
+
+
+def drain_rate(
+    bench: Bench, events: int, restaurants: int, *, relays: int = 1, history_rows: int = 0
+) -> dict[str, Any]:
+    """Pre-filled outbox → every subscriber has every event of its restaurant, over HTTP."""
+    ids = _restaurants(restaurants)
+    with bench.database() as url:
+        if history_rows:
+            with psycopg.connect(url, autocommit=True) as conn:
+                per = max(1, history_rows // 64)
+                conn.execute(query("bench_fill_history"), {"per_partition": per})
+                conn.execute(query("bench_history_heads"), {"per_partition": per})
+                conn.execute("VACUUM ANALYZE relay_events")
+        _fill(url, ids, events)
+        servers = [RelayServer(bench, url) for _ in range(relays)]
+        try:
+            started = min(s.wait_ready() for s in servers)
+            expect = events // restaurants
+            worker = Worker(
+                "subscribe",
+                {
+                    "host": "127.0.0.1",
+                    "port": servers[0].port,
+                    "token": bench.token(ids),
+                    "timeout": 600,
+                    "streams": _streams(ids, expect, from_start=True),
+                },
+            )
+            worker.wait_ready()
+            result = worker.result()
+        finally:
+            for server in servers:
+                server.stop()
+    elapsed = result["finished"] - started
+    delivered = sum(result["events"])
+    return {
+        "events": events,
+        "delivered": delivered,
+        "complete": result["complete"],
+        "seconds": round(elapsed, 2),
+        "events_per_s": round(delivered / elapsed),
+    }
+
+
+def drain(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    top = ceiling(bench, sizes.drain_events, sizes.restaurants)
+    relay = drain_rate(bench, sizes.drain_events, sizes.restaurants)
+    return {
+        **relay,
+        "ceiling_events_per_s": round(top),
+        "ratio": round(relay["events_per_s"] / top, 3),
+    }
+
+
+def notify_floor(bench: Bench, seconds: float, rate: float = 500.0) -> dict[str, float]:
+    """Commit → LISTENer woken, on this server now: the latency floor for any wake-up."""
+    with bench.database(migrated=False) as url:
+        with psycopg.connect(url, autocommit=True) as setup:
+            setup.execute("CREATE TABLE bench_floor (seq integer)")
+        received: dict[int, float] = {}
+        listening = threading.Event()
+
+        def listen() -> None:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("LISTEN bench_floor")
+                listening.set()
+                for note in conn.notifies(timeout=seconds + 3):
+                    received[int(note.payload)] = time.monotonic()
+
+        thread = threading.Thread(target=listen, daemon=True)
+        thread.start()
+        listening.wait(10)
+        committed: dict[int, float] = {}
+        with psycopg.connect(url, autocommit=True) as conn:
+            began = time.monotonic()
+            n = 0
+            while time.monotonic() - began < seconds:
+                due = began + n / rate
+                if due > time.monotonic():
+                    time.sleep(due - time.monotonic())
+                # From the statement's start: the durable commit is part of the floor.
+                committed[n] = time.monotonic()
+                conn.execute(
+                    "WITH i AS (INSERT INTO bench_floor VALUES (%s)) "
+                    "SELECT pg_notify('bench_floor', %s::text)",
+                    (n, n),
+                )
+                n += 1
+        thread.join()
+    latencies = [(received[k] - t) * 1000 for k, t in committed.items() if k in received]
+    return {
+        "p50_ms": round(_percentile(latencies, 0.5), 3),
+        "p99_ms": round(_percentile(latencies, 0.99), 3),
+    }
+
+
+def latency(bench: Bench, seconds: float, rate: float, wakeup: str) -> dict[str, Any]:
+    """Writers commit single-row transactions at ``rate``; commit → frame at the client."""
+    ids = _restaurants(10)
+    with bench.database() as url, RelayServer(bench, url, RELAY_WAKEUP=wakeup) as server:
+        server.wait_ready()
+        subscriber = Worker(
+            "subscribe",
+            {
+                "host": "127.0.0.1",
+                "port": server.port,
+                "token": bench.token(ids),
+                "record": True,
+                "timeout": seconds + 4,
+                "hold": seconds + 3,
+                "streams": _streams(ids, 0, from_start=False),
+            },
+        )
+        subscriber.wait_ready()
+        writer = Worker(
+            "write",
+            {
+                "database_url": url,
+                "restaurants": [str(r) for r in ids],
+                "rate": rate,
+                "seconds": seconds,
+            },
+        )
+        writer.wait_ready()
+        written = writer.result()
+        seen = subscriber.result()
+    arrived: dict[int, float] = {}
+    for seq, at in seen["numbers"]:
+        arrived.setdefault(seq, at)  # the event itself, not a later alert about its order
+    lat = [(arrived[seq] - t) * 1000 for seq, t in written["commits"] if seq in arrived]
+    return {
+        "wakeup": wakeup,
+        "rate": rate,
+        "events": written["written"],
+        "received": len(lat),
+        "p50_ms": round(_percentile(lat, 0.5), 3),
+        "p95_ms": round(_percentile(lat, 0.95), 3),
+        "p99_ms": round(_percentile(lat, 0.99), 3),
+        "max_ms": round(max(lat), 3) if lat else None,
+    }
+
+
+def live(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    floor = notify_floor(bench, min(5.0, sizes.live_seconds))
+    result = latency(bench, sizes.live_seconds, sizes.live_rate, "poll")
+    return {
+        **result,
+        "floor_p50_ms": floor["p50_ms"],
+        "floor_p99_ms": floor["p99_ms"],
+        "ratio_p99": round(result["p99_ms"] / floor["p99_ms"], 2),
+    }
+
+
+def _fan(bench: Bench, subscribers: int, events: int, restaurants: int) -> dict[str, Any]:
+    ids = _restaurants(restaurants)
+    per_stream = events // restaurants
+    streams = _streams(
+        [ids[i % restaurants] for i in range(subscribers)], per_stream, from_start=False
+    )
+    with bench.database() as url, RelayServer(bench, url) as server:
+        server.wait_ready()
+        half = (len(streams) + 1) // 2
+        workers = [
+            Worker(
+                "subscribe",
+                {
+                    "host": "127.0.0.1",
+                    "port": server.port,
+                    "token": bench.token(ids),
+                    "timeout": 300,
+                    "streams": part,
+                },
+            )
+            for part in (streams[:half], streams[half:])
+            if part
+        ]
+        for worker in workers:
+            worker.wait_ready()
+        cpu = server.cpu_seconds()
+        began = time.monotonic()
+        _fill(url, ids, events)
+        results = [w.result() for w in workers]
+        elapsed = max(r["finished"] for r in results) - began
+        cpu = server.cpu_seconds() - cpu
+    delivered = sum(sum(r["events"]) for r in results)
+    return {
+        "subscribers": subscribers,
+        "restaurants": restaurants,
+        "events": events,
+        "delivered": delivered,
+        "seconds": round(elapsed, 3),
+        "deliveries_per_s": round(delivered / elapsed),
+        "server_cpu_percent": round(100 * cpu / elapsed),
+    }
+
+
+def fanout(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    one = _fan(bench, sizes.fanout_subscribers, sizes.fanout_events, 1)
+    spread = _fan(
+        bench, sizes.fanout_subscribers, sizes.fanout_events * 10, sizes.fanout_subscribers
+    )
+    return {**one, "spread": spread}
+
+
+def connections(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    ids = _restaurants(100)
+    count = sizes.connections
+    with bench.database() as url, RelayServer(bench, url, RELAY_HEARTBEAT_SECONDS="2") as server:
+        server.wait_ready()
+        time.sleep(1)
+        before = server.rss_kb()
+        parts = max(1, min(4, count // 500))
+        streams = _streams([ids[i % 100] for i in range(count)], 0, from_start=False)
+        workers = [
+            Worker(
+                "subscribe",
+                {
+                    "host": "127.0.0.1",
+                    "port": server.port,
+                    "token": bench.token(ids),
+                    "hold": 7,
+                    "timeout": 60,
+                    "streams": streams[i::parts],
+                },
+            )
+            for i in range(parts)
+        ]
+        for worker in workers:
+            worker.wait_ready()
+        time.sleep(3)
+        after = server.rss_kb()
+        results = [w.result() for w in workers]
+    held = sum(r["ok"] for r in results)
+    beats = [b for r in results for b in r["heartbeats"]]
+    return {
+        "held": held,
+        "requested": count,
+        "rss_kb_before": before,
+        "rss_kb_after": after,
+        "rss_kb_per_conn": round((after - before) / max(1, held), 2),
+        "heartbeat_healthy": sum(1 for b in beats if b >= 2),
+        "heartbeats_median": statistics.median(beats) if beats else 0,
+    }
+
+
+def history(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    small = drain_rate(bench, sizes.history_events, 20, history_rows=1_000)
+    big = drain_rate(bench, sizes.history_events, 20, history_rows=sizes.history_rows)
+    return {
+        "small_rows": 1_000,
+        "big_rows": sizes.history_rows,
+        "small_events_per_s": small["events_per_s"],
+        "big_events_per_s": big["events_per_s"],
+        "ratio": round(big["events_per_s"] / small["events_per_s"], 3),
+    }
+
+
+def replicas(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    one = drain_rate(bench, sizes.replica_events, sizes.restaurants, relays=1)
+    two = drain_rate(bench, sizes.replica_events, sizes.restaurants, relays=2)
+    return {
+        "one_events_per_s": one["events_per_s"],
+        "two_events_per_s": two["events_per_s"],
+        "ratio": round(two["events_per_s"] / one["events_per_s"], 3),
+    }
+
+
+PLAIN_OUTBOX = """
+CREATE TABLE bench_plain (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, event_id uuid NOT NULL UNIQUE,
+    event_type text NOT NULL, schema_version integer NOT NULL DEFAULT 1,
+    restaurant_id uuid NOT NULL, order_id uuid, customer_id uuid, payload jsonb NOT NULL,
+    occurred_on_utc timestamptz NOT NULL)
+"""
+
+
+def _write_rate(url: str, table: str, writers: int, seconds: float) -> float:
+    ids = [str(uuid.uuid4()) for _ in range(50)]
+    workers = [
+        Worker(
+            "write",
+            {
+                "database_url": url,
+                "restaurants": ids,
+                "table": table,
+                "seconds": seconds,
+                "first": 1 + i * 10_000_000,
+            },
+        )
+        for i in range(writers)
+    ]
+    for worker in workers:
+        worker.wait_ready()
+    results = [w.result() for w in workers]
+    return float(sum(r["written"] / r["seconds"] for r in results))
+
+
+def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    with bench.database(migrated=False) as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(PLAIN_OUTBOX)
+        without = _write_rate(url, "bench_plain", sizes.writers, sizes.producer_seconds)
+    with bench.database() as url:  # relay's schema installed, no relay running
+        installed = _write_rate(url, "relay_outbox", sizes.writers, sizes.producer_seconds)
+    rates: dict[str, float] = {}
+    for mode in ("poll", "notify"):
+        with bench.database() as url, RelayServer(bench, url, RELAY_WAKEUP=mode) as server:
+            server.wait_ready()
+            time.sleep(1)  # notify mode installs its trigger on start
+            rates[mode] = _write_rate(url, "relay_outbox", sizes.writers, sizes.producer_seconds)
+    modes = {
+        mode: latency(bench, sizes.mode_seconds, sizes.live_rate, mode)
+        for mode in ("poll", "notify")
+    }
+    return {
+        "writers": sizes.writers,
+        "without_rows_per_s": round(without),
+        "with_rows_per_s": round(rates["poll"]),
+        "ratio": round(rates["poll"] / without, 3),
+        "installed_rows_per_s": round(installed),
+        "installed_ratio": round(installed / without, 3),
+        "notify_rows_per_s": round(rates["notify"]),
+        "notify_ratio": round(rates["notify"] / without, 3),
+        "latency": {m: {k: v for k, v in r.items() if k.endswith("_ms")} for m, r in modes.items()},
+    }
+
+
+SCENARIOS = {
+    "drain": drain,
+    "live": live,
+    "fanout": fanout,
+    "connections": connections,
+    "history": history,
+    "replicas": replicas,
+    "producer": producer,
+}

@@ -1,0 +1,192 @@
+"""Bench client processes: SSE subscribers and outbox writers.
+
+They run as separate processes (``python -m relay.bench.workers MODE JSON``)
+so clients never share the relay's core budget or its GIL. Each prints
+``ready`` once set up, then one JSON line with its results. Clocks are
+``time.monotonic()``: system-wide on Linux, so comparable across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import resource
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+_EVENT = b"\nevent: "
+_HEARTBEAT = b": heartbeat"
+_NUMBER = re.compile(rb'"orderNumber":"[A-Z]-(\d+)"')
+
+WRITE_SQL = (
+    "INSERT INTO {table} (event_id, event_type, schema_version, restaurant_id, order_id, payload,"
+    " occurred_on_utc) VALUES (%s, 'OrderAccepted', 1, %s, %s, %s, now())"
+)
+
+
+def raise_fd_limit() -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
+
+
+class _Stream:
+    __slots__ = ("events", "heartbeats", "numbers", "ok")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.heartbeats = 0
+        self.numbers: list[tuple[int, float]] = []
+        self.ok = False
+
+
+async def _follow(
+    spec: dict[str, Any],
+    path: str,
+    cursor: str | None,
+    state: _Stream,
+    ready: asyncio.Event,
+    stop: asyncio.Event,
+) -> None:
+    reader, writer = await asyncio.open_connection(spec["host"], spec["port"])
+    head = f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {spec['token']}\r\n"
+    if cursor:
+        head += f"Last-Event-ID: {cursor}\r\n"
+    writer.write((head + "\r\n").encode())
+    status = await reader.readuntil(b"\r\n\r\n")
+    state.ok = status.startswith(b"HTTP/1.1 200")
+    # Subscribed once the first cursor arrives (an id-only frame, or replay).
+    tail = await reader.readuntil(b"\n\n") if state.ok else b""
+    ready.set()
+    record = spec.get("record", False)
+    try:
+        while not stop.is_set():
+            data = await reader.read(262144)
+            if not data:
+                break
+            now = time.monotonic()
+            buffer = tail + data
+            if record:
+                cut = buffer.rfind(b"\n\n")
+                if cut < 0:
+                    tail = buffer
+                    continue
+                cut += 2
+                state.events += buffer.count(_EVENT, 0, cut)
+                state.numbers += [(int(m), now) for m in _NUMBER.findall(buffer, 0, cut)]
+                tail = buffer[cut:]
+                continue
+            state.events += buffer.count(_EVENT)
+            state.heartbeats += buffer.count(_HEARTBEAT)
+            tail = buffer[-16:]
+            # A token wholly inside the carried tail is counted again next read.
+            state.events -= tail.count(_EVENT)
+            state.heartbeats -= tail.count(_HEARTBEAT)
+    finally:
+        writer.close()
+
+
+async def subscribe(spec: dict[str, Any]) -> dict[str, Any]:
+    """Open every stream, say ``ready``, then read until each has its events (or timeout)."""
+    raise_fd_limit()
+    streams = [(s["path"], s.get("cursor"), int(s.get("expect", 0))) for s in spec["streams"]]
+    states = [_Stream() for _ in streams]
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    opened = 0
+    for chunk in range(0, len(streams), 200):  # paced: the server's accept backlog
+        group = []
+        for (path, cursor, _expect), state in zip(
+            streams[chunk : chunk + 200], states[chunk : chunk + 200], strict=True
+        ):
+            ready = asyncio.Event()
+            tasks.append(asyncio.create_task(_follow(spec, path, cursor, state, ready, stop)))
+            group.append(ready.wait())
+        await asyncio.wait_for(asyncio.gather(*group), 60)
+        opened += len(group)
+    print("ready", flush=True)
+    deadline = time.monotonic() + float(spec.get("timeout", 120))
+    hold = float(spec.get("hold", 0))
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        done = all(st.events >= e for st, (_p, _c, e) in zip(states, streams, strict=True))
+        if done and time.monotonic() - started >= hold:
+            break
+        await asyncio.sleep(0.01 if not hold else 0.2)
+    finished = time.monotonic()
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "opened": opened,
+        "ok": sum(st.ok for st in states),
+        "events": [st.events for st in states],
+        "heartbeats": [st.heartbeats for st in states],
+        "finished": finished,
+        "complete": all(st.events >= e for st, (_p, _c, e) in zip(states, streams, strict=True)),
+        "numbers": [n for st in states for n in st.numbers],
+    }
+
+
+def write(spec: dict[str, Any]) -> dict[str, Any]:
+    """Single-row transactions: at ``rate`` per second, or as fast as possible (rate 0)."""
+    restaurants = [uuid.UUID(r) for r in spec["restaurants"]]
+    sql = WRITE_SQL.format(table=spec.get("table", "relay_outbox"))
+    rate = float(spec.get("rate", 0))
+    first = int(spec.get("first", 1))
+    commits: list[tuple[int, float]] = []
+    with psycopg.connect(spec["database_url"], autocommit=True) as conn:
+        conn.execute("SET synchronous_commit = on")
+        print("ready", flush=True)
+        began = time.monotonic()
+        end = began + float(spec["seconds"])
+        n = 0
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            if rate:
+                due = began + n / rate
+                if due > now:
+                    time.sleep(due - now)
+            seq = first + n
+            restaurant = restaurants[seq % len(restaurants)]
+            order = uuid.uuid4()
+            payload = json.dumps(
+                {
+                    "orderId": str(order),
+                    "restaurantId": str(restaurant),
+                    "orderNumber": f"L-{seq}",
+                    "newStatus": "Accepted",
+                    "lastUpdateTimestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                }
+            )
+            conn.execute(sql, (uuid.uuid4(), restaurant, order, payload))
+            if rate:
+                commits.append((seq, time.monotonic()))
+            n += 1
+        elapsed = time.monotonic() - began
+    return {"written": n, "seconds": elapsed, "commits": commits}
+
+
+def main() -> None:
+    mode, spec = sys.argv[1], json.loads(sys.argv[2])
+    if mode == "subscribe":
+        result = asyncio.run(subscribe(spec))
+    elif mode == "write":
+        result = write(spec)
+    else:
+        raise SystemExit(f"unknown worker mode {mode!r}")
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+-- `relay bench`: loading data and the bare-SQL ceilings it compares against.
+
+-- name: bench_fill_outbox
+-- Pending events as a busy order service leaves them: OrderAccepted rows
+-- spread round-robin over the given restaurants, numbered B-1… in id order.
+INSERT INTO relay_outbox (event_id, event_type, schema_version, restaurant_id, order_id,
+                          payload, occurred_on_utc)
+SELECT gen_random_uuid(), 'OrderAccepted', 1, r.id, o.id,
+       jsonb_build_object(
+           'orderId', o.id, 'restaurantId', r.id, 'orderNumber', 'B-' || n,
+           'newStatus', 'Accepted',
+           'lastUpdateTimestamp', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+           'estimatedDeliveryTime', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+           'customerName', 'Ada Lovelace'),
+       now()
+FROM generate_series(%(first)s::int, %(last)s::int) AS n
+CROSS JOIN LATERAL (
+    SELECT (%(restaurants)s::uuid[])[1 + n %% cardinality(%(restaurants)s::uuid[])] AS id
+) AS r
+CROSS JOIN LATERAL (SELECT gen_random_uuid() AS id) AS o
+ORDER BY n
+
+-- name: bench_fill_history
+-- Published history behind the live events, as if retention kept a busy past:
+-- positions 1..per_partition in every partition, for restaurants nobody follows.
+INSERT INTO relay_events (partition, position, event_id, event_type, schema_version, sse_event,
+                          restaurant_id, channels, data, occurred_on_utc, enqueued_at)
+SELECT p, pos, gen_random_uuid(), 'OrderAccepted', 1, 'OrderStatusChanged', r.id,
+       ARRAY['restaurant:' || r.id], '{"orderNumber":"H"}'::json, now(), now()
+FROM generate_series(0, 63) AS p
+CROSS JOIN generate_series(1, %(per_partition)s::int) AS pos
+CROSS JOIN LATERAL (
+    SELECT overlay(uuid_send(gen_random_uuid()) PLACING set_byte('\x00'::bytea, 0, p)
+                   FROM 16 FOR 1) AS raw
+) AS b
+CROSS JOIN LATERAL (SELECT encode(b.raw, 'hex')::uuid AS id) AS r
+
+-- name: bench_history_heads
+UPDATE relay_partitions SET last_position = %(per_partition)s
+
+-- name: bench_ceiling_claim
+-- The bare-SQL ceiling: claim and remove 500 pending rows, nothing else.
+DELETE FROM relay_outbox
+WHERE id IN (SELECT id FROM relay_outbox ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED)
+RETURNING id, event_id, event_type, restaurant_id, order_id, payload

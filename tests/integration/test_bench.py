@@ -1,0 +1,57 @@
+"""`relay bench --quick`: every scenario runs end to end and reports its figures.
+
+Speed is never asserted here (the machine is shared and noisy); the bench's
+own ratios are the performance record. What is asserted is that each
+scenario measured something real: every event delivered, every connection held.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.db import with_database
+
+REQUIRED = [
+    "drain.events_per_s", "drain.ceiling_events_per_s", "drain.ratio",
+    "live.p50_ms", "live.p99_ms", "live.floor_p99_ms", "live.ratio_p99",
+    "fanout.deliveries_per_s", "connections.held", "connections.rss_kb_per_conn",
+    "history.ratio", "replicas.ratio", "producer.ratio",
+]  # fmt: skip
+
+
+def bench(database_url: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    server = with_database(database_url, "postgres")
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "bench", *args],
+        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": server},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.timeout(400)
+def test_quick_bench_runs_every_scenario_and_prints_the_json(database_url: str) -> None:
+    result = bench(database_url, "--quick", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    figures = report["scenarios"]
+    for key in REQUIRED:
+        scenario, name = key.split(".")
+        assert isinstance(figures[scenario][name], int | float), key
+    assert figures["drain"]["complete"] and figures["drain"]["delivered"] == 5000
+    assert figures["live"]["received"] == figures["live"]["events"] > 0
+    assert figures["fanout"]["delivered"] == 200 * 200
+    assert figures["connections"]["held"] == 500
+    assert figures["connections"]["heartbeat_healthy"] == 500
+    assert report["machine"]["postgresql"]["fsync"] in ("on", "off")
+
+
+def test_unknown_scenario_is_refused(database_url: str) -> None:
+    result = bench(database_url, "--only", "drain,warp")
+    assert result.returncode == 2
+    assert "unknown scenario(s) warp" in result.stderr
