@@ -57,6 +57,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             f"--only: unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}"
         )
     sizes = Sizes.quick() if args.quick else Sizes()
+    failed: list[str] = []
     cluster = None
     try:
         url = settings.database_url
@@ -76,7 +77,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for name in chosen:
             began = time.monotonic()
             print(f"bench: {name}…", file=sys.stderr, flush=True)
-            report["scenarios"][name] = SCENARIOS[name](bench, sizes)
+            try:
+                report["scenarios"][name] = SCENARIOS[name](bench, sizes)
+            except Exception as exc:  # one broken scenario must not lose the others
+                failed.append(name)
+                report["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             report["scenarios"][name]["bench_seconds"] = round(time.monotonic() - began, 1)
             if not args.json:
                 print(
@@ -92,4 +97,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not args.json:
         print(_table(report), file=sys.stderr)
     print(json.dumps(report, indent=None if args.json else 2))
+    if failed:
+        print(f"bench: scenario(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0

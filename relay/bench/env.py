@@ -162,10 +162,14 @@ class Worker:
 
     def __init__(self, mode: str, spec: dict[str, Any]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.bench.workers", mode, json.dumps(spec)],
+            [sys.executable, "-m", "relay.bench.workers", mode],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(spec) + "\n")  # too big for argv with 10k streams
+        self.proc.stdin.close()
 
     def wait_ready(self) -> None:
         assert self.proc.stdout is not None
@@ -175,7 +179,9 @@ class Worker:
             raise RuntimeError(f"bench worker failed to start (exit {self.proc.returncode})")
 
     def result(self, timeout: float = 600) -> dict[str, Any]:
-        out, _ = self.proc.communicate(timeout=timeout)
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout)
         if self.proc.returncode != 0:
             raise RuntimeError(f"bench worker exited {self.proc.returncode}")
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])

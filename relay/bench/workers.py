@@ -1,7 +1,8 @@
 """Bench client processes: SSE subscribers and outbox writers.
 
-They run as separate processes (``python -m relay.bench.workers MODE JSON``)
-so clients never share the relay's core budget or its GIL. Each prints
+They run as separate processes (``python -m relay.bench.workers MODE``, the
+spec as one JSON line on stdin) so clients never share the relay's core
+budget or its GIL. Each prints
 ``ready`` once set up, then one JSON line with its results. Clocks are
 ``time.monotonic()``: system-wide on Linux, so comparable across processes.
 """
@@ -178,7 +179,7 @@ def write(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    mode, spec = sys.argv[1], json.loads(sys.argv[2])
+    mode, spec = sys.argv[1], json.loads(sys.stdin.readline())
     if mode == "subscribe":
         result = asyncio.run(subscribe(spec))
     elif mode == "write":
