@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -52,8 +53,8 @@ def _observe(batch: BatchResult) -> None:
     now = datetime.now(UTC)
     for enqueued in batch.enqueued_at:
         M.publish_lag.observe(max(0.0, (now - enqueued).total_seconds()))
-    for event in batch.events:
-        M.published.labels(event_type=event.event_type).inc()
+    for event_type, count in Counter(e.event_type for e in batch.events).items():
+        M.published.labels(event_type=event_type).inc(count)
 
 
 Extra = tuple[str, Callable[[asyncio.Event], Coroutine[Any, Any, None]]]
@@ -77,7 +78,11 @@ async def serve(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     roles = [r for r, on in (("dispatcher", dispatcher), ("gateway", gateway)) if on]
-    hub = Hub(url) if gateway else None
+    hub = (
+        Hub(url, local_publisher=lambda: worker.backend_pid if worker is not None else None)
+        if gateway
+        else None
+    )
     # Publishers run beside the dispatcher; one process per name publishes at a time.
     timeout = settings.query_timeout.total_seconds()
     followers = [

@@ -27,13 +27,13 @@ log = logging.getLogger("relay.listener")
 
 
 class Listener:
-    """Calls ``on_notify(channel, payload)`` for each notification; reconnects forever."""
+    """Calls ``on_notify(channel, payload, sender_pid)`` per notification; reconnects forever."""
 
     def __init__(
         self,
         database_url: str,
         channels: Sequence[str],
-        on_notify: Callable[[str, str], None],
+        on_notify: Callable[[str, str, int], None],
         *,
         ping_every: float = 5.0,
         ping_timeout: float = 3.0,
@@ -75,7 +75,7 @@ class Listener:
         while not stop.is_set():
             async for notice in conn.notifies(timeout=self._ping_every):
                 try:
-                    self._on_notify(notice.channel, notice.payload)
+                    self._on_notify(notice.channel, notice.payload, notice.pid)
                 except Exception:  # a bad notification must not kill the listener
                     log.exception("error handling a notification on %s", notice.channel)
                 if stop.is_set():

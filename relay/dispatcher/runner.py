@@ -75,6 +75,7 @@ class Dispatcher:
         self._on_batch = on_batch
         self._wake = asyncio.Event()
         self.running = False
+        self.backend_pid: int | None = None  # of the claiming connection (hub skips its NOTIFYs)
         self.published = 0
         self.dead_lettered = 0
         self._listener: Listener | None = None
@@ -90,7 +91,7 @@ class Dispatcher:
             self._listener = Listener(
                 self._url,
                 ["relay_outbox"],
-                lambda _c, _p: self._wake.set(),
+                lambda _c, _p, _pid: self._wake.set(),
                 on_reconnect=self._wake.set,
             )
             tasks.append(asyncio.create_task(self._listener.run(stop), name="outbox-listener"))
@@ -113,12 +114,14 @@ class Dispatcher:
                 for name, value in self.config.session_settings.items():
                     await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
                 await self._converge_wakeup(conn)
+                self.backend_pid = conn.info.backend_pid
                 self.running = True
                 await self._loop(conn, stop)
             except (psycopg.OperationalError, DatabaseUnavailable, OSError) as exc:
                 log.warning("dispatcher lost its database connection (%s)", _short(exc))
             finally:
                 self.running = False
+                self.backend_pid = None
                 await _close_quietly(conn)
 
     async def _converge_wakeup(self, conn: psycopg.AsyncConnection[Any]) -> None:

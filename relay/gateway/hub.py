@@ -17,7 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psycopg
@@ -90,8 +90,17 @@ class Subscriber:
 class Hub:
     """Fan-out of the event log to this process's subscribers."""
 
-    def __init__(self, database_url: str, *, sweep_every: float = 1.0) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        sweep_every: float = 1.0,
+        local_publisher: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self._url = database_url
+        # The backend pid of this process's dispatcher: its batches arrive in
+        # hand (``published``), so its NOTIFYs need no read-back from the log.
+        self._local_publisher = local_publisher
         self._sweep_every = sweep_every
         self._channels: dict[str, set[Subscriber]] = {}
         self.delivered: list[int] = [0] * PARTITIONS
@@ -137,7 +146,9 @@ class Hub:
         for partition, events in by_partition.items():
             self._work.put_nowait((partition, events[-1].position, tuple(events)))
 
-    def _notified(self, _channel: str, payload: str) -> None:
+    def _notified(self, _channel: str, payload: str, sender: int) -> None:
+        if sender == self._local_publisher():
+            return  # handed over in memory by ``published``; the sweep backs it up
         for part in payload.split(","):
             try:
                 p, _first, last = part.split(":")

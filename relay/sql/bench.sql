@@ -36,7 +36,10 @@ CROSS JOIN LATERAL (
 CROSS JOIN LATERAL (SELECT encode(b.raw, 'hex')::uuid AS id) AS r
 
 -- name: bench_history_heads
-UPDATE relay_partitions SET last_position = %(per_partition)s
+-- The history counts as already seen by the relay's own followers (as it
+-- would be on a relay that has been running): the SLA watcher starts at the head.
+WITH heads AS (UPDATE relay_partitions SET last_position = %(per_partition)s)
+UPDATE relay_sla_offsets SET position = %(per_partition)s
 
 -- name: bench_ceiling_claim
 -- The bare-SQL ceiling: claim and remove 500 pending rows, nothing else.
