@@ -58,7 +58,9 @@ def dispatchers(database_url: str) -> Iterator[list[RelayProcess]]:
         p.__exit__()
 
 
-@pytest.mark.parametrize("orders", [500, pytest.param(5000, marks=pytest.mark.soak)])
+@pytest.mark.parametrize(
+    "orders", [500, pytest.param(5000, marks=[pytest.mark.soak, pytest.mark.timeout(900)])]
+)
 def test_three_dispatchers_with_one_killed_every_second_lose_and_reorder_nothing(
     database_url: str, dispatchers: list[RelayProcess], orders: int
 ) -> None:
