@@ -28,7 +28,7 @@ from tests.helpers.brokers import (
     unique,
 )
 from tests.helpers.orders import CHAIN, event
-from tests.helpers.proxy import CuttableProxy
+from tests.helpers.proxy import LoopbackProxy
 from tests.helpers.relay_process import SECRET, RelayProcess
 from tests.helpers.sse import Subscriber, client
 
@@ -131,7 +131,7 @@ async def test_broker_outage_loses_nothing_and_never_stalls_sse(
 ) -> None:
     target = RABBIT if broker == "rabbitmq" else NATS
     require(broker, target)
-    proxy = CuttableProxy(*target)
+    proxy = LoopbackProxy(*target)
     exchange, stream, prefix = unique("relay.outage."), unique("RO"), unique("ro")
     url = (
         amqp(proxy.port, exchange) if broker == "rabbitmq" else nats_url(proxy.port, stream, prefix)

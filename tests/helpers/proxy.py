@@ -1,5 +1,12 @@
-"""A loopback TCP proxy whose link can be cut (connections reset, new ones refused)
-and restored: a broker outage without touching the shared broker."""
+"""A loopback TCP proxy for fault injection, without touching the shared servers.
+
+Two failures it can play:
+- ``dropping`` (a network blackhole): bytes in both directions are read and
+  discarded, so each side's kernel still acknowledges them and only
+  application-level timeouts can tell the link is dead — a half-open link.
+- ``cut()`` (an outage): every open connection is reset and new ones are
+  refused until ``restore()``.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +17,11 @@ import threading
 from tests.helpers.relay_process import free_port
 
 
-class CuttableProxy:
+class LoopbackProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = free_port()
+        self.dropping = threading.Event()
         self.cut_off = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -61,7 +69,8 @@ class CuttableProxy:
                 data = source.recv(65536)
                 if not data:
                     break
-                sink.sendall(data)
+                if not self.dropping.is_set():
+                    sink.sendall(data)
         _close(source)
         _close(sink)
 

@@ -12,14 +12,14 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from relay.gateway.auth import mint_token
-from tests.helpers.blackhole import Blackhole
+from tests.helpers.proxy import LoopbackProxy
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
 from tests.reliability.ledger import Ledger, write_orders
 
 
 def test_blackholed_database_link_is_detected_and_nothing_is_lost(database_url: str) -> None:
     params = conninfo_to_dict(database_url)
-    hole = Blackhole(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+    hole = LoopbackProxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
     via_hole = database_url.replace(f":{params.get('port', 5432)}/", f":{hole.port}/")
     relay = RelayProcess(
         via_hole, env={"RELAY_QUERY_TIMEOUT": "3s", "RELAY_HEARTBEAT_SECONDS": "1"}

@@ -25,11 +25,11 @@ from tests.helpers.relay_process import SECRET, RelayProcess
 RESTAURANT = uuid.uuid4()
 TOKEN = mint_token(SECRET, subject="fuzz", restaurant_ids=[RESTAURANT])
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-# Cursor-shaped and arbitrary text alike (headers must be latin-1 without newlines).
+# Cursor-shaped and arbitrary text alike (printable ASCII: what a header can carry).
 cursorish = st.one_of(
-    st.from_regex(r"\A-?\d{0,3}-\d{0,25}\Z"),
-    st.from_regex(r"\Av(\.\d{1,3}-\d{1,20}){0,3}\Z"),
-    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=255), max_size=60),
+    st.from_regex(r"\A-?[0-9]{0,3}-[0-9]{0,25}\Z"),
+    st.from_regex(r"\Av(\.[0-9]{1,3}-[0-9]{1,20}){0,3}\Z"),
+    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60),
 )
 
 
@@ -68,8 +68,8 @@ def test_stream_cursors_never_500(relay_url: str, cursor: str, in_query: bool) -
     params = {}
     if in_query:
         params["lastEventId"] = cursor
-    else:
-        headers["Last-Event-ID"] = cursor
+    elif cursor.strip():
+        headers["Last-Event-ID"] = cursor.strip()  # a header value has no outer blanks
     with httpx.stream("GET", url, params=params, headers=headers, timeout=10) as response:
         assert response.status_code == 200
         first = next(response.iter_text())
@@ -118,9 +118,10 @@ async def test_churned_connections_leave_no_descriptors_or_memory(database_url: 
         fds, rss = _fds(pid), _rss_kb(pid)
         assert await _churn(relay.port, 1000) == 1000
         deadline = asyncio.get_running_loop().time() + 10
-        while _fds(pid) > fds and asyncio.get_running_loop().time() < deadline:
+        while _fds(pid) > fds + 8 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.2)  # disconnects are noticed within a heartbeat
         gauge = httpx.get(f"{relay.url}/metrics").text
         assert "relay_subscribers 0.0" in gauge
-        assert _fds(pid) <= fds
+        # 1,000 leaked sockets would show; the database pool may still grow (≤ 8).
+        assert _fds(pid) <= fds + 8, (fds, _fds(pid))
         assert _rss_kb(pid) - rss < 20 * 1024, (rss, _rss_kb(pid))
