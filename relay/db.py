@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from relay.errors import ConfigError, DatabaseUnavailable
 
-__all__ = ["aconnect", "aconnect_retrying", "connect", "describe", "redact"]
+__all__ = ["aconnect", "aconnect_retrying", "connect", "describe", "redact", "sleep_or_stop"]
 
 
 def describe(database_url: str) -> str:
@@ -102,7 +102,7 @@ async def aconnect_retrying(
         retry=tenacity.retry_if_exception_type(_TRANSIENT),
         wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
         stop=lambda _state: stop.is_set(),
-        sleep=lambda seconds: _sleep_or_stop(stop, seconds),
+        sleep=lambda seconds: sleep_or_stop(stop, seconds),
         reraise=True,
     )
     try:
@@ -131,6 +131,7 @@ async def aconnect_retrying(
     return None
 
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less when ``stop`` is set first (every retry loop waits so)."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)

@@ -9,7 +9,6 @@ The relay vacuums its own tables because it cannot count on autovacuum
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -20,7 +19,7 @@ from typing import Any
 import psycopg
 
 from relay import log as event_log
-from relay.db import aconnect
+from relay.db import aconnect, sleep_or_stop
 from relay.errors import DatabaseUnavailable
 from relay.metrics import M
 from relay.sql import query
@@ -72,11 +71,11 @@ class Maintenance:
                         if now >= next_vacuum:
                             await asyncio.wait_for(self._exclusive(conn, self._vacuum), 600)
                             next_vacuum = now + self._vacuum_every
-                        await _sleep_or_stop(stop, self._heartbeat_every)
+                        await sleep_or_stop(stop, self._heartbeat_every)
                     await conn.execute(query("leave"), {"replica_id": self.replica_id})
             except (psycopg.Error, DatabaseUnavailable, OSError) as exc:
                 log.debug("maintenance paused: %s", exc)
-                await _sleep_or_stop(stop, 2.0)
+                await sleep_or_stop(stop, 2.0)
 
     async def _heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> None:
         cur = await conn.execute(
@@ -122,8 +121,3 @@ class Maintenance:
         await conn.execute("VACUUM relay_outbox")
         await conn.execute("VACUUM relay_partitions")
         await conn.execute(query("forget_dead_replicas"))
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import psycopg
 import tenacity
 
-from relay.db import aconnect_retrying
+from relay.db import aconnect_retrying, sleep_or_stop
 from relay.metrics import M
 from relay.publishers.base import Broker, Message, Outcome
 from relay.publishers.config import PublisherConfig
@@ -115,7 +115,7 @@ class Follower:
                 log.info("publisher %s: standby (another relay publishes)", self.config.name)
                 announced = True
             self.status.state = "standby"
-            await _sleep_or_stop(stop, self.standby_retry)
+            await sleep_or_stop(stop, self.standby_retry)
         return False
 
     async def _follow(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
@@ -130,7 +130,7 @@ class Follower:
             self.status.lag = sum(int(head) - int(after) for _p, after, head in work)
             M.broker_lag.labels(publisher=self.config.name).set(self.status.lag)
             if not work:
-                await _sleep_or_stop(stop, self.idle)
+                await sleep_or_stop(stop, self.idle)
                 continue
             for partition, after, _head in work:
                 if stop.is_set():
@@ -178,7 +178,7 @@ class Follower:
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_not_exception_type(_Stopped),
             wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.5),
-            sleep=lambda seconds: _sleep_or_stop(stop, seconds),
+            sleep=lambda seconds: sleep_or_stop(stop, seconds),
             reraise=True,
         )
         async for attempt in retrying:
@@ -231,8 +231,3 @@ def _message(row: tuple[Any, ...]) -> Message:
     return Message(partition=int(partition), position=int(position), event_id=event_id,
                    event_type=event_type, schema_version=int(version), restaurant_id=restaurant,
                    occurred_on_utc=occurred, body=data.encode())  # fmt: skip
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
