@@ -67,5 +67,12 @@ async def in_order_per_restaurant(
             except PermanentRejection as exc:
                 outcomes[index] = str(exc) or type(exc).__name__
 
-    await asyncio.gather(*(chain(indexes) for indexes in chains.values()))
+    # Every chain runs to its end (a broken channel fails them all quickly), so
+    # no send is still in flight when the caller reconnects and retries.
+    results = await asyncio.gather(
+        *(chain(indexes) for indexes in chains.values()), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
     return outcomes
