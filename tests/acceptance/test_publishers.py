@@ -68,6 +68,13 @@ def nats_url(port: int, stream: str, prefix: str, **options: str) -> str:
     return f"nats://127.0.0.1:{port}?{query}"
 
 
+def _reachable(broker: str) -> tuple[str, int]:
+    """The broker's address, or skip the test saying it cannot be reached."""
+    target = RABBIT if broker == "rabbitmq" else NATS
+    require(broker, target)
+    return target
+
+
 def publishers_ready(relay: RelayProcess) -> dict[str, Any]:
     checks: dict[str, Any] = httpx.get(f"{relay.url}/readyz", timeout=5).json()["checks"]
     return dict(checks.get("publishers", {}))
@@ -129,8 +136,7 @@ async def test_events_reach_rabbitmq_and_jetstream_once_each_in_order(database_u
 async def test_broker_outage_loses_nothing_and_never_stalls_sse(
     broker: str, database_url: str
 ) -> None:
-    target = RABBIT if broker == "rabbitmq" else NATS
-    require(broker, target)
+    target = _reachable(broker)
     proxy = LoopbackProxy(*target)
     exchange, stream, prefix = unique("relay.outage."), unique("RO"), unique("ro")
     url = (
@@ -250,8 +256,7 @@ async def test_killed_between_broker_confirm_and_offset_commit_republishes(
 async def test_permanently_rejected_message_is_dead_lettered_and_later_events_flow(
     broker: str, database_url: str
 ) -> None:
-    target = RABBIT if broker == "rabbitmq" else NATS
-    require(broker, target)
+    _reachable(broker)
     exchange, stream, prefix = unique("relay.reject."), unique("RR"), unique("rr")
     restaurant = uuid.uuid4()
     big = event("OrderPaymentSucceeded", restaurant_id=restaurant)
