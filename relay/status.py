@@ -44,11 +44,10 @@ def collect(database_url: str) -> dict[str, Any]:
             }
             for r in conn.execute(query("status_replicas")).fetchall()
         ]
-        publishers: list[dict[str, Any]] = []
-        has_offsets = conn.execute("SELECT to_regclass('relay_publisher_offsets')").fetchone()
-        if has_offsets and has_offsets[0]:
-            rows = conn.execute(query("publisher_lag")).fetchall()
-            publishers = [{"publisher": name, "lag_events": int(lag)} for name, lag in rows]
+        publishers = [
+            {"publisher": name, "lag_events": int(lag)}
+            for name, lag in conn.execute(query("publisher_lag")).fetchall()
+        ]
     return {
         "backlog": int(backlog),
         "oldest_pending_s": _number(oldest),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import secrets
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from relay.bench.workers import raise_fd_limit
 from relay.gateway.auth import mint_token
 from relay.migrate import migrate
 
@@ -104,7 +104,7 @@ class RelayServer:
             },
             stdout=subprocess.DEVNULL,
             stderr=self.log,
-            preexec_fn=_raise_fd_limit,
+            preexec_fn=raise_fd_limit,
         )
 
     def wait_ready(self, timeout: float = 30) -> float:
@@ -150,11 +150,6 @@ class RelayServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _raise_fd_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Worker:

@@ -31,11 +31,11 @@ WRITE_SQL = (
 )
 
 
-def raise_fd_limit() -> int:
+def raise_fd_limit() -> None:
+    """Soft file-descriptor limit up to the hard one: 10,000 sockets need it."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    return wanted
 
 
 class _Stream:

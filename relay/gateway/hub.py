@@ -148,7 +148,7 @@ class Hub:
 
     def _notified(self, _channel: str, payload: str, sender: int) -> None:
         if sender == self._local_publisher():
-            return  # handed over in memory by ``published``; the sweep backs it up
+            return  # handed over in memory by ``published``; a later batch's gap check backs it up
         for part in payload.split(","):
             try:
                 p, _first, last = part.split(":")

@@ -8,11 +8,6 @@ SELECT %(publisher)s, partition, pruned_through
 FROM relay_partitions
 ON CONFLICT (publisher, partition) DO NOTHING
 
--- name: publisher_offsets
-SELECT partition, position
-FROM relay_publisher_offsets
-WHERE publisher = %(publisher)s
-
 -- name: publisher_work
 -- Partitions whose log head is past this publisher's offset (64 rows at most).
 -- An offset older than retention resumes at the oldest retained event.
