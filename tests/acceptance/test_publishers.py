@@ -360,3 +360,27 @@ def _state(relay: RelayProcess) -> str:
         if state != "starting" or time.monotonic() > deadline:
             return state
         time.sleep(0.1)
+
+
+async def test_publisher_survives_losing_its_database_connection(database_url: str) -> None:
+    _reachable("jetstream")
+    stream, prefix = unique("RD"), unique("rd")
+    restaurant = uuid.uuid4()
+    env = {"RELAY_PUBLISHERS": nats_url(NATS[1], stream, prefix, name="analytics")}
+    async with jetstream_consumer(stream, prefix) as consumer:
+        with RelayProcess(database_url, env=env) as relay:
+            before = [e for c in chains([restaurant], 4) for e in c]
+            await asyncio.to_thread(_produce, database_url, before)
+            await consumer.wait_for({str(e.event_id) for e in before})
+            with psycopg.connect(database_url, autocommit=True) as admin:
+                killed = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchone()
+            after = [e for c in chains([restaurant], 4) for e in c]
+            await asyncio.to_thread(_produce, database_url, after)
+            await consumer.wait_for({str(e.event_id) for e in after}, timeout=30)
+            output = relay.output()
+    assert killed is not None and killed[0] >= 3  # the publisher's connection among them
+    assert "publisher analytics: database connection lost" in output
+    assert consumer.first_order() == {str(restaurant): [str(e.event_id) for e in before + after]}
