@@ -60,7 +60,7 @@ class Maintenance:
         next_vacuum = loop.time() + self._vacuum_every
         while not stop.is_set():
             try:
-                async with await aconnect(self._url, autocommit=True) as conn:
+                async with await aconnect(self._url, autocommit=True, role="maintenance") as conn:
                     while not stop.is_set():
                         # Bounded, so a half-open connection is noticed and replaced.
                         await asyncio.wait_for(self._heartbeat(conn), _IO_TIMEOUT)

@@ -102,6 +102,7 @@ async def serve(
                 batch_size=settings.batch_size,
                 wakeup=settings.wakeup,
                 poll_idle=settings.poll_idle.total_seconds(),
+                linger=settings.linger.total_seconds(),
                 safety_sweep=settings.safety_sweep.total_seconds(),
                 query_timeout=settings.query_timeout.total_seconds(),
             ),

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -27,7 +26,6 @@ import psycopg
 from relay.db import aconnect_retrying
 from relay.dispatcher.listener import _KEEPALIVE
 from relay.errors import DatabaseUnavailable
-from relay.events.types import _utc
 from relay.sql import query
 
 __all__ = ["SlaConfig", "SlaWatcher"]
@@ -35,7 +33,6 @@ __all__ = ["SlaConfig", "SlaWatcher"]
 log = logging.getLogger("relay.sla")
 
 _LOCK_KEY = 0x72656C6179 + 2
-_CLOSED = {"OrderDelivered", "OrderRejected", "OrderCancelled", "OrderPaymentFailed"}
 
 
 @dataclass(frozen=True)
@@ -96,71 +93,16 @@ class SlaWatcher:
         return bool(row and row[0])
 
     async def _apply_log(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        cur = await conn.execute(
-            query("sla_read_log"), {"per_partition": self.config.per_partition}
-        )
-        rows = await cur.fetchall()
-        heads: dict[int, int] = {}
-        counts: dict[int, int] = {}
-        deadlines: dict[Any, tuple[Any, ...] | None] = {}  # order -> row, or None to clear
-        for partition, position, event_type, restaurant, order, customer, data in rows:
-            heads[partition] = position
-            counts[partition] = counts.get(partition, 0) + 1
-            if order is None:
-                continue
-            change = self._deadline(event_type, json.loads(data))
-            if change is _KEEP:
-                continue
-            if change is None:
-                deadlines[order] = None
-            else:
-                kind, since, default, number = change
-                deadlines[order] = (order, restaurant, customer, number, kind, since, default)
-        cleared = [order for order, row in deadlines.items() if row is None]
-        if cleared:
-            await conn.execute(query("sla_clear_deadlines"), {"order_ids": cleared})
-        kept = [row for row in deadlines.values() if row is not None]
-        if kept:
-            columns = list(zip(*kept, strict=True))
-            names = ("order_id", "restaurant_id", "customer_id", "order_number", "kind", "since",
-                     "default_after")  # fmt: skip
-            await conn.execute(
-                query("sla_set_deadlines"),
-                {name: list(values) for name, values in zip(names, columns, strict=True)},
-            )
-        if heads:
-            await conn.execute(
-                query("sla_advance"),
-                {"partitions": list(heads), "positions": list(heads.values())},
-            )
-        return max(counts.values(), default=0)
-
-    def _deadline(self, event_type: str, data: dict[str, Any]) -> Any:
-        """(kind, since, default, order number), None to clear, or _KEEP."""
-        if event_type in _CLOSED:
-            return None
+        """One step of following the log, entirely in SQL (no per-event Python)."""
         cfg = self.config
-        number = data.get("orderNumber")
-        updated = _time(data.get("lastUpdateTimestamp")) or _time(data.get("occurredOnUtc"))
-        if event_type == "OrderPaymentSucceeded" and updated is not None:
-            return ("NotAccepted", updated, cfg.not_accepted, number)
-        if event_type == "OrderAccepted" and updated is not None:
-            return ("NotReady", updated, cfg.not_ready, number)
-        if event_type == "OrderReadyForDelivery":
-            estimate = _time(data.get("estimatedDeliveryTime"))
-            if estimate is None:
-                return None
-            return ("DeliveryLate", estimate, cfg.delivery_grace, number)
-        return _KEEP  # Preparing, alerts, other types: the current deadline stands
-
-
-_KEEP = object()
-
-
-def _time(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return _utc(value)
-    except ValueError:
-        return None
+        cur = await conn.execute(
+            query("sla_apply_log"),
+            {
+                "per_partition": cfg.per_partition,
+                "not_accepted": cfg.not_accepted,
+                "not_ready": cfg.not_ready,
+                "delivery_grace": cfg.delivery_grace,
+            },
+        )
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0

@@ -25,7 +25,7 @@ from relay.bench.workers import raise_fd_limit
 from relay.gateway.auth import mint_token
 from relay.migrate import migrate
 
-__all__ = ["Bench", "RelayServer", "Worker"]
+__all__ = ["BackendCpu", "Bench", "RelayServer", "Worker"]
 
 
 def _free_port() -> int:
@@ -83,6 +83,44 @@ class Bench:
         return {"cores": os.cpu_count(), "python": sys.version.split()[0], "postgresql": settings}
 
 
+def _proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a local process, None when it is not visible here."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BackendCpu:
+    """CPU used by the relay's PostgreSQL sessions (application_name ``relay …``).
+
+    Readable only when the server runs on this machine (the bench's own
+    cluster, or a local DATABASE_URL); otherwise ``seconds`` is None.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name LIKE 'relay %'"
+            ).fetchall()
+        self._pids = [int(pid) for (pid,) in rows]
+        self._start = self._total()
+
+    def _total(self) -> float | None:
+        values = [_proc_cpu_seconds(pid) for pid in self._pids]
+        if not values or any(v is None for v in values):
+            return None
+        return sum(v for v in values if v is not None)
+
+    def seconds(self) -> float | None:
+        """CPU seconds since construction (None when not measurable)."""
+        now = self._total()
+        return None if now is None or self._start is None else now - self._start
+
+
 class RelayServer:
     """A real ``relay run`` process on a free port, with its CPU and RSS readable."""
 
@@ -120,9 +158,7 @@ class RelayServer:
         raise RuntimeError("relay did not become ready")
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _proc_cpu_seconds(self.proc.pid) or 0.0
 
     def rss_kb(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:

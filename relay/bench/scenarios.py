@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
-from relay.bench.env import Bench, RelayServer, Worker
+from relay.bench.env import BackendCpu, Bench, RelayServer, Worker
 from relay.dispatcher import partition_of
 from relay.sql import query
 
@@ -398,32 +399,111 @@ def _write_rate(url: str, table: str, writers: int, seconds: float) -> float:
     return float(sum(r["written"] / r["seconds"] for r in results))
 
 
+def _relay_rate(
+    bench: Bench, sizes: Sizes, seconds: float, wakeup: str
+) -> tuple[float, float | None]:
+    """Producer rows/s with a relay running; and the relay's CPU (process + sessions), cores."""
+    with bench.database() as url, RelayServer(bench, url, RELAY_WAKEUP=wakeup) as server:
+        server.wait_ready()
+        time.sleep(1)  # notify mode installs its trigger on start
+        sessions = BackendCpu(url)
+        cpu0, began = server.cpu_seconds(), time.monotonic()
+        rate = _write_rate(url, "relay_outbox", sizes.writers, seconds)
+        elapsed = time.monotonic() - began
+        backend = sessions.seconds()
+        cores = None if backend is None else (server.cpu_seconds() - cpu0 + backend) / elapsed
+    return rate, cores
+
+
+def _beside_burner(url: str, sizes: Sizes, seconds: float, cores: float) -> float:
+    burner = Worker("burn", {"cores": cores, "seconds": seconds + 1})
+    burner.wait_ready()
+    try:
+        return _write_rate(url, "bench_plain", sizes.writers, seconds)
+    finally:
+        burner.result()
+
+
+def idle_cost(bench: Bench, seconds: float) -> dict[str, Any]:
+    """What a relay costs when nothing happens: its CPU, its sessions' CPU, its transactions/s."""
+    with bench.database() as url, RelayServer(bench, url) as server:
+        server.wait_ready()
+        time.sleep(2)  # past start-up work (first sweep, heartbeats)
+        stats = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s"
+        name = conninfo_to_dict(url)["dbname"]
+        with psycopg.connect(bench.server_url, autocommit=True) as conn:
+            tx0 = conn.execute(stats, (name,)).fetchone()[0]  # type: ignore[index]
+            sessions = BackendCpu(url)
+            cpu0, began = server.cpu_seconds(), time.monotonic()
+            time.sleep(seconds)
+            elapsed = time.monotonic() - began
+            backend = sessions.seconds()
+            cpu = server.cpu_seconds() - cpu0
+            time.sleep(1.1)  # sessions report their statistics at most once a second
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            tx1 = conn.execute(stats, (name,)).fetchone()[0]  # type: ignore[index]
+    return {
+        "relay_cpu_percent": round(100 * cpu / elapsed, 2),
+        "sessions_cpu_percent": None if backend is None else round(100 * backend / elapsed, 2),
+        "transactions_per_s": round((tx1 - tx0) / elapsed, 1),
+    }
+
+
 def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
-    with bench.database(migrated=False) as url:
-        with psycopg.connect(url, autocommit=True) as conn:
+    """Producer commit rate without the relay, with it installed, running, and beside a burner.
+
+    The machine is noisy: each variant runs ``rounds`` times, interleaved, and
+    the median counts. The burner takes as much CPU as the relay did, touching
+    no database: if producers lose as much beside it, the relay's cost to them
+    is its CPU on a shared machine, not its wake-up or its locks.
+    """
+    rounds = 2
+    seconds = sizes.producer_seconds / rounds
+    rates: dict[str, list[float]] = {
+        k: [] for k in ("without", "installed", "poll", "notify", "burner")
+    }
+    relay_cores: list[float] = []
+    with bench.database(migrated=False) as plain, bench.database() as installed:
+        with psycopg.connect(plain, autocommit=True) as conn:
             conn.execute(PLAIN_OUTBOX)
-        without = _write_rate(url, "bench_plain", sizes.writers, sizes.producer_seconds)
-    with bench.database() as url:  # relay's schema installed, no relay running
-        installed = _write_rate(url, "relay_outbox", sizes.writers, sizes.producer_seconds)
-    rates: dict[str, float] = {}
-    for mode in ("poll", "notify"):
-        with bench.database() as url, RelayServer(bench, url, RELAY_WAKEUP=mode) as server:
-            server.wait_ready()
-            time.sleep(1)  # notify mode installs its trigger on start
-            rates[mode] = _write_rate(url, "relay_outbox", sizes.writers, sizes.producer_seconds)
+        for _ in range(rounds):
+            for url, table in ((plain, "bench_plain"), (installed, "relay_outbox")):
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(f"TRUNCATE {table}")
+            rates["without"].append(_write_rate(plain, "bench_plain", sizes.writers, seconds))
+            rates["installed"].append(
+                _write_rate(installed, "relay_outbox", sizes.writers, seconds)
+            )
+            for mode in ("poll", "notify"):
+                rate, cores = _relay_rate(bench, sizes, seconds, mode)
+                rates[mode].append(rate)
+                if mode == "poll" and cores is not None:
+                    relay_cores.append(cores)
+            if relay_cores:
+                with psycopg.connect(plain, autocommit=True) as conn:
+                    conn.execute("TRUNCATE bench_plain")
+                rates["burner"].append(_beside_burner(plain, sizes, seconds, relay_cores[-1]))
+    mid = {k: statistics.median(v) for k, v in rates.items() if v}
+    without = mid["without"]
     modes = {
         mode: latency(bench, sizes.mode_seconds, sizes.live_rate, mode)
         for mode in ("poll", "notify")
     }
+    cores = statistics.median(relay_cores) if relay_cores else None
     return {
         "writers": sizes.writers,
+        "rounds": rounds,
         "without_rows_per_s": round(without),
-        "with_rows_per_s": round(rates["poll"]),
-        "ratio": round(rates["poll"] / without, 3),
-        "installed_rows_per_s": round(installed),
-        "installed_ratio": round(installed / without, 3),
-        "notify_rows_per_s": round(rates["notify"]),
-        "notify_ratio": round(rates["notify"] / without, 3),
+        "with_rows_per_s": round(mid["poll"]),
+        "ratio": round(mid["poll"] / without, 3),
+        "installed_rows_per_s": round(mid["installed"]),
+        "installed_ratio": round(mid["installed"] / without, 3),
+        "notify_rows_per_s": round(mid["notify"]),
+        "notify_ratio": round(mid["notify"] / without, 3),
+        "relay_cpu_cores": None if cores is None else round(cores, 3),
+        "relay_cpu_us_per_event": None if cores is None else round(1e6 * cores / mid["poll"], 1),
+        "burner_ratio": round(mid["burner"] / without, 3) if "burner" in mid else None,
+        "idle": idle_cost(bench, min(10.0, sizes.producer_seconds)),
         "latency": {m: {k: v for k, v in r.items() if k.endswith("_ms")} for m, r in modes.items()},
     }
 

@@ -178,12 +178,33 @@ def write(spec: dict[str, Any]) -> dict[str, Any]:
     return {"written": n, "seconds": elapsed, "commits": commits}
 
 
+def burn(spec: dict[str, Any]) -> dict[str, Any]:
+    """The CPU control: spin ``cores`` of a core in 2 ms slices, touching no database.
+
+    Producers beside this burner show what the same amount of CPU, taken from
+    them by anything at all, costs on this machine.
+    """
+    cores, seconds = float(spec["cores"]), float(spec["seconds"])
+    slice_ = 0.002
+    print("ready", flush=True)
+    began = time.monotonic()
+    cpu0 = time.process_time()
+    while time.monotonic() - began < seconds:
+        spin_until = time.perf_counter() + slice_ * min(1.0, cores)
+        while time.perf_counter() < spin_until:
+            pass
+        time.sleep(slice_ * max(0.0, 1.0 - cores))
+    return {"cores": (time.process_time() - cpu0) / (time.monotonic() - began)}
+
+
 def main() -> None:
     mode, spec = sys.argv[1], json.loads(sys.stdin.readline())
     if mode == "subscribe":
         result = asyncio.run(subscribe(spec))
     elif mode == "write":
         result = write(spec)
+    elif mode == "burn":
+        result = burn(spec)
     else:
         raise SystemExit(f"unknown worker mode {mode!r}")
     print(json.dumps(result), flush=True)

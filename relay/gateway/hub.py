@@ -181,7 +181,7 @@ class Hub:
         while not stop.is_set():
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
-                conn = await aconnect(self._url, autocommit=True, **_KEEPALIVE)
+                conn = await aconnect(self._url, autocommit=True, role="gateway", **_KEEPALIVE)
                 if first:
                     for p, (last, _pruned) in (await event_log.heads(conn)).items():
                         self.delivered[p] = last

@@ -21,32 +21,46 @@ ON CONFLICT (event_id) DO NOTHING
 -- identity sequence costs microseconds and nothing on the producer's side.
 SELECT last_value FROM relay_outbox_id_seq
 
--- name: lock_partitions
--- Become the only publisher of up to N partitions that have pending rows, for
--- this transaction. SKIP LOCKED: a partition another replica is publishing is
--- skipped, never waited for. Least recently published first, for fairness.
--- The scalar subquery is one index probe per partition (never a scan of the outbox).
-SELECT p.partition, p.last_position
-FROM relay_partitions AS p
-WHERE (SELECT o.id FROM relay_outbox AS o WHERE o.partition = p.partition ORDER BY o.id LIMIT 1)
-      IS NOT NULL
-ORDER BY p.published_at NULLS FIRST, p.partition
-LIMIT %(max_partitions)s
-FOR UPDATE OF p SKIP LOCKED
-
--- name: take_pending
--- Read the oldest pending rows of the partitions we hold, in insert order per
--- partition. No row locks are needed: nobody else can publish these
--- partitions until we commit (producers only ever insert new rows).
-SELECT o.id, o.partition, o.event_id, o.event_type, o.schema_version, o.restaurant_id,
-       o.order_id, o.customer_id, o.payload::text, o.occurred_on_utc, o.enqueued_at
-FROM unnest(%(partitions)s::smallint[]) AS p(partition)
+-- name: claim
+-- Become the only publisher of the partitions with pending rows, least
+-- recently published first, and read their oldest pending rows in insert
+-- order, in one round trip.
+-- * As many partitions as fill the batch: each counts at most `share` pending
+--   rows (a few index entries, never a scan). Under live load (a few rows in
+--   each) one claim takes every partition; in a backlog, batch/share of them,
+--   so another replica finds the rest free.
+-- * SKIP LOCKED: a partition another replica is publishing is skipped, never
+--   waited for (the next free ones are taken instead). The rows themselves
+--   need no locks: nobody else can publish these partitions until we commit,
+--   and producers only ever insert.
+WITH pending AS (
+    SELECT p.partition, n.rows,
+           sum(n.rows) OVER (ORDER BY p.published_at NULLS FIRST, p.partition) AS running
+    FROM relay_partitions AS p
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS rows
+        FROM (SELECT FROM relay_outbox AS o WHERE o.partition = p.partition LIMIT %(share)s) AS r
+    ) AS n
+    WHERE n.rows > 0
+), held AS MATERIALIZED (
+    SELECT p.partition, p.last_position
+    FROM relay_partitions AS p
+    WHERE p.partition IN (SELECT partition FROM pending)
+    ORDER BY p.published_at NULLS FIRST, p.partition
+    LIMIT (SELECT count(*) FROM pending WHERE running - rows < %(batch_size)s)
+    FOR UPDATE OF p SKIP LOCKED
+)
+SELECT h.last_position, o.id, o.partition, o.event_id, o.event_type, o.schema_version,
+       o.restaurant_id, o.order_id, o.customer_id, o.payload::text, o.occurred_on_utc,
+       o.enqueued_at
+FROM held AS h
 CROSS JOIN LATERAL (
     SELECT * FROM relay_outbox
-    WHERE partition = p.partition
+    WHERE partition = h.partition
     ORDER BY id
-    LIMIT %(per_partition)s
+    LIMIT %(share)s
 ) AS o
+ORDER BY o.partition, o.id
 
 -- name: publish
 -- Move the batch out of the outbox into the log in one statement: valid rows

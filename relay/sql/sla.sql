@@ -4,46 +4,90 @@
 -- name: sla_lock
 SELECT pg_try_advisory_xact_lock(%(key)s)
 
--- name: sla_read_log
--- The next events after each partition's applied offset (gap-free per partition).
-SELECT e.partition, e.position, e.event_type, e.restaurant_id, e.order_id, e.customer_id,
-       e.data::text
-FROM relay_sla_offsets AS o
-CROSS JOIN LATERAL (
-    SELECT * FROM relay_events AS e
-    WHERE e.partition = o.partition AND e.position > o.position
-    ORDER BY e.position
-    LIMIT %(per_partition)s
-) AS e
-ORDER BY e.partition, e.position
-
--- name: sla_advance
-UPDATE relay_sla_offsets AS o
-SET position = a.position
-FROM unnest(%(partitions)s::smallint[], %(positions)s::bigint[]) AS a(partition, position)
-WHERE o.partition = a.partition AND o.position < a.position
-
--- name: sla_set_deadlines
--- Each order's next deadline replaces the previous one (one row per order per batch).
-INSERT INTO relay_sla_deadlines (order_id, restaurant_id, customer_id, order_number, kind, due_at)
-SELECT d.order_id, d.restaurant_id, d.customer_id, d.order_number, d.kind,
-       d.since + coalesce(
-           CASE d.kind WHEN 'NotAccepted' THEN t.not_accepted
-                       WHEN 'NotReady' THEN t.not_ready
-                       ELSE t.delivery_grace END,
-           d.default_after)
-FROM unnest(%(order_id)s::uuid[], %(restaurant_id)s::uuid[], %(customer_id)s::uuid[],
-            %(order_number)s::text[], %(kind)s::text[], %(since)s::timestamptz[],
-            %(default_after)s::interval[])
-     AS d(order_id, restaurant_id, customer_id, order_number, kind, since, default_after)
-LEFT JOIN relay_sla_thresholds AS t ON t.restaurant_id = d.restaurant_id
-ON CONFLICT (order_id) DO UPDATE
-SET kind = EXCLUDED.kind, due_at = EXCLUDED.due_at,
-    order_number = coalesce(EXCLUDED.order_number, relay_sla_deadlines.order_number),
-    customer_id = coalesce(EXCLUDED.customer_id, relay_sla_deadlines.customer_id)
-
--- name: sla_clear_deadlines
-DELETE FROM relay_sla_deadlines WHERE order_id = ANY(%(order_ids)s::uuid[])
+-- name: sla_apply_log
+-- Follow the log one step, all in the database: read the next events after
+-- each partition's applied offset (gap-free per partition), keep each order's
+-- last deadline-changing event of the step (an order's events share one
+-- partition, so position order is its order), then clear or set its deadline
+-- and advance the offsets. Returns the most events read from one partition
+-- (a full step means there is more to read).
+--   paid (OrderPaymentSucceeded)      → NotAccepted, from lastUpdateTimestamp
+--   accepted (OrderAccepted)          → NotReady, from lastUpdateTimestamp
+--   ready (OrderReadyForDelivery)     → DeliveryLate, from estimatedDeliveryTime
+--   delivered, rejected, cancelled, payment failed → cleared
+--   anything else (Preparing, alerts) → the current deadline stands
+-- Timestamps are read from the published data, which the relay itself
+-- rendered and validated (ISO-8601 in UTC), so the casts cannot fail.
+WITH step AS (
+    SELECT e.partition, e.position, e.event_type, e.restaurant_id, e.order_id, e.customer_id,
+           e.data
+    FROM relay_sla_offsets AS o
+    CROSS JOIN LATERAL (
+        SELECT * FROM relay_events AS e
+        WHERE e.partition = o.partition AND e.position > o.position
+        ORDER BY e.position
+        LIMIT %(per_partition)s
+    ) AS e
+), changes AS (
+    SELECT s.order_id, s.position, s.restaurant_id, s.customer_id,
+           s.data->>'orderNumber' AS order_number,
+           CASE
+               WHEN s.event_type IN ('OrderDelivered', 'OrderRejected', 'OrderCancelled',
+                                     'OrderPaymentFailed') THEN 'clear'
+               WHEN s.event_type = 'OrderPaymentSucceeded' AND t.updated IS NOT NULL
+                   THEN 'NotAccepted'
+               WHEN s.event_type = 'OrderAccepted' AND t.updated IS NOT NULL THEN 'NotReady'
+               WHEN s.event_type = 'OrderReadyForDelivery'
+                   THEN CASE WHEN t.estimate IS NULL THEN 'clear' ELSE 'DeliveryLate' END
+           END AS kind,
+           CASE WHEN s.event_type = 'OrderReadyForDelivery' THEN t.estimate ELSE t.updated END
+               AS since
+    FROM step AS s
+    CROSS JOIN LATERAL (
+        SELECT coalesce(s.data->>'lastUpdateTimestamp', s.data->>'occurredOnUtc')::timestamptz
+                   AS updated,
+               (s.data->>'estimatedDeliveryTime')::timestamptz AS estimate
+    ) AS t
+    WHERE s.order_id IS NOT NULL
+), latest AS (
+    SELECT DISTINCT ON (order_id) *
+    FROM changes
+    WHERE kind IS NOT NULL
+    ORDER BY order_id, position DESC
+), cleared AS (
+    DELETE FROM relay_sla_deadlines AS d
+    USING latest AS l
+    WHERE d.order_id = l.order_id AND l.kind = 'clear'
+), deadlines AS (
+    -- Each order's next deadline replaces the previous one.
+    INSERT INTO relay_sla_deadlines
+        (order_id, restaurant_id, customer_id, order_number, kind, due_at)
+    SELECT l.order_id, l.restaurant_id, l.customer_id, l.order_number, l.kind,
+           l.since + coalesce(
+               CASE l.kind WHEN 'NotAccepted' THEN t.not_accepted
+                           WHEN 'NotReady' THEN t.not_ready
+                           ELSE t.delivery_grace END,
+               CASE l.kind WHEN 'NotAccepted' THEN %(not_accepted)s::interval
+                           WHEN 'NotReady' THEN %(not_ready)s::interval
+                           ELSE %(delivery_grace)s::interval END)
+    FROM latest AS l
+    LEFT JOIN relay_sla_thresholds AS t ON t.restaurant_id = l.restaurant_id
+    WHERE l.kind <> 'clear'
+    ON CONFLICT (order_id) DO UPDATE
+    SET kind = EXCLUDED.kind, due_at = EXCLUDED.due_at,
+        order_number = coalesce(EXCLUDED.order_number, relay_sla_deadlines.order_number),
+        customer_id = coalesce(EXCLUDED.customer_id, relay_sla_deadlines.customer_id)
+), heads AS (
+    SELECT partition, max(position) AS position, count(*) AS events
+    FROM step
+    GROUP BY partition
+), advanced AS (
+    UPDATE relay_sla_offsets AS o
+    SET position = h.position
+    FROM heads AS h
+    WHERE o.partition = h.partition AND o.position < h.position
+)
+SELECT coalesce(max(events), 0) FROM heads
 
 -- name: sla_raise_due
 -- Deadlines that passed become OrderDelayAlert rows in the outbox, exactly once:

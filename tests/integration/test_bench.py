@@ -48,6 +48,13 @@ def test_quick_bench_runs_every_scenario_and_prints_the_json(database_url: str) 
     assert figures["fanout"]["delivered"] == 200 * 200
     assert figures["connections"]["held"] == 500
     assert figures["connections"]["heartbeat_healthy"] == 500
+    producer = figures["producer"]
+    assert producer["without_rows_per_s"] > 0 and producer["with_rows_per_s"] > 0
+    # The test database is local: the relay's CPU and its sessions' are measured,
+    # and the CPU control ran beside the producers.
+    assert producer["relay_cpu_cores"] > 0 and producer["burner_ratio"] > 0
+    assert producer["idle"]["transactions_per_s"] > 0  # the poll probe is counted
+    assert set(producer["latency"]) == {"poll", "notify"}
     assert report["machine"]["postgresql"]["fsync"] in ("on", "off")
 
 

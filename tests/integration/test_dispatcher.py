@@ -14,6 +14,7 @@ from relay import log as event_log
 from relay.dispatcher import claim_and_publish, partition_of
 from relay.log import Stream
 from relay.outbox import enqueue
+from relay.sql import query
 from tests.helpers.orders import CHAIN, INSERT_SQL, event, payload
 
 
@@ -224,3 +225,47 @@ async def test_retention_runs_while_claiming_continues(database_url: str) -> Non
     assert claimed == 400 and pruned == 400
     rows = _log_rows(database_url)
     assert len(rows) == 400 and {r[2] for r in rows} == {"OrderPreparing"}
+
+
+def _fill_partitions(url: str, per_partition: int) -> None:
+    """``per_partition`` pending events in each of the 64 partitions (one restaurant each)."""
+    restaurants: dict[int, uuid.UUID] = {}
+    while len(restaurants) < 64:
+        r = uuid.uuid4()
+        restaurants.setdefault(partition_of(r), r)
+    with psycopg.connect(url) as conn:
+        for r in restaurants.values():
+            for _ in range(per_partition):
+                enqueue(conn, event("OrderAccepted", restaurant_id=r, order_id=uuid.uuid4()))
+
+
+async def test_live_load_is_claimed_in_one_batch_across_all_partitions(database_url: str) -> None:
+    # A few rows in every partition (producers are live, no backlog): one
+    # claim takes them all, and says there is no reason to claim again at once.
+    _fill_partitions(database_url, 3)
+    conn = await _conn(database_url)
+    try:
+        result = await claim_and_publish(conn, batch_size=500)
+    finally:
+        await conn.close()
+    assert result.claimed == 192 and len(result.heads) == 64
+    assert not result.more
+
+
+async def test_backlog_leaves_partitions_for_another_replica(database_url: str) -> None:
+    # A backlog in every partition: a claim holds only batch/share partitions,
+    # so a second dispatcher claiming meanwhile gets a disjoint set of them.
+    _fill_partitions(database_url, 40)
+    holder = await _conn(database_url)
+    other = await _conn(database_url)
+    try:
+        async with holder.transaction():
+            cur = await holder.execute(query("claim"), {"share": 32, "batch_size": 500})
+            held = {int(row[2]) for row in await cur.fetchall()}
+            result = await claim_and_publish(other, batch_size=500)
+        assert len(held) == 16
+        assert len(result.heads) == 16 and not held & set(result.heads)
+        assert result.claimed == 16 * 32 and result.more
+    finally:
+        await holder.close()
+        await other.close()
