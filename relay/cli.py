@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -32,10 +31,12 @@ def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from relay.logs import configure_logging
-    from relay.service import serve
+    from relay.service import run_event_loop, serve
 
     configure_logging(settings.log_format, settings.log_level)
-    asyncio.run(serve(settings, dispatcher=not args.gateway_only, gateway=not args.dispatcher_only))
+    run_event_loop(
+        serve(settings, dispatcher=not args.gateway_only, gateway=not args.dispatcher_only)
+    )
     return 0
 
 

@@ -126,7 +126,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         secret = settings.jwt_secret or secrets.token_urlsafe(32)
         demo = settings.model_copy(update={"database_url": url, "jwt_secret": secret})
         restaurants = tuple(uuid.uuid4() for _ in range(args.restaurants))
-        asyncio.run(_main(demo, restaurants, args.rate, where))
+        from relay.service import run_event_loop
+
+        run_event_loop(_main(demo, restaurants, args.rate, where))
         return 0
     finally:
         with _deferred_signals(reraise=False):

@@ -32,9 +32,20 @@ from relay.publishers import Follower, broker_for, parse_publishers, run_followe
 from relay.settings import Settings
 from relay.sla import SlaConfig, SlaWatcher
 
-__all__ = ["serve"]
+__all__ = ["run_event_loop", "serve"]
 
 log = logging.getLogger("relay")
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop where available (a faster loop for thousands of
+    streams and the database I/O alike), else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 class _Server(uvicorn.Server):

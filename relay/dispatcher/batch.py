@@ -87,15 +87,18 @@ async def claim_and_publish(
     measured no cheaper here and costlier for empty claims).
     """
     started = time.perf_counter()
-    # In a backlog, a batch spans this many partitions (replicas share the rest).
-    share = max(1, -(-batch_size // backlog_partitions))
     async with conn.transaction():
-        cur = await conn.execute(_CLAIM, {"share": share, "batch_size": batch_size}, binary=True)
+        cur = await conn.execute(
+            _CLAIM,
+            {"batch_size": batch_size, "backlog_partitions": backlog_partitions},
+            binary=True,
+        )
         rows = await cur.fetchall()
         if not rows:
             return BatchResult(0, (), 0, 0, {}, (), time.perf_counter() - started)
         plan = _Plan({int(row[2]): int(row[0]) for row in rows})
         # A partition that filled its share probably has more waiting.
+        share = int(rows[0][-1])
         more = len(rows) >= batch_size or max(Counter(r[2] for r in rows).values()) >= share
         for row in rows:
             plan.add(row)
@@ -151,7 +154,7 @@ class _Plan:
 
     def add(self, row: tuple[Any, ...]) -> None:
         (_last, row_id, partition, event_id, event_type, version, restaurant_id, order_id,
-         customer_id, payload_text, occurred, enqueued) = row  # fmt: skip
+         customer_id, payload_text, occurred, enqueued, _share) = row  # fmt: skip
         self.ids.append(row_id)
         try:
             broadcast = render(

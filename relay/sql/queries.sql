@@ -25,23 +25,38 @@ SELECT last_value FROM relay_outbox_id_seq
 -- Become the only publisher of the partitions with pending rows, least
 -- recently published first, and read their oldest pending rows in insert
 -- order, in one round trip.
--- * As many partitions as fill the batch: each counts at most `share` pending
---   rows (a few index entries, never a scan). Under live load (a few rows in
---   each) one claim takes every partition; in a backlog, batch/share of them,
---   so another replica finds the rest free.
+-- * Sizing: a partition's share of the batch is batch / (partitions with
+--   pending rows, at most backlog_partitions). Each counts its pending rows up
+--   to its share (a few index entries, never a scan), and partitions are taken
+--   until the batch is full. Under live load (a few rows in each) one claim
+--   takes every partition; in a wide backlog, backlog_partitions of them, so
+--   another replica finds the rest free; a backlog in one partition fills the
+--   whole batch from it.
 -- * SKIP LOCKED: a partition another replica is publishing is skipped, never
 --   waited for (the next free ones are taken instead). The rows themselves
 --   need no locks: nobody else can publish these partitions until we commit,
 --   and producers only ever insert.
-WITH pending AS (
-    SELECT p.partition, n.rows,
-           sum(n.rows) OVER (ORDER BY p.published_at NULLS FIRST, p.partition) AS running
+WITH active AS (
+    SELECT p.partition, p.published_at
     FROM relay_partitions AS p
+    -- One index probe per partition (LIMIT keeps the planner from turning
+    -- this into a join that scans the outbox).
+    CROSS JOIN LATERAL (
+        SELECT FROM relay_outbox AS o WHERE o.partition = p.partition LIMIT 1
+    ) AS any_pending
+), sizing AS (
+    SELECT ceil(%(batch_size)s::numeric
+                / least(greatest(count(*), 1), %(backlog_partitions)s))::int AS share
+    FROM active
+), pending AS (
+    SELECT a.partition, n.rows,
+           sum(n.rows) OVER (ORDER BY a.published_at NULLS FIRST, a.partition) AS running
+    FROM active AS a
     CROSS JOIN LATERAL (
         SELECT count(*) AS rows
-        FROM (SELECT FROM relay_outbox AS o WHERE o.partition = p.partition LIMIT %(share)s) AS r
+        FROM (SELECT FROM relay_outbox AS o WHERE o.partition = a.partition
+              LIMIT (SELECT share FROM sizing)) AS r
     ) AS n
-    WHERE n.rows > 0
 ), held AS MATERIALIZED (
     SELECT p.partition, p.last_position
     FROM relay_partitions AS p
@@ -52,13 +67,13 @@ WITH pending AS (
 )
 SELECT h.last_position, o.id, o.partition, o.event_id, o.event_type, o.schema_version,
        o.restaurant_id, o.order_id, o.customer_id, o.payload::text, o.occurred_on_utc,
-       o.enqueued_at
+       o.enqueued_at, (SELECT share FROM sizing) AS share
 FROM held AS h
 CROSS JOIN LATERAL (
     SELECT * FROM relay_outbox
     WHERE partition = h.partition
     ORDER BY id
-    LIMIT %(share)s
+    LIMIT (SELECT share FROM sizing)
 ) AS o
 ORDER BY o.partition, o.id
 

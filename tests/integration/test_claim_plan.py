@@ -41,7 +41,7 @@ def test_claim_never_scans_the_outbox_or_the_log(database_url: str) -> None:
         conn.execute("ANALYZE relay_events")
         plans = []
         with conn.transaction():
-            plans.append(_plan(conn, query("claim"), {"share": 32, "batch_size": 500}))
+            plans.append(_plan(conn, query("claim"), {"batch_size": 500, "backlog_partitions": 16}))
             plans.append(
                 _plan(
                     conn,

@@ -260,7 +260,9 @@ async def test_backlog_leaves_partitions_for_another_replica(database_url: str) 
     other = await _conn(database_url)
     try:
         async with holder.transaction():
-            cur = await holder.execute(query("claim"), {"share": 32, "batch_size": 500})
+            cur = await holder.execute(
+                query("claim"), {"batch_size": 500, "backlog_partitions": 16}
+            )
             held = {int(row[2]) for row in await cur.fetchall()}
             result = await claim_and_publish(other, batch_size=500)
         assert len(held) == 16
@@ -269,3 +271,18 @@ async def test_backlog_leaves_partitions_for_another_replica(database_url: str) 
     finally:
         await holder.close()
         await other.close()
+
+
+async def test_backlog_in_one_partition_fills_whole_batches(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    with psycopg.connect(database_url) as conn:
+        for _ in range(600):
+            enqueue(conn, event("OrderAccepted", restaurant_id=restaurant, order_id=uuid.uuid4()))
+    conn_a = await _conn(database_url)
+    try:
+        first = await claim_and_publish(conn_a, batch_size=500)
+        second = await claim_and_publish(conn_a, batch_size=500)
+    finally:
+        await conn_a.close()
+    assert (first.claimed, first.more) == (500, True)
+    assert (second.claimed, second.more) == (100, False)
