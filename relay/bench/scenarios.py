@@ -315,6 +315,10 @@ def connections(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         before = server.rss_kb()
         parts = max(1, min(4, count // 500))
         streams = _streams([ids[i % 100] for i in range(count)], 0, from_start=False)
+        # Each dashboard carries its own restaurant's token, as staff tokens do.
+        tokens = {str(r): bench.token([r]) for r in ids}
+        for stream in streams:
+            stream["token"] = tokens[stream["path"].split("/")[3]]
         workers = [
             Worker(
                 "subscribe",

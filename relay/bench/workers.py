@@ -52,12 +52,14 @@ async def _follow(
     spec: dict[str, Any],
     path: str,
     cursor: str | None,
+    stream_token: str | None,
     state: _Stream,
     ready: asyncio.Event,
     stop: asyncio.Event,
 ) -> None:
     reader, writer = await asyncio.open_connection(spec["host"], spec["port"])
-    head = f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {spec['token']}\r\n"
+    token = stream_token or spec["token"]
+    head = f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
     if cursor:
         head += f"Last-Event-ID: {cursor}\r\n"
     writer.write((head + "\r\n").encode())
@@ -97,18 +99,23 @@ async def _follow(
 async def subscribe(spec: dict[str, Any]) -> dict[str, Any]:
     """Open every stream, say ``ready``, then read until each has its events (or timeout)."""
     raise_fd_limit()
-    streams = [(s["path"], s.get("cursor"), int(s.get("expect", 0))) for s in spec["streams"]]
+    streams = [
+        (s["path"], s.get("cursor"), int(s.get("expect", 0)), s.get("token"))
+        for s in spec["streams"]
+    ]
     states = [_Stream() for _ in streams]
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     opened = 0
     for chunk in range(0, len(streams), 200):  # paced: the server's accept backlog
         group = []
-        for (path, cursor, _expect), state in zip(
+        for (path, cursor, _expect, token), state in zip(
             streams[chunk : chunk + 200], states[chunk : chunk + 200], strict=True
         ):
             ready = asyncio.Event()
-            tasks.append(asyncio.create_task(_follow(spec, path, cursor, state, ready, stop)))
+            tasks.append(
+                asyncio.create_task(_follow(spec, path, cursor, token, state, ready, stop))
+            )
             group.append(ready.wait())
         await asyncio.wait_for(asyncio.gather(*group), 60)
         opened += len(group)
@@ -117,7 +124,7 @@ async def subscribe(spec: dict[str, Any]) -> dict[str, Any]:
     hold = float(spec.get("hold", 0))
     started = time.monotonic()
     while time.monotonic() < deadline:
-        done = all(st.events >= e for st, (_p, _c, e) in zip(states, streams, strict=True))
+        done = all(st.events >= e for st, (_p, _c, e, _t) in zip(states, streams, strict=True))
         if done and time.monotonic() - started >= hold:
             break
         await asyncio.sleep(0.01 if not hold else 0.2)
@@ -132,7 +139,9 @@ async def subscribe(spec: dict[str, Any]) -> dict[str, Any]:
         "events": [st.events for st in states],
         "heartbeats": [st.heartbeats for st in states],
         "finished": finished,
-        "complete": all(st.events >= e for st, (_p, _c, e) in zip(states, streams, strict=True)),
+        "complete": all(
+            st.events >= e for st, (_p, _c, e, _t) in zip(states, streams, strict=True)
+        ),
         "numbers": [n for st in states for n in st.numbers],
     }
 

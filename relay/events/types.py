@@ -70,9 +70,9 @@ def _timestamp_only(value: Any) -> Any:
 def _as_utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)  # naive: .NET's Unspecified kind, taken as UTC
-    return (
-        moment if moment.utcoffset() == _ZERO and moment.tzinfo is UTC else moment.astimezone(UTC)
-    )
+    # Already at offset zero (pydantic's own zero-offset tzinfo serialises as Z too):
+    # kept as is, since this runs for every timestamp of every event.
+    return moment if moment.utcoffset() == _ZERO else moment.astimezone(UTC)
 
 
 _ZERO = timedelta(0)

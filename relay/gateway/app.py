@@ -16,7 +16,6 @@ from uuid import UUID
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
-from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -111,19 +110,20 @@ def create_app(
                 expires_at=who.expires_at, subject=who.subject,
             )  # fmt: skip
 
+        subject = who.subject  # not the whole principal: it lives as long as the stream
+
         async def body() -> Any:
             try:
                 async for chunk in source:
                     yield chunk
             finally:
-                open_per_subject[who.subject] -= 1
-                if open_per_subject[who.subject] <= 0:
-                    del open_per_subject[who.subject]
+                open_per_subject[subject] -= 1
+                if open_per_subject[subject] <= 0:
+                    del open_per_subject[subject]
 
         return EventSourceResponse(
             body(),
-            ping=config.stream.heartbeat,
-            ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"),
+            ping=0,  # the stream sends its own heartbeats: one task less per connection
             sep="\n",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             send_timeout=config.stream.send_timeout,

@@ -36,6 +36,10 @@ __all__ = [
     "start_position",
 ]
 
+# Sent after `heartbeat` seconds without events, by the stream itself (not a
+# separate ping task per connection): proxies keep the connection open, a dead
+# client is found by the write, and a stuck one by the send timeout.
+HEARTBEAT = b": heartbeat\n\n"
 _REPLAY_PAGE = 1000
 _IO_TIMEOUT = 15.0  # a read that takes longer is on a dead connection
 
@@ -93,6 +97,19 @@ async def resolve_order(
     return (row[0], row[1]) if row else None
 
 
+async def _beating(task: asyncio.Future[Any], every: float) -> AsyncIterator[bytes]:
+    """Heartbeats while ``task`` (a database read) runs: a slow database must
+    not look like a dead stream to the client or a proxy."""
+    try:
+        while not task.done():
+            done, _pending = await asyncio.wait({task}, timeout=every)
+            if not done:
+                yield HEARTBEAT
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 def _reset_frame(reason: str, cursor: str) -> bytes:
     data = json.dumps({"reason": reason, "cursor": cursor}, separators=(",", ":"))
     return f"id: {cursor}\nevent: reset\ndata: {data}\n\n".encode()
@@ -111,7 +128,10 @@ async def sse_stream(
     """Yield SSE bytes for one subscriber until it is closed, slow, or its token expires."""
     sub = hub.subscribe(stream.channel, stream.partition, options.buffer, subject)
     try:
-        start = await start_position(pool, stream, cursor_text)
+        starting = asyncio.ensure_future(start_position(pool, stream, cursor_text))
+        async for beat in _beating(starting, options.heartbeat):
+            yield beat
+        start: Start = starting.result()
         retry = int(options.retry_ms * random.uniform(0.8, 1.2))
         opening = f"retry: {retry}\n"
         sent = start.position
@@ -123,8 +143,10 @@ async def sse_stream(
             # An id-only frame gives a fresh client a cursor before any event arrives.
             yield f"{opening}id: {stream.partition}-{sent}\n\n".encode()
             while True:
-                async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
-                    events = await event_log.replay(conn, stream, sent, _REPLAY_PAGE)
+                reading = asyncio.ensure_future(_replay_page(pool, stream, sent))
+                async for beat in _beating(reading, options.heartbeat):
+                    yield beat
+                events: list[LogEvent] = reading.result()
                 if events:
                     yield b"".join(frame(e) for e in events)
                     sent = events[-1].position
@@ -135,7 +157,9 @@ async def sse_stream(
             if remaining <= 0:
                 yield b": token expired; reconnect with a fresh token\n\n"
                 return
-            await sub.wait(min(remaining, options.heartbeat * 4))
+            if not await sub.wait(min(remaining, options.heartbeat)):
+                yield HEARTBEAT
+                continue
             if sub.closed:
                 if sub.closed == "slow":
                     yield b": buffer overflow; resume with Last-Event-ID\n\n"
@@ -146,6 +170,13 @@ async def sse_stream(
                 yield b"".join(data for _position, data in fresh)
     finally:
         hub.unsubscribe(sub)
+
+
+async def _replay_page(
+    pool: AsyncConnectionPool[Any], stream: Stream, after: int
+) -> list[LogEvent]:
+    async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
+        return await event_log.replay(conn, stream, after, _REPLAY_PAGE)
 
 
 async def page(
@@ -193,8 +224,10 @@ async def sse_global_stream(
     """
     sub = hub.subscribe(channel, GLOBAL, options.buffer, subject)
     try:
-        async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
-            heads = await event_log.heads(conn)
+        reading_heads = asyncio.ensure_future(_heads(pool))
+        async for beat in _beating(reading_heads, options.heartbeat):
+            yield beat
+        heads = reading_heads.result()
         now = {p: last for p, (last, _pruned) in heads.items()}
         reset: str | None = None
         vector = dict(now)
@@ -216,8 +249,10 @@ async def sse_global_stream(
         else:
             yield f"retry: {retry}\nid: {encode_vector(vector)}\n\n".encode()
             while True:
-                async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
-                    events = await event_log.replay_global(conn, channel, vector, _REPLAY_PAGE)
+                reading = asyncio.ensure_future(_global_page(pool, channel, dict(vector)))
+                async for beat in _beating(reading, options.heartbeat):
+                    yield beat
+                events = reading.result()
                 chunks = []
                 for e in events:
                     vector[e.partition] = e.position
@@ -231,7 +266,9 @@ async def sse_global_stream(
             if remaining <= 0:
                 yield b": token expired; reconnect with a fresh token\n\n"
                 return
-            await sub.wait(min(remaining, options.heartbeat * 4))
+            if not await sub.wait(min(remaining, options.heartbeat)):
+                yield HEARTBEAT
+                continue
             if sub.closed:
                 return
             chunks = []
@@ -243,6 +280,18 @@ async def sse_global_stream(
                 yield b"".join(chunks)
     finally:
         hub.unsubscribe(sub)
+
+
+async def _heads(pool: AsyncConnectionPool[Any]) -> dict[int, tuple[int, int]]:
+    async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
+        return await event_log.heads(conn)
+
+
+async def _global_page(
+    pool: AsyncConnectionPool[Any], channel: str, vector: dict[int, int]
+) -> list[LogEvent]:
+    async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
+        return await event_log.replay_global(conn, channel, vector, _REPLAY_PAGE)
 
 
 def _vector_frame(event: LogEvent, vector: dict[int, int]) -> bytes:
