@@ -91,7 +91,7 @@ class Settings(BaseSettings):
         description="longest pause between probes of the outbox when idle",
     )
     linger: Duration = Field(
-        timedelta(milliseconds=2),
+        timedelta(milliseconds=1),
         alias="RELAY_LINGER",
         le=timedelta(seconds=1),
         description="after a partial batch, let the next one gather this long (fewer, larger "

@@ -48,7 +48,7 @@ class DispatcherConfig:
     poll_idle: float = 0.010
     # After a partial batch, let the next one gather this long: fewer, larger
     # transactions leave the producers' CPU and WAL alone (issue 12).
-    linger: float = 0.002
+    linger: float = 0.001
     safety_sweep: float = 1.0
     # Client-side bound on any one round trip: a half-open connection (a
     # network that silently drops packets) must not stall the loop forever.
