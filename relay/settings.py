@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     poll_idle: Duration = Field(
         timedelta(milliseconds=10),
         alias="RELAY_POLL_IDLE",
-        description="longest pause between probes of the outbox when idle",
+        description="longest pause between probes of the outbox when idle (5x after 1 s "
+        "without events)",
     )
     linger: Duration = Field(
         timedelta(milliseconds=1),

@@ -96,6 +96,16 @@ def _streams(
     ]
 
 
+def _subscriber(
+    bench: Bench, port: int, ids: list[uuid.UUID], streams: list[dict[str, Any]], **spec: Any
+) -> Worker:
+    """A subscribe worker (its own process) following ``streams`` on the relay at ``port``."""
+    return Worker(
+        "subscribe",
+        {"host": "127.0.0.1", "port": port, "token": bench.token(ids), "streams": streams, **spec},
+    )
+
+
 def ceiling(bench: Bench, events: int, restaurants: int) -> float:
     """Bare-SQL claim loop on the same data: rows/s, payload decoded, one connection."""
     with bench.database() as url:
@@ -131,16 +141,7 @@ def drain_rate(
             streams = _streams(ids, events // restaurants, from_start=True)
             # Behind a load balancer: each replica serves its share of the dashboards.
             workers = [
-                Worker(
-                    "subscribe",
-                    {
-                        "host": "127.0.0.1",
-                        "port": server.port,
-                        "token": bench.token(ids),
-                        "timeout": 600,
-                        "streams": streams[i :: len(servers)],
-                    },
-                )
+                _subscriber(bench, server.port, ids, streams[i :: len(servers)], timeout=600)
                 for i, server in enumerate(servers)
             ]
             for worker in workers:
@@ -217,18 +218,10 @@ def latency(bench: Bench, seconds: float, rate: float, wakeup: str) -> dict[str,
     ids = _restaurants(10)
     with bench.database() as url, RelayServer(bench, url, RELAY_WAKEUP=wakeup) as server:
         server.wait_ready()
-        subscriber = Worker(
-            "subscribe",
-            {
-                "host": "127.0.0.1",
-                "port": server.port,
-                "token": bench.token(ids),
-                "record": True,
-                "timeout": seconds + 4,
-                "hold": seconds + 3,
-                "streams": _streams(ids, 0, from_start=False),
-            },
-        )
+        subscriber = _subscriber(
+            bench, server.port, ids, _streams(ids, 0, from_start=False),
+            record=True, timeout=seconds + 4, hold=seconds + 3,
+        )  # fmt: skip
         subscriber.wait_ready()
         writer = Worker(
             "write",
@@ -279,16 +272,7 @@ def _fan(bench: Bench, subscribers: int, events: int, restaurants: int) -> dict[
         server.wait_ready()
         half = (len(streams) + 1) // 2
         workers = [
-            Worker(
-                "subscribe",
-                {
-                    "host": "127.0.0.1",
-                    "port": server.port,
-                    "token": bench.token(ids),
-                    "timeout": 300,
-                    "streams": part,
-                },
-            )
+            _subscriber(bench, server.port, ids, part, timeout=300)
             for part in (streams[:half], streams[half:])
             if part
         ]
@@ -334,17 +318,7 @@ def connections(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         for stream in streams:
             stream["token"] = tokens[stream["path"].split("/")[3]]
         workers = [
-            Worker(
-                "subscribe",
-                {
-                    "host": "127.0.0.1",
-                    "port": server.port,
-                    "token": bench.token(ids),
-                    "hold": 7,
-                    "timeout": 60,
-                    "streams": streams[i::parts],
-                },
-            )
+            _subscriber(bench, server.port, ids, streams[i::parts], hold=7, timeout=60)
             for i in range(parts)
         ]
         for worker in workers:

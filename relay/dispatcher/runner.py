@@ -2,11 +2,13 @@
 
 Wake-up (MEASURED.md: a NOTIFY in each producer commit costs producers ~40%):
 
-* ``poll`` (default): while batches come back non-empty, claim again at once;
-  when idle, probe the outbox's identity sequence (microseconds, no cost to
-  producers) with a back-off from 0.5 ms to ``poll_idle``. A sequence bump
-  starts a short *chase* of real claims, since the inserting transaction may
-  not have committed yet when the probe saw its id.
+* ``poll`` (default): a batch that hit its limit is followed by the next claim
+  at once; a partial one by a claim after ``linger`` (fewer, larger
+  transactions under live load). When nothing is pending, probe the outbox's
+  identity sequence (microseconds, no cost to producers) with a back-off from
+  0.5 ms to ``poll_idle``, and to 5 x ``poll_idle`` after a second without
+  events. A sequence bump starts a short *chase* of real claims, since the
+  inserting transaction may not have committed yet when the probe saw its id.
 * ``notify``: a statement trigger NOTIFYs ``relay_outbox``; a dedicated
   listener wakes the loop. Polling continues at ``poll_idle`` while the
   listener is down.
@@ -38,6 +40,11 @@ log = logging.getLogger("relay.dispatcher")
 
 _CHASE_SECONDS = 0.1
 _FIRST_BACKOFF = 0.0005
+# After this long without an event the probe slows to _DEEP_IDLE x poll_idle:
+# each probe is a few system calls (an idle relay's main cost), and traffic
+# that has been silent for a second can afford a few more milliseconds.
+_DEEP_IDLE_AFTER = 1.0
+_DEEP_IDLE = 5
 
 
 @dataclass(frozen=True)
@@ -153,21 +160,21 @@ class Dispatcher:
         probe = query("probe_outbox")
         last_seq: int | None = None
         chase_until = 0.0
+        last_event = loop.time()
         next_sweep = loop.time() + cfg.safety_sweep
         backoff = _FIRST_BACKOFF
         claim = True
         while not stop.is_set():
             if claim:
-                result = await asyncio.wait_for(
-                    claim_and_publish(
+                async with asyncio.timeout(cfg.query_timeout):
+                    result = await claim_and_publish(
                         conn, batch_size=cfg.batch_size, backlog_partitions=cfg.backlog_partitions
-                    ),
-                    cfg.query_timeout,
-                )
+                    )
                 now = loop.time()
                 next_sweep = now + cfg.safety_sweep
                 if result.claimed:
                     self._published(result)
+                    last_event = now
                     chase_until = now + _CHASE_SECONDS
                     backoff = _FIRST_BACKOFF
                     # A batch that hit a limit means a backlog: claim again at
@@ -177,16 +184,18 @@ class Dispatcher:
                     continue
             # Nothing claimed: wait for a reason to claim again.
             await self._pause(stop, backoff)
-            backoff = min(backoff * 2, cfg.poll_idle)
             now = loop.time()
+            deep = now - last_event > _DEEP_IDLE_AFTER
+            backoff = min(backoff * 2, cfg.poll_idle * (_DEEP_IDLE if deep else 1))
             if now >= next_sweep or self._wake.is_set():
                 self._wake.clear()
                 claim = True
             elif now < chase_until:
                 claim = True
             elif cfg.wakeup == "poll" or not self.listener_connected:
-                cur = await asyncio.wait_for(conn.execute(probe), cfg.query_timeout)
-                row = await cur.fetchone()
+                async with asyncio.timeout(cfg.query_timeout):
+                    cur = await conn.execute(probe, prepare=True)
+                    row = await cur.fetchone()
                 seq = int(row[0]) if row else 0
                 claim = last_seq is not None and seq != last_seq
                 if claim:
@@ -196,7 +205,12 @@ class Dispatcher:
                 claim = False
 
     async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
-        if self.config.wakeup == "notify" and self.listener_connected:
+        if self.config.wakeup != "notify":
+            # Poll mode: a plain timer (the loop checks ``stop``). No tasks per
+            # pause: an idle relay pauses a hundred times a second.
+            await asyncio.sleep(seconds)
+            return
+        if self.listener_connected:
             seconds = self.config.safety_sweep
         wake = asyncio.ensure_future(self._wake.wait())
         halt = asyncio.ensure_future(stop.wait())
