@@ -4,11 +4,12 @@ Wake-up (MEASURED.md: a NOTIFY in each producer commit costs producers ~40%):
 
 * ``poll`` (default): a batch that hit its limit is followed by the next claim
   at once; a partial one by a claim after a linger that grows with the batch,
-  up to ``linger`` (fewer, larger transactions under heavy live load). When nothing is pending, probe the outbox's
-  identity sequence (microseconds, no cost to producers) with a back-off from
-  0.5 ms to ``poll_idle``, and to 5 x ``poll_idle`` after a second without
-  events. A sequence bump starts a short *chase* of real claims, since the
-  inserting transaction may not have committed yet when the probe saw its id.
+  up to ``linger`` (fewer, larger transactions under heavy live load). When
+  nothing is pending, probe the outbox's identity sequence (microseconds, no
+  cost to producers) with a back-off from 0.5 ms to ``poll_idle``, and to
+  5 x ``poll_idle`` after a second without events. A sequence bump starts a
+  short *chase* of real claims, since the inserting transaction may not have
+  committed yet when the probe saw its id.
 * ``notify``: a statement trigger NOTIFYs ``relay_outbox``; a dedicated
   listener wakes the loop. Polling continues at ``poll_idle`` while the
   listener is down.
