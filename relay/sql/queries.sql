@@ -87,11 +87,10 @@ ORDER BY o.partition, o.id
 -- walks published history. A producer re-inserting an already published
 -- event_id is dropped by the log's unique key (dedupe).
 WITH plan AS (
-    -- One JSON array of [id, position, sse_event, channels, data, reason]
-    -- rows: one parameter to encode however large the batch.
-    SELECT (r->>0)::bigint AS id, (r->>1)::bigint AS position, r->>2 AS sse_event,
-           r->>3 AS channels, r->>4 AS data, r->>5 AS reason
-    FROM json_array_elements(%(plan)s::json) AS r
+    SELECT *
+    FROM unnest(%(ids)b::bigint[], %(positions)b::bigint[], %(sse_events)b::text[],
+                %(channels)b::text[], %(data)b::text[], %(reasons)b::text[])
+         AS p(id, position, sse_event, channels, data, reason)
 ), moved AS (
     DELETE FROM relay_outbox AS o
     USING plan
@@ -120,9 +119,8 @@ WITH plan AS (
 ), counters AS (
     UPDATE relay_partitions AS p
     SET last_position = c.last_position, published_at = now()
-    FROM json_each_text(%(heads)s::json) AS h(partition, last_position)
-    CROSS JOIN LATERAL (SELECT h.partition::smallint AS partition,
-                               h.last_position::bigint AS last_position) AS c
+    FROM unnest(%(c_partition)b::smallint[], %(c_last_position)b::bigint[])
+         AS c(partition, last_position)
     WHERE p.partition = c.partition
     RETURNING 1
 )
