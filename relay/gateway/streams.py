@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -97,6 +98,26 @@ async def resolve_order(
     return (row[0], row[1]) if row else None
 
 
+class _Beat:
+    """A heartbeat at least every ``every`` seconds, events or not (SPEC §4)."""
+
+    __slots__ = ("_at", "_every")
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._at = time.monotonic() + every
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self._at:
+            return False
+        self._at = now + self._every
+        return True
+
+    def left(self) -> float:
+        return max(0.0, self._at - time.monotonic())
+
+
 async def _beating(task: asyncio.Future[Any], every: float) -> AsyncIterator[bytes]:
     """Heartbeats while ``task`` (a database read) runs: a slow database must
     not look like a dead stream to the client or a proxy."""
@@ -152,13 +173,15 @@ async def sse_stream(
                     sent = events[-1].position
                 if len(events) < _REPLAY_PAGE:
                     break
+        cadence = _Beat(options.heartbeat)
         while True:
             remaining = (expires_at - datetime.now(UTC)).total_seconds()
             if remaining <= 0:
                 yield b": token expired; reconnect with a fresh token\n\n"
                 return
-            if not await sub.wait(min(remaining, options.heartbeat)):
+            if cadence.due():
                 yield HEARTBEAT
+            if not await sub.wait(min(remaining, cadence.left())):
                 continue
             if sub.closed:
                 if sub.closed == "slow":
@@ -261,13 +284,15 @@ async def sse_global_stream(
                     yield b"".join(chunks)
                 if len(events) < _REPLAY_PAGE:
                     break
+        cadence = _Beat(options.heartbeat)
         while True:
             remaining = (expires_at - datetime.now(UTC)).total_seconds()
             if remaining <= 0:
                 yield b": token expired; reconnect with a fresh token\n\n"
                 return
-            if not await sub.wait(min(remaining, options.heartbeat)):
+            if cadence.due():
                 yield HEARTBEAT
+            if not await sub.wait(min(remaining, cadence.left())):
                 continue
             if sub.closed:
                 return

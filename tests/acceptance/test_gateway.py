@@ -179,6 +179,28 @@ async def test_frames_headers_retry_and_heartbeat(relay: RelayProcess) -> None:
     assert sub.comments.count("heartbeat") >= 2
 
 
+async def test_heartbeat_keeps_its_cadence_while_events_flow(
+    relay: RelayProcess, database_url: str
+) -> None:
+    # SPEC §4: a comment heartbeat at least every RELAY_HEARTBEAT_SECONDS (1 s
+    # here), even when events arrive more often than that.
+    restaurant = uuid.uuid4()
+    async with client() as http:
+        sub = Subscriber(
+            http, f"{relay.url}/v1/restaurants/{restaurant}/stream", staff(restaurant)
+        ).start()
+        await asyncio.wait_for(sub.ready.wait(), 10)
+        with psycopg.connect(database_url) as conn:
+            for _ in range(12):  # an event every 0.25 s for 3 s
+                enqueue(conn, event("OrderAccepted", restaurant_id=restaurant))
+                conn.commit()
+                await asyncio.sleep(0.25)
+        await asyncio.sleep(0.3)
+        await sub.close()
+    assert len([f for f in sub.frames if f.event]) == 12
+    assert sub.comments.count("heartbeat") >= 2
+
+
 async def test_stream_closes_when_its_token_expires(relay: RelayProcess) -> None:
     restaurant = uuid.uuid4()
     async with client() as http:
