@@ -37,9 +37,10 @@ __all__ = [
     "start_position",
 ]
 
-# Sent after `heartbeat` seconds without events, by the stream itself (not a
-# separate ping task per connection): proxies keep the connection open, a dead
-# client is found by the write, and a stuck one by the send timeout.
+# Sent every `heartbeat` seconds by the stream itself (not by a separate ping
+# task per connection), also while a database read is slow: proxies keep the
+# connection open, a dead client is found by the write, a stuck one by the
+# send timeout.
 HEARTBEAT = b": heartbeat\n\n"
 _REPLAY_PAGE = 1000
 _IO_TIMEOUT = 15.0  # a read that takes longer is on a dead connection
