@@ -20,6 +20,7 @@ import uvicorn
 from psycopg_pool import AsyncConnectionPool
 from sse_starlette.sse import AppStatus
 
+from relay.db import prepare_session, role_params
 from relay.dispatcher import BatchResult, Dispatcher, DispatcherConfig
 from relay.dispatcher.listener import _KEEPALIVE
 from relay.gateway.app import GatewayConfig, create_app
@@ -158,7 +159,8 @@ async def serve(
             min_size=1,
             max_size=8,
             open=False,
-            kwargs={"autocommit": True, **_KEEPALIVE},
+            kwargs={"autocommit": True, **_KEEPALIVE, **role_params(url, "gateway pool")},
+            configure=prepare_session,
             timeout=5,
         )
         await pool.open(wait=False)

@@ -166,3 +166,41 @@ def _wait_ok(url: str, timeout: float = 20) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError(f"{url} never answered 200")
+
+
+def test_every_relay_session_is_named_and_runs_without_jit(database_url: str) -> None:
+    # A DBA reading pg_stat_activity sees what each relay session is; and no
+    # relay session (the gateway's pool included) JIT-compiles its queries.
+    with RelayProcess(database_url) as relay:
+        httpx.get(f"{relay.url}/readyz", timeout=5)
+        with psycopg.connect(database_url) as conn:
+            names = {
+                name
+                for (name,) in conn.execute(
+                    "SELECT application_name FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchall()
+            }
+    assert {"relay dispatcher", "relay gateway", "relay gateway pool", "relay sla"} <= names
+
+
+async def test_relay_sessions_turn_jit_off_and_keep_a_configured_name(database_url: str) -> None:
+    from relay.db import aconnect
+
+    conn = await aconnect(database_url, autocommit=True, role="dispatcher")
+    try:
+        cur = await conn.execute(
+            "SELECT current_setting('jit'), current_setting('application_name')"
+        )
+        assert await cur.fetchone() == ("off", "relay dispatcher")
+    finally:
+        await conn.close()
+    named = database_url + ("&" if "?" in database_url else "?") + "application_name=orders-relay"
+    conn = await aconnect(named, role="dispatcher")
+    try:
+        # Set up without leaving a transaction open on a non-autocommit connection.
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        cur = await conn.execute("SELECT current_setting('application_name')")
+        assert await cur.fetchone() == ("orders-relay",)
+    finally:
+        await conn.close()
