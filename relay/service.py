@@ -18,7 +18,6 @@ from typing import Any
 
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
-from sse_starlette.sse import AppStatus
 
 from relay.db import prepare_session, role_params
 from relay.dispatcher import BatchResult, Dispatcher, DispatcherConfig
@@ -215,7 +214,6 @@ async def serve(
             return
         log.info("received %s: draining", signame)
         stop.set()
-        AppStatus.should_exit = True
         if hub is not None:
             hub.close_all("shutdown")
         if server is not None:

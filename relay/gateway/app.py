@@ -16,7 +16,6 @@ from uuid import UUID
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
-from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -27,6 +26,7 @@ from starlette.routing import Route
 from relay.errors import AuthError
 from relay.gateway.auth import Principal, TokenVerifier, authenticate
 from relay.gateway.hub import Hub
+from relay.gateway.sse import EventStream
 from relay.gateway.streams import (
     StreamOptions,
     page,
@@ -112,21 +112,16 @@ def create_app(
 
         subject = who.subject  # not the whole principal: it lives as long as the stream
 
-        async def body() -> Any:
-            try:
-                async for chunk in source:
-                    yield chunk
-            finally:
-                open_per_subject[subject] -= 1
-                if open_per_subject[subject] <= 0:
-                    del open_per_subject[subject]
+        def release() -> None:
+            open_per_subject[subject] -= 1
+            if open_per_subject[subject] <= 0:
+                del open_per_subject[subject]
 
-        return EventSourceResponse(
-            body(),
-            ping=0,  # the stream sends its own heartbeats: one task less per connection
-            sep="\n",
+        return EventStream(
+            source,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             send_timeout=config.stream.send_timeout,
+            on_close=release,
         )
 
     async def restaurant_stream(request: Request) -> Response:
@@ -212,7 +207,10 @@ def create_app(
                 AuthError("token does not grant this restaurant", status=403, reason="forbidden")
             )
         raw_limit = request.query_params.get("limit", "100")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= config.poll_limit_max:
+        # isascii: str.isdigit() also accepts "²", which int() refuses.
+        if not (raw_limit.isascii() and raw_limit.isdigit()) or not (
+            1 <= int(raw_limit) <= config.poll_limit_max
+        ):
             return _problem(400, f"limit must be an integer from 1 to {config.poll_limit_max}")
         body = await page(
             pool, Stream.restaurant(restaurant), request.query_params.get("after"), int(raw_limit)

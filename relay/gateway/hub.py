@@ -140,6 +140,16 @@ class Hub:
         M.subscribers.inc()
         return sub
 
+    def live_position(self, partition: int) -> int | None:
+        """Where a stream subscribed just now starts live, without reading the log.
+
+        Every event above ``delivered`` will still be offered to a subscriber
+        registered before this call (the hub fans out in position order), so
+        a fresh stream (no cursor) that starts here has no gap and needs no
+        replay. None until the hub has loaded the heads.
+        """
+        return self.delivered[partition] if self.ready.is_set() else None
+
     def unsubscribe(self, sub: Subscriber) -> None:
         subs = self._channels.get(sub.channel)
         if subs is not None and sub in subs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from relay import log as event_log
@@ -41,6 +43,8 @@ __all__ = [
 # task per connection), also while a database read is slow: proxies keep the
 # connection open, a dead client is found by the write, a stuck one by the
 # send timeout.
+log = logging.getLogger("relay.gateway")
+
 HEARTBEAT = b": heartbeat\n\n"
 _REPLAY_PAGE = 1000
 _IO_TIMEOUT = 15.0  # a read that takes longer is on a dead connection
@@ -132,6 +136,20 @@ async def _beating(task: asyncio.Future[Any], every: float) -> AsyncIterator[byt
             task.cancel()
 
 
+# A log read that failed (pool exhausted, database down, read timed out): the
+# stream ends with a retry hint, and the client resumes by Last-Event-ID.
+_DATABASE_TROUBLE = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
+
+
+def _unavailable(exc: BaseException, options: StreamOptions) -> bytes:
+    log.warning(
+        "stream ended: the event log could not be read (%s); the client will resume",
+        type(exc).__name__,
+    )
+    retry = int(options.retry_ms * random.uniform(1.0, 2.0))
+    return f"retry: {retry}\n: event log unavailable; reconnect with Last-Event-ID\n\n".encode()
+
+
 def _reset_frame(reason: str, cursor: str) -> bytes:
     data = json.dumps({"reason": reason, "cursor": cursor}, separators=(",", ":"))
     return f"id: {cursor}\nevent: reset\ndata: {data}\n\n".encode()
@@ -150,10 +168,16 @@ async def sse_stream(
     """Yield SSE bytes for one subscriber until it is closed, slow, or its token expires."""
     sub = hub.subscribe(stream.channel, stream.partition, options.buffer, subject)
     try:
-        starting = asyncio.ensure_future(start_position(pool, stream, cursor_text))
-        async for beat in _beating(starting, options.heartbeat):
-            yield beat
-        start: Start = starting.result()
+        live = None if cursor_text else hub.live_position(stream.partition)
+        if live is not None:
+            # A fresh dashboard joins live from the hub's position: no query,
+            # so a thousand dashboards opening at once cost the pool nothing.
+            start = Start(live, live, 0)
+        else:
+            starting = asyncio.ensure_future(start_position(pool, stream, cursor_text))
+            async for beat in _beating(starting, options.heartbeat):
+                yield beat
+            start = starting.result()
         retry = int(options.retry_ms * random.uniform(0.8, 1.2))
         opening = f"retry: {retry}\n"
         sent = start.position
@@ -164,7 +188,7 @@ async def sse_stream(
         else:
             # An id-only frame gives a fresh client a cursor before any event arrives.
             yield f"{opening}id: {stream.partition}-{sent}\n\n".encode()
-            while True:
+            while live is None:  # joined live: everything after `sent` comes from the hub
                 reading = asyncio.ensure_future(_replay_page(pool, stream, sent))
                 async for beat in _beating(reading, options.heartbeat):
                     yield beat
@@ -192,6 +216,8 @@ async def sse_stream(
             if fresh:
                 sent = fresh[-1][0]
                 yield b"".join(data for _position, data in fresh)
+    except _DATABASE_TROUBLE as exc:
+        yield _unavailable(exc, options)
     finally:
         hub.unsubscribe(sub)
 
@@ -304,6 +330,8 @@ async def sse_global_stream(
                     chunks.append(_vector_frame(e, vector))
             if chunks:
                 yield b"".join(chunks)
+    except _DATABASE_TROUBLE as exc:
+        yield _unavailable(exc, options)
     finally:
         hub.unsubscribe(sub)
 

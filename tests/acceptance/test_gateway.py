@@ -550,6 +550,26 @@ async def test_connection_caps_answer_429_and_free_on_disconnect(database_url: s
                 await sub.close()
 
 
+async def test_head_on_a_stream_answers_headers_and_holds_no_slot(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    env = {"RELAY_HEARTBEAT_SECONDS": "1", "RELAY_MAX_CONNECTIONS_PER_SUBJECT": "1"}
+    with RelayProcess(database_url, env=env) as relay:
+        url = f"{relay.url}/v1/restaurants/{restaurant}/stream"
+        token = mint_token(SECRET, subject="alice", restaurant_ids=[restaurant])
+        auth = {"Authorization": f"Bearer {token}"}
+        for _ in range(2):  # a HEAD that kept its slot would make the next one a 429
+            head = httpx.head(url, headers=auth, timeout=5)
+            assert head.status_code == 200
+            assert head.headers["content-type"].startswith("text/event-stream")
+            assert head.headers["cache-control"] == "no-cache"
+        assert metric(relay, "relay_subscribers") == 0
+        async with client() as http:
+            stream = Subscriber(http, url, token).start()
+            await asyncio.wait_for(stream.ready.wait(), 10)
+            assert stream.status == 200
+            await stream.close()
+
+
 def test_cors_allows_configured_origins_with_credentials(database_url: str) -> None:
     env = {"RELAY_CORS_ORIGINS": "https://ops.example.com"}
     with RelayProcess(database_url, env=env) as relay:

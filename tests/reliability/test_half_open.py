@@ -14,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict
 from relay.gateway.auth import mint_token
 from tests.helpers.proxy import LoopbackProxy
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
+from tests.helpers.sse import bulk_accepted
 from tests.reliability.ledger import Ledger, write_orders
 
 
@@ -73,5 +74,85 @@ def test_blackholed_database_link_is_detected_and_nothing_is_lost(database_url: 
         assert relay.proc is not None and relay.proc.poll() is None  # survived, not crashed
     finally:
         stop.set()
+        relay.__exit__()
+        hole.close()
+
+
+class _Reader:
+    """One SSE stream read in a thread: its text so far, and whether it ended."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.text = ""
+        self.status = 0
+        self.ended = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url, headers), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, headers: dict[str, str]) -> None:
+        try:
+            with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(5, read=30)) as r:
+                self.status = r.status_code
+                for chunk in r.iter_text():
+                    self.text += chunk
+                    if self._stop.is_set():
+                        return
+        except httpx.HTTPError:
+            pass
+        finally:
+            self.ended.set()
+
+    def wait_for(self, needle: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return needle in self.text
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def test_streams_while_the_event_log_is_unreachable(database_url: str) -> None:
+    """A fresh dashboard joins live without a query; a resume that needs the log
+    ends with a retry hint (no server error); after the outage nothing is missed."""
+    params = conninfo_to_dict(database_url)
+    hole = LoopbackProxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+    via_hole = database_url.replace(f":{params.get('port', 5432)}/", f":{hole.port}/")
+    relay = RelayProcess(via_hole, env={"RELAY_HEARTBEAT_SECONDS": "1"})
+    restaurant = uuid.uuid4()
+    partition = restaurant.bytes[15] & 63
+    token = mint_token(SECRET, subject="s", restaurant_ids=[restaurant])
+    url = f"{relay.url}/v1/restaurants/{restaurant}/stream"
+    auth = {"Authorization": f"Bearer {token}"}
+    readers: list[_Reader] = []
+    try:
+        relay.start()
+        first = _Reader(url, auth)
+        readers.append(first)
+        assert first.wait_for(f"id: {partition}-0\n", 10), first.text  # subscribed
+        bulk_accepted(database_url, restaurant, 3)
+        assert first.wait_for('"orderNumber":"B-3"', 20), first.text
+
+        hole.cut()  # every database connection of the relay drops; new ones are refused
+        fresh = _Reader(url, auth)
+        resuming = _Reader(url, {**auth, "Last-Event-ID": f"{partition}-0"})
+        readers += [fresh, resuming]
+        assert fresh.wait_for(f"id: {partition}-3\n", 5), fresh.text  # joined live at the head
+        assert fresh.wait_for(": heartbeat", 5), (fresh.text, relay.output()[-3000:])
+        assert resuming.ended.wait(20), resuming.text
+        assert resuming.status == 200
+        assert "event log unavailable; reconnect with Last-Event-ID" in resuming.text
+        assert "retry: " in resuming.text
+        assert not fresh.ended.is_set()
+
+        hole.restore()
+        bulk_accepted(database_url, restaurant, 5)  # B-1..B-5 again as new events
+        assert fresh.wait_for(f"id: {partition}-8\n", 30), relay.output()[-4000:]
+        numbers = [f.json()["orderNumber"] for f in parse_frames(fresh.text)[0] if f.event]
+        assert numbers == [f"B-{n}" for n in range(1, 6)]  # all of them, once, in order
+        assert "Exception in ASGI application" not in relay.output()
+    finally:
+        for reader in readers:
+            reader.close()
         relay.__exit__()
         hole.close()
