@@ -28,6 +28,7 @@ from relay.gateway.auth import Principal, TokenVerifier, authenticate
 from relay.gateway.hub import Hub
 from relay.gateway.sse import EventStream
 from relay.gateway.streams import (
+    DATABASE_TROUBLE,
     StreamOptions,
     page,
     resolve_order,
@@ -262,4 +263,14 @@ def create_app(
             Route("/dashboard", dashboard),
         ],
         middleware=middleware,
+        # Not OSError at large: a missing file is not the log being down.
+        exception_handlers={
+            cls: _log_unavailable for cls in DATABASE_TROUBLE if cls is not OSError
+        },
     )
+
+
+async def _log_unavailable(_request: Request, exc: Exception) -> Response:
+    """A request that needed the log while it could not be read: 503, retry soon."""
+    log.warning("answered 503: the event log could not be read (%s)", type(exc).__name__)
+    return _problem(503, "event log unavailable; retry shortly", **{"Retry-After": "2"})

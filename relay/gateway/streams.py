@@ -31,6 +31,7 @@ from relay.log import GLOBAL, Cursor, Stream, encode_vector, parse_vector
 from relay.sql import query
 
 __all__ = [
+    "DATABASE_TROUBLE",
     "StreamOptions",
     "page",
     "resolve_order",
@@ -138,7 +139,7 @@ async def _beating(task: asyncio.Future[Any], every: float) -> AsyncIterator[byt
 
 # A log read that failed (pool exhausted, database down, read timed out): the
 # stream ends with a retry hint, and the client resumes by Last-Event-ID.
-_DATABASE_TROUBLE = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
+DATABASE_TROUBLE = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
 
 
 def _unavailable(exc: BaseException, options: StreamOptions) -> bytes:
@@ -216,7 +217,7 @@ async def sse_stream(
             if fresh:
                 sent = fresh[-1][0]
                 yield b"".join(data for _position, data in fresh)
-    except _DATABASE_TROUBLE as exc:
+    except DATABASE_TROUBLE as exc:
         yield _unavailable(exc, options)
     finally:
         hub.unsubscribe(sub)
@@ -330,7 +331,7 @@ async def sse_global_stream(
                     chunks.append(_vector_frame(e, vector))
             if chunks:
                 yield b"".join(chunks)
-    except _DATABASE_TROUBLE as exc:
+    except DATABASE_TROUBLE as exc:
         yield _unavailable(exc, options)
     finally:
         hub.unsubscribe(sub)

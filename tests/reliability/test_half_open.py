@@ -113,8 +113,8 @@ class _Reader:
 
 
 def test_streams_while_the_event_log_is_unreachable(database_url: str) -> None:
-    """A fresh dashboard joins live without a query; a resume that needs the log
-    ends with a retry hint (no server error); after the outage nothing is missed."""
+    """A fresh dashboard joins live without a query; a resume or a poll that needs the
+    log ends with a retry hint (no server error); after the outage nothing is missed."""
     params = conninfo_to_dict(database_url)
     hole = LoopbackProxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
     via_hole = database_url.replace(f":{params.get('port', 5432)}/", f":{hole.port}/")
@@ -144,6 +144,14 @@ def test_streams_while_the_event_log_is_unreachable(database_url: str) -> None:
         assert "event log unavailable; reconnect with Last-Event-ID" in resuming.text
         assert "retry: " in resuming.text
         assert not fresh.ended.is_set()
+        # Requests that need the log answer 503 with a retry hint, not a 500.
+        polled = httpx.get(
+            f"{relay.url}/v1/restaurants/{restaurant}/events", headers=auth, timeout=20
+        )
+        assert polled.status_code == 503, polled.text
+        assert int(polled.headers["Retry-After"]) > 0 and "unavailable" in polled.json()["error"]
+        order = httpx.get(f"{relay.url}/v1/orders/{uuid.uuid4()}/stream", headers=auth, timeout=20)
+        assert order.status_code == 503, order.text
 
         hole.restore()
         bulk_accepted(database_url, restaurant, 5)  # B-1..B-5 again as new events
