@@ -78,8 +78,27 @@ async def start_position(
 ) -> Start:
     """Resolve a client's cursor against the log: resume, or reset with a reason."""
     async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
-        cur = await conn.execute(query("partition_head"), {"partition": stream.partition})
-        row = await cur.fetchone()
+        return await _resolve(conn, stream, cursor_text)
+
+
+async def _opening(
+    pool: AsyncConnectionPool[Any], stream: Stream, cursor_text: str | None
+) -> tuple[Start, list[LogEvent]]:
+    """The cursor resolved and the first replay page, on one pooled connection
+    (a storm of resuming dashboards queues for the pool half as often)."""
+    async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
+        start = await _resolve(conn, stream, cursor_text)
+        if start.reset is not None:
+            return start, []
+        return start, await event_log.replay(conn, stream, start.position, _REPLAY_PAGE)
+
+
+async def _resolve(
+    conn: psycopg.AsyncConnection[Any], stream: Stream, cursor_text: str | None
+) -> Start:
+    """Where a cursor resumes in its partition's log, or why it cannot."""
+    cur = await conn.execute(query("partition_head"), {"partition": stream.partition})
+    row = await cur.fetchone()
     head, pruned = (int(row[0]), int(row[1])) if row else (0, 0)
     if not cursor_text:
         return Start(head, head, pruned)
@@ -170,15 +189,16 @@ async def sse_stream(
     sub = hub.subscribe(stream.channel, stream.partition, options.buffer, subject)
     try:
         live = None if cursor_text else hub.live_position(stream.partition)
+        events: list[LogEvent] = []
         if live is not None:
             # A fresh dashboard joins live from the hub's position: no query,
             # so a thousand dashboards opening at once cost the pool nothing.
             start = Start(live, live, 0)
         else:
-            starting = asyncio.ensure_future(start_position(pool, stream, cursor_text))
+            starting = asyncio.ensure_future(_opening(pool, stream, cursor_text))
             async for beat in _beating(starting, options.heartbeat):
                 yield beat
-            start = starting.result()
+            start, events = starting.result()
         retry = int(options.retry_ms * random.uniform(0.8, 1.2))
         opening = f"retry: {retry}\n"
         sent = start.position
@@ -190,15 +210,15 @@ async def sse_stream(
             # An id-only frame gives a fresh client a cursor before any event arrives.
             yield f"{opening}id: {stream.partition}-{sent}\n\n".encode()
             while live is None:  # joined live: everything after `sent` comes from the hub
-                reading = asyncio.ensure_future(_replay_page(pool, stream, sent))
-                async for beat in _beating(reading, options.heartbeat):
-                    yield beat
-                events: list[LogEvent] = reading.result()
                 if events:
                     yield b"".join(frame(e) for e in events)
                     sent = events[-1].position
                 if len(events) < _REPLAY_PAGE:
                     break
+                reading = asyncio.ensure_future(_replay_page(pool, stream, sent))
+                async for beat in _beating(reading, options.heartbeat):
+                    yield beat
+                events = reading.result()
         cadence = _Beat(options.heartbeat)
         while True:
             remaining = (expires_at - datetime.now(UTC)).total_seconds()
