@@ -263,10 +263,7 @@ def create_app(
             Route("/dashboard", dashboard),
         ],
         middleware=middleware,
-        # Not OSError at large: a missing file is not the log being down.
-        exception_handlers={
-            cls: _log_unavailable for cls in DATABASE_TROUBLE if cls is not OSError
-        },
+        exception_handlers=dict.fromkeys(DATABASE_TROUBLE, _log_unavailable),
     )
 
 

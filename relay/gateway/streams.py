@@ -156,9 +156,10 @@ async def _beating(task: asyncio.Future[Any], every: float) -> AsyncIterator[byt
             task.cancel()
 
 
-# A log read that failed (pool exhausted, database down, read timed out): the
-# stream ends with a retry hint, and the client resumes by Last-Event-ID.
-DATABASE_TROUBLE = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
+# A log read that failed (pool exhausted, database down, read timed out; psycopg
+# wraps socket errors in OperationalError): the stream ends with a retry hint
+# and the client resumes by Last-Event-ID; a plain request answers 503.
+DATABASE_TROUBLE = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError)
 
 
 def _unavailable(exc: BaseException, options: StreamOptions) -> bytes:
