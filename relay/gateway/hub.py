@@ -145,8 +145,8 @@ class Hub:
 
         Every event above ``delivered`` will still be offered to a subscriber
         registered before this call (the hub fans out in position order), so
-        a fresh stream (no cursor) that starts here has no gap and needs no
-        replay. None until the hub has loaded the heads.
+        a stream that starts here (fresh, or resuming from exactly here) has
+        no gap and needs no replay. None until the hub has loaded the heads.
         """
         return self.delivered[partition] if self.ready.is_set() else None
 

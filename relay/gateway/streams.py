@@ -189,11 +189,11 @@ async def sse_stream(
     """Yield SSE bytes for one subscriber until it is closed, slow, or its token expires."""
     sub = hub.subscribe(stream.channel, stream.partition, options.buffer, subject)
     try:
-        live = None if cursor_text else hub.live_position(stream.partition)
+        live = _joins_live(hub, stream, cursor_text)
         events: list[LogEvent] = []
         if live is not None:
-            # A fresh dashboard joins live from the hub's position: no query,
-            # so a thousand dashboards opening at once cost the pool nothing.
+            # Nothing to replay: no query, so a thousand dashboards (re)opening
+            # at once cost the pool nothing.
             start = Start(live, live, 0)
         else:
             starting = asyncio.ensure_future(_opening(pool, stream, cursor_text))
@@ -242,6 +242,20 @@ async def sse_stream(
         yield _unavailable(exc, options)
     finally:
         hub.unsubscribe(sub)
+
+
+def _joins_live(hub: Hub, stream: Stream, cursor_text: str | None) -> int | None:
+    """The hub's position when the stream can start there with nothing to
+    replay: a fresh stream, or a resume from exactly that position (a caught-up
+    dashboard reconnecting, e.g. to a restarted relay, on a quiet restaurant)."""
+    position = hub.live_position(stream.partition)
+    if position is None or not cursor_text:
+        return position
+    try:
+        resumed = stream.start(Cursor.parse(cursor_text))
+    except InvalidCursor:
+        return None  # the log path answers with a reset and its reason
+    return position if resumed == position else None
 
 
 async def _replay_page(

@@ -113,8 +113,9 @@ class _Reader:
 
 
 def test_streams_while_the_event_log_is_unreachable(database_url: str) -> None:
-    """A fresh dashboard joins live without a query; a resume or a poll that needs the
-    log ends with a retry hint (no server error); after the outage nothing is missed."""
+    """A fresh or caught-up dashboard joins live without a query; a resume or a poll
+    that needs the log ends with a retry hint (no server error); after the outage
+    nothing is missed."""
     params = conninfo_to_dict(database_url)
     hole = LoopbackProxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
     via_hole = database_url.replace(f":{params.get('port', 5432)}/", f":{hole.port}/")
@@ -136,14 +137,16 @@ def test_streams_while_the_event_log_is_unreachable(database_url: str) -> None:
         hole.cut()  # every database connection of the relay drops; new ones are refused
         fresh = _Reader(url, auth)
         resuming = _Reader(url, {**auth, "Last-Event-ID": f"{partition}-0"})
-        readers += [fresh, resuming]
-        assert fresh.wait_for(f"id: {partition}-3\n", 5), fresh.text  # joined live at the head
-        assert fresh.wait_for(": heartbeat", 5), (fresh.text, relay.output()[-3000:])
+        caught_up = _Reader(url, {**auth, "Last-Event-ID": f"{partition}-3"})
+        readers += [fresh, resuming, caught_up]
+        for joined in (fresh, caught_up):  # nothing to replay: joined live at the head
+            assert joined.wait_for(f"id: {partition}-3\n", 5), joined.text
+            assert joined.wait_for(": heartbeat", 5), (fresh.text, relay.output()[-3000:])
         assert resuming.ended.wait(20), resuming.text
         assert resuming.status == 200
         assert "event log unavailable; reconnect with Last-Event-ID" in resuming.text
         assert "retry: " in resuming.text
-        assert not fresh.ended.is_set()
+        assert not fresh.ended.is_set() and not caught_up.ended.is_set()
         # Requests that need the log answer 503 with a retry hint, not a 500.
         polled = httpx.get(
             f"{relay.url}/v1/restaurants/{restaurant}/events", headers=auth, timeout=20
@@ -156,8 +159,10 @@ def test_streams_while_the_event_log_is_unreachable(database_url: str) -> None:
         hole.restore()
         bulk_accepted(database_url, restaurant, 5)  # B-1..B-5 again as new events
         assert fresh.wait_for(f"id: {partition}-8\n", 30), relay.output()[-4000:]
-        numbers = [f.json()["orderNumber"] for f in parse_frames(fresh.text)[0] if f.event]
-        assert numbers == [f"B-{n}" for n in range(1, 6)]  # all of them, once, in order
+        assert caught_up.wait_for(f"id: {partition}-8\n", 30), caught_up.text
+        for joined in (fresh, caught_up):
+            numbers = [f.json()["orderNumber"] for f in parse_frames(joined.text)[0] if f.event]
+            assert numbers == [f"B-{n}" for n in range(1, 6)]  # all of them, once, in order
         assert "Exception in ASGI application" not in relay.output()
     finally:
         for reader in readers:
