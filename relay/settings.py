@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         "without events)",
     )
     linger: Duration = Field(
-        timedelta(milliseconds=5),
+        timedelta(milliseconds=25),
         alias="RELAY_LINGER",
         le=timedelta(seconds=1),
         description="after a partial batch, the next claim waits 0.25 ms per event of that batch, "
