@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -35,9 +35,12 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """One outbox row's routing columns and its decoded payload."""
+class Envelope(NamedTuple):
+    """One outbox row's routing columns and its decoded payload.
+
+    A named tuple, like the other per-event records: immutable and built in
+    half the time of a frozen dataclass (this runs for every event).
+    """
 
     event_id: uuid.UUID
     event_type: str
@@ -49,8 +52,7 @@ class Envelope:
     payload: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Broadcast:
+class Broadcast(NamedTuple):
     sse_event: str
     json: str  # the broadcast object, encoded once (SSE data and broker body)
     channels: tuple[str, ...]
@@ -155,7 +157,7 @@ def render(envelope: Envelope) -> Broadcast:
     """Validate, whitelist and route one event; raises a ContractError subclass."""
     spec = spec_for(envelope.event_type, envelope.schema_version)
     payload = envelope.payload
-    if not isinstance(payload, dict | Mapping):
+    if type(payload) is not dict and not isinstance(payload, Mapping):
         raise InvalidPayload(f"{envelope.event_type}: payload must be a JSON object")
     keys = spec.model.input_keys()
     accepted: dict[str, Any] = {}
