@@ -27,6 +27,15 @@ class Contract(BaseModel):
             cls._input_keys = keys  # type: ignore[attr-defined]
         return keys
 
+    @classmethod
+    def canonical_keys(cls) -> frozenset[str]:
+        """The camelCase names: a payload using only these needs no renaming."""
+        keys: frozenset[str] | None = cls.__dict__.get("_canonical_keys")
+        if keys is None:
+            keys = frozenset(info.alias or name for name, info in cls.model_fields.items())
+            cls._canonical_keys = keys  # type: ignore[attr-defined]
+        return keys
+
     def broadcast_json(self) -> str:
         """The contract fields as compact JSON (ids and money as strings, times with Z)."""
         return self.model_dump_json(by_alias=True)

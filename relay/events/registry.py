@@ -159,15 +159,18 @@ def render(envelope: Envelope) -> Broadcast:
     payload = envelope.payload
     if type(payload) is not dict and not isinstance(payload, Mapping):
         raise InvalidPayload(f"{envelope.event_type}: payload must be a JSON object")
-    keys = spec.model.input_keys()
-    accepted: dict[str, Any] = {}
     dropped: list[str] = []
-    for key, value in payload.items():
-        alias = keys.get(key)
-        if alias is None:
-            dropped.append(str(key))
-        else:
-            accepted[alias] = value
+    if payload.keys() <= spec.model.canonical_keys():
+        accepted = dict(payload)  # the usual case: camelCase, nothing to drop
+    else:
+        keys = spec.model.input_keys()
+        accepted = {}
+        for key, value in payload.items():
+            alias = keys.get(key)
+            if alias is None:
+                dropped.append(str(key))
+            else:
+                accepted[alias] = value
     if spec.expected_status is not None:
         status = accepted.get("newStatus")
         if status != spec.expected_status:
