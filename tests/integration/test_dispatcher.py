@@ -95,6 +95,51 @@ async def test_rolled_back_rows_are_never_published(database_url: str) -> None:
     assert [e.event_type for e in result.events] == ["OrderPreparing"]
 
 
+async def test_a_failed_publish_rolls_back_and_the_connection_claims_again(
+    database_url: str,
+) -> None:
+    """The log refusing a row (here a trigger) undoes the whole batch, nothing half-moved."""
+    restaurant = uuid.uuid4()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$BEGIN RAISE EXCEPTION 'log refuses writes'; END$$;"
+            " CREATE TRIGGER refuse BEFORE INSERT ON relay_events"
+            " FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    with psycopg.connect(database_url) as conn:
+        for kind in CHAIN:
+            enqueue(conn, event(kind, restaurant_id=restaurant))
+    aconn = await _conn(database_url)
+    with pytest.raises(psycopg.errors.RaiseException, match="log refuses writes"):
+        await claim_and_publish(aconn, batch_size=500)
+    assert aconn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM relay_outbox").fetchone() == (4,)
+        assert conn.execute("SELECT max(last_position) FROM relay_partitions").fetchone() == (0,)
+        conn.execute("DROP TRIGGER refuse ON relay_events")
+    result = await claim_and_publish(aconn, batch_size=500)
+    await aconn.close()
+    assert [e.event_type for e in result.events] == CHAIN
+    assert [e.position for e in result.events] == [1, 2, 3, 4]
+
+
+async def test_claims_survive_the_session_forgetting_prepared_statements(
+    database_url: str,
+) -> None:
+    """The claim is a server-side prepared statement; DEALLOCATE ALL (or a new
+    connection) makes the next claim prepare it again instead of failing."""
+    restaurant = uuid.uuid4()
+    aconn = await _conn(database_url)
+    assert (await claim_and_publish(aconn, batch_size=500)).claimed == 0
+    await aconn.execute("DEALLOCATE ALL")
+    with psycopg.connect(database_url) as conn:
+        enqueue(conn, event("OrderAccepted", restaurant_id=restaurant))
+    result = await claim_and_publish(aconn, batch_size=500)
+    await aconn.close()
+    assert [e.event_type for e in result.events] == ["OrderAccepted"]
+
+
 async def test_poison_row_is_dead_lettered_and_later_rows_flow(database_url: str) -> None:
     restaurant, order = uuid.uuid4(), uuid.uuid4()
     bad = payload("OrderPreparing", restaurant_id=restaurant, order_id=order)
