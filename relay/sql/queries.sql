@@ -77,20 +77,35 @@ CROSS JOIN LATERAL (
 ) AS o
 ORDER BY o.partition, o.id
 
+-- name: publish_plan_arrays
+-- A batch's plan for `publish`, as binary arrays (large batches: the
+-- cheapest to encode and decode).
+SELECT *
+FROM unnest(%(ids)b::bigint[], %(partitions)b::smallint[], %(positions)b::bigint[],
+            %(sse_events)b::text[], %(channels)b::text[], %(data)b::text[],
+            %(reasons)b::text[])
+     AS p(id, partition, position, sse_event, channels, data, reason)
+
+-- name: publish_plan_json
+-- A batch's plan for `publish`, as one JSON text of [id, partition,
+-- position, sse_event, channels, data, reason] rows (small batches: with a
+-- single text parameter the publish and its COMMIT travel in one simple query).
+SELECT (r->>0)::bigint AS id, (r->>1)::smallint AS partition, (r->>2)::bigint AS position,
+       r->>3 AS sse_event, r->>4 AS channels, r->>5 AS data, r->>6 AS reason
+FROM jsonb_array_elements(%(plan)s::jsonb) AS r
+
 -- name: publish
 -- Move the batch out of the outbox into the log in one statement: valid rows
 -- get their positions (computed by the dispatcher in insert order), invalid
 -- ones become dead letters with their reason; then advance the partition
 -- counters and tell every relay process. Only the relay-computed columns
--- travel (in binary arrays); the rest is copied server-side from the outbox
--- row. DELETE keeps relay_outbox down to the pending set, so the claim never
--- walks published history. A producer re-inserting an already published
--- event_id is dropped by the log's unique key (dedupe).
+-- travel, as one of the two plans above (spliced in as the plan CTE); the
+-- rest is copied server-side from the outbox row. DELETE keeps relay_outbox
+-- down to the pending set, so the claim never walks published history. A
+-- producer re-inserting an already published event_id is dropped by the
+-- log's unique key (dedupe).
 WITH plan AS (
-    SELECT *
-    FROM unnest(%(ids)b::bigint[], %(positions)b::bigint[], %(sse_events)b::text[],
-                %(channels)b::text[], %(data)b::text[], %(reasons)b::text[])
-         AS p(id, position, sse_event, channels, data, reason)
+    {plan}
 ), moved AS (
     DELETE FROM relay_outbox AS o
     USING plan
@@ -119,8 +134,13 @@ WITH plan AS (
 ), counters AS (
     UPDATE relay_partitions AS p
     SET last_position = c.last_position, published_at = now()
-    FROM unnest(%(c_partition)b::smallint[], %(c_last_position)b::bigint[])
-         AS c(partition, last_position)
+    -- From the plan, not from the rows moved: the counters must say exactly
+    -- what the NOTIFY and the dispatcher's in-memory hand-over say (a planned
+    -- row already gone leaves a hole, never a position handed out twice).
+    FROM (SELECT pl.partition, max(pl.position) AS last_position
+          FROM plan AS pl
+          WHERE pl.reason IS NULL
+          GROUP BY pl.partition) AS c
     WHERE p.partition = c.partition
     RETURNING 1
 )

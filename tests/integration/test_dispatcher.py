@@ -124,6 +124,42 @@ async def test_a_failed_publish_rolls_back_and_the_connection_claims_again(
     assert [e.position for e in result.events] == [1, 2, 3, 4]
 
 
+async def test_counters_match_what_a_batch_announces_when_a_planned_row_is_gone(
+    database_url: str,
+) -> None:
+    """A claim reads the outbox in its statement's snapshot, so with two replicas
+    a planned row can already be gone when the publish runs. The partition
+    counter must still say what the NOTIFY and the in-memory hand-over say (the
+    planned positions): a hub that trusted an announced position the counter
+    did not take would skip the events later published there. Here a trigger
+    keeps the last row as if another replica had taken it."""
+    restaurant = uuid.uuid4()
+    partition = partition_of(restaurant)
+    with psycopg.connect(database_url) as conn:
+        for kind in CHAIN:
+            enqueue(conn, event(kind, restaurant_id=restaurant))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        (last_id,) = conn.execute("SELECT max(id) FROM relay_outbox").fetchone()  # type: ignore[misc]
+        conn.execute(
+            "CREATE FUNCTION keep_row() RETURNS trigger LANGUAGE plpgsql AS"
+            f" $$BEGIN IF OLD.id = {int(last_id)} THEN RETURN NULL; END IF; RETURN OLD; END$$;"
+            " CREATE TRIGGER keep_row BEFORE DELETE ON relay_outbox"
+            " FOR EACH ROW EXECUTE FUNCTION keep_row()"
+        )
+    aconn = await _conn(database_url)
+    first = await claim_and_publish(aconn, batch_size=500)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        counter = conn.execute(
+            "SELECT last_position FROM relay_partitions WHERE partition = %s", (partition,)
+        ).fetchone()
+        conn.execute("DROP TRIGGER keep_row ON relay_outbox")
+    assert first.heads[partition] == (1, 4) and counter == (4,)
+    assert [e.position for e in first.events] == [1, 2, 3]  # 4 is a hole, never reused
+    again = await claim_and_publish(aconn, batch_size=500)
+    await aconn.close()
+    assert [(e.event_type, e.position) for e in again.events] == [(CHAIN[-1], 5)]
+
+
 async def test_claims_survive_the_session_forgetting_prepared_statements(
     database_url: str,
 ) -> None:
@@ -138,6 +174,41 @@ async def test_claims_survive_the_session_forgetting_prepared_statements(
     result = await claim_and_publish(aconn, batch_size=500)
     await aconn.close()
     assert [e.event_type for e in result.events] == ["OrderAccepted"]
+
+
+HOSTILE = "B-1'); DROP TABLE relay_events; -- 100% \\ \\' \" \\u0000 ñ 🍕 $$ E'x'"
+
+
+@pytest.mark.parametrize("filler", [0, 40], ids=["one-trip-json", "binary-arrays"])
+async def test_quotes_and_escapes_in_payloads_reach_the_log_verbatim(
+    database_url: str, filler: int
+) -> None:
+    """Small batches publish as one quoted JSON literal, large ones as binary
+    arrays: either way hostile text lands exactly as rendered."""
+    restaurant, order = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(database_url) as conn:
+        for _ in range(filler):
+            enqueue(conn, event("OrderPreparing", restaurant_id=uuid.uuid4()))
+        enqueue(conn, event("OrderAccepted", restaurant_id=restaurant, order_id=order,
+                            order_number=HOSTILE))  # fmt: skip
+        bad = payload("OrderPreparing", restaurant_id=restaurant, order_id=order)
+        bad["newStatus"] = HOSTILE  # dead-lettered: the reason quotes it back
+        conn.execute(INSERT_SQL, (str(uuid.uuid4()), "OrderPreparing", str(restaurant),
+                                  str(order), None, json.dumps(bad)))  # fmt: skip
+    aconn = await _conn(database_url)
+    result = await claim_and_publish(aconn, batch_size=500)
+    await aconn.close()
+    assert result.claimed == filler + 2
+    assert result.dead_lettered == 1 and len(result.events) == filler + 1
+    (accepted,) = [e for e in result.events if e.event_type == "OrderAccepted"]
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            "SELECT data::text FROM relay_events WHERE event_id = %s", (accepted.event_id,)
+        ).fetchone()
+        reason = conn.execute("SELECT reason FROM relay_dead_letters").fetchone()
+    assert stored == (accepted.data,)
+    assert json.loads(accepted.data)["orderNumber"] == HOSTILE
+    assert reason is not None and HOSTILE[:40] in reason[0]
 
 
 async def test_poison_row_is_dead_lettered_and_later_rows_flow(database_url: str) -> None:
