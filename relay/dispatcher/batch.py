@@ -199,7 +199,6 @@ class _Plan:
         self.next_position = {p: last + 1 for p, last in heads.items()}
         self.first_position: dict[int, int] = {}
         self.events: list[LogEvent] = []
-        # One [id, position, sse_event, channels, data, reason] per claimed row.
         # One (id, partition, position, sse_event, channels, data, reason) per claimed row.
         self.rows: list[
             tuple[int, int, int | None, str | None, str | None, str | None, str | None]
