@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -17,25 +19,23 @@ class Contract(BaseModel):
 
     @classmethod
     def input_keys(cls) -> dict[str, str]:
-        keys: dict[str, str] | None = cls.__dict__.get("_input_keys")
-        if keys is None:
-            keys = {}
-            for name, info in cls.model_fields.items():
-                alias = info.alias or name
-                keys[alias] = alias
-                keys[alias[0].upper() + alias[1:]] = alias
-            cls._input_keys = keys  # type: ignore[attr-defined]
-        return keys
+        """Accepted input name -> field alias: camelCase and PascalCase."""
+        return _keys(cls)[0]
 
     @classmethod
     def canonical_keys(cls) -> frozenset[str]:
         """The camelCase names: a payload using only these needs no renaming."""
-        keys: frozenset[str] | None = cls.__dict__.get("_canonical_keys")
-        if keys is None:
-            keys = frozenset(info.alias or name for name, info in cls.model_fields.items())
-            cls._canonical_keys = keys  # type: ignore[attr-defined]
-        return keys
+        return _keys(cls)[1]
 
     def broadcast_json(self) -> str:
         """The contract fields as compact JSON (ids and money as strings, times with Z)."""
         return self.model_dump_json(by_alias=True)
+
+
+@functools.cache
+def _keys(model: type[Contract]) -> tuple[dict[str, str], frozenset[str]]:
+    """Per model, once: its input names, and its camelCase aliases."""
+    aliases = [info.alias or name for name, info in model.model_fields.items()]
+    keys = {alias: alias for alias in aliases}
+    keys.update({alias[0].upper() + alias[1:]: alias for alias in aliases})
+    return keys, frozenset(aliases)
