@@ -35,7 +35,7 @@ from uuid import UUID
 import psycopg
 from psycopg.pq import Escaping, TransactionStatus
 
-from relay.errors import ContractError
+from relay.errors import ConfigError, ContractError
 from relay.events import Envelope, render
 from relay.sql import query
 
@@ -165,7 +165,14 @@ async def _begin_and_claim(
     except psycopg.errors.InvalidSqlStatementName:  # a new connection: prepare once
         await conn.execute(b"ROLLBACK")
         await conn.execute(_PREPARE)
-        cur = await conn.execute(statement)
+        try:
+            cur = await conn.execute(statement)
+        except psycopg.errors.InvalidSqlStatementName:
+            raise ConfigError(
+                "DATABASE_URL: the session forgot relay_claim right after preparing it; "
+                "the relay needs a session of its own (a direct connection or a pooler "
+                "in session mode, not transaction mode)"
+            ) from None
     cur.nextset()  # past BEGIN's result to the claimed rows
     return cur
 
