@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 
 _EVENT = b"\nevent: "
+_ID = b"\nid: "
 _HEARTBEAT = b": heartbeat"
 _NUMBER = re.compile(rb'"orderNumber":"[A-Z]-(\d+)"')
 
@@ -39,59 +40,93 @@ def raise_fd_limit() -> None:
 
 
 class _Stream:
-    __slots__ = ("events", "heartbeats", "numbers", "ok")
+    __slots__ = ("cursor", "events", "heartbeats", "numbers", "ok", "reconnects")
 
-    def __init__(self) -> None:
+    def __init__(self, cursor: str | None) -> None:
+        self.cursor = cursor  # the id of the last whole frame read: where a reconnect resumes
         self.events = 0
         self.heartbeats = 0
         self.numbers: list[tuple[int, float]] = []
         self.ok = False
+        self.reconnects = 0
+
+
+def _last_id(frames: bytes) -> str | None:
+    """The cursor of the last frame that carries one, in whole frames."""
+    at = frames.rfind(_ID)
+    if at >= 0:
+        start = at + len(_ID)
+    elif frames.startswith(_ID[1:]):
+        start = len(_ID) - 1
+    else:
+        return None
+    return frames[start : frames.index(b"\n", start)].decode()
 
 
 async def _follow(
     spec: dict[str, Any],
     path: str,
-    cursor: str | None,
-    stream_token: str | None,
+    token: str,
     state: _Stream,
     ready: asyncio.Event,
     stop: asyncio.Event,
 ) -> None:
+    """Follow one stream as a browser's EventSource does: when the server ends it
+    (a slow reader's overflow, a token's expiry, a restart), reconnect with the
+    last cursor, so a scenario measures the relay instead of hanging."""
+    while not stop.is_set():
+        if await _connection(spec, path, token, state, ready, stop) or stop.is_set():
+            return
+        state.reconnects += 1
+        await asyncio.sleep(0.05)
+
+
+async def _connection(
+    spec: dict[str, Any],
+    path: str,
+    token: str,
+    state: _Stream,
+    ready: asyncio.Event,
+    stop: asyncio.Event,
+) -> bool:
+    """One HTTP connection of a stream; True when it must not be retried (refused)."""
     reader, writer = await asyncio.open_connection(spec["host"], spec["port"])
-    token = stream_token or spec["token"]
     head = f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
-    if cursor:
-        head += f"Last-Event-ID: {cursor}\r\n"
+    if state.cursor:
+        head += f"Last-Event-ID: {state.cursor}\r\n"
     writer.write((head + "\r\n").encode())
-    status = await reader.readuntil(b"\r\n\r\n")
-    state.ok = status.startswith(b"HTTP/1.1 200")
-    # Subscribed once the first cursor arrives (an id-only frame, or replay).
-    tail = await reader.readuntil(b"\n\n") if state.ok else b""
-    ready.set()
     record = spec.get("record", False)
     try:
+        status = await reader.readuntil(b"\r\n\r\n")
+        state.ok = status.startswith(b"HTTP/1.1 200")
+        if not state.ok:
+            ready.set()
+            return True
+        # Subscribed once the first cursor arrives (an id-only frame, or replay).
+        tail = await reader.readuntil(b"\n\n")
+        state.cursor = _last_id(tail) or state.cursor
+        ready.set()
         while not stop.is_set():
             data = await reader.read(262144)
             if not data:
-                break
+                return False
             now = time.monotonic()
             buffer = tail + data
-            if record:
-                cut = buffer.rfind(b"\n\n")
-                if cut < 0:
-                    tail = buffer
-                    continue
-                cut += 2
-                state.events += buffer.count(_EVENT, 0, cut)
-                state.numbers += [(int(m), now) for m in _NUMBER.findall(buffer, 0, cut)]
-                tail = buffer[cut:]
+            # Whole frames only: a frame split across reads is counted once, with the next.
+            cut = buffer.rfind(b"\n\n")
+            if cut < 0:
+                tail = buffer
                 continue
-            state.events += buffer.count(_EVENT)
-            state.heartbeats += buffer.count(_HEARTBEAT)
-            tail = buffer[-16:]
-            # A token wholly inside the carried tail is counted again next read.
-            state.events -= tail.count(_EVENT)
-            state.heartbeats -= tail.count(_HEARTBEAT)
+            cut += 2
+            state.events += buffer.count(_EVENT, 0, cut)
+            state.heartbeats += buffer.count(_HEARTBEAT, 0, cut)
+            if record:
+                state.numbers += [(int(m), now) for m in _NUMBER.findall(buffer, 0, cut)]
+            state.cursor = _last_id(buffer[:cut]) or state.cursor
+            tail = buffer[cut:]
+        return True
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return False
     finally:
         writer.close()
 
@@ -103,18 +138,18 @@ async def subscribe(spec: dict[str, Any]) -> dict[str, Any]:
         (s["path"], s.get("cursor"), int(s.get("expect", 0)), s.get("token"))
         for s in spec["streams"]
     ]
-    states = [_Stream() for _ in streams]
+    states = [_Stream(cursor) for (_path, cursor, _expect, _token) in streams]
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     opened = 0
     for chunk in range(0, len(streams), 200):  # paced: the server's accept backlog
         group = []
-        for (path, cursor, _expect, token), state in zip(
+        for (path, _cursor, _expect, token), state in zip(
             streams[chunk : chunk + 200], states[chunk : chunk + 200], strict=True
         ):
             ready = asyncio.Event()
             tasks.append(
-                asyncio.create_task(_follow(spec, path, cursor, token, state, ready, stop))
+                asyncio.create_task(_follow(spec, path, token or spec["token"], state, ready, stop))
             )
             group.append(ready.wait())
         await asyncio.wait_for(asyncio.gather(*group), 60)
@@ -138,6 +173,7 @@ async def subscribe(spec: dict[str, Any]) -> dict[str, Any]:
         "ok": sum(st.ok for st in states),
         "events": [st.events for st in states],
         "heartbeats": [st.heartbeats for st in states],
+        "reconnects": sum(st.reconnects for st in states),
         "finished": finished,
         "complete": all(
             st.events >= e for st, (_p, _c, e, _t) in zip(states, streams, strict=True)

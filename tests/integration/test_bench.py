@@ -7,6 +7,7 @@ scenario measured something real: every event delivered, every connection held.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -62,3 +63,40 @@ def test_unknown_scenario_is_refused(database_url: str) -> None:
     result = bench(database_url, "--only", "drain,warp")
     assert result.returncode == 2
     assert "unknown scenario(s) warp" in result.stderr
+
+
+async def test_bench_subscriber_resumes_by_cursor_when_the_server_ends_a_stream() -> None:
+    """A stream the server closes (slow-reader overflow, restart) is resumed with
+    Last-Event-ID, as EventSource does: the scenario completes instead of hanging."""
+    from relay.bench.workers import subscribe
+
+    asked: list[str | None] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        lines = head.split("\r\n")
+        cursor = next((x.split(": ", 1)[1] for x in lines if x.startswith("Last-Event-ID")), None)
+        asked.append(cursor)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+        first = 1 if cursor is None else int(cursor.split("-")[1]) + 1
+        writer.write(b"retry: 1000\nid: 7-%d\n\n" % (first - 1))
+        for n in range(first, min(first + 3, 6)):  # three frames per connection, then hang up
+            writer.write(b'id: 7-%d\nevent: OrderStatusChanged\ndata: {"n":%d}\n\n' % (n, n))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        result = await subscribe(
+            {
+                "host": "127.0.0.1",
+                "port": port,
+                "token": "t",
+                "timeout": 10,
+                "streams": [{"path": "/v1/restaurants/r/stream", "expect": 5}],
+            }
+        )
+    assert result["complete"] and result["events"] == [5]
+    assert asked[:2] == [None, "7-3"]  # resumed after the last whole frame, not from the start
+    assert result["reconnects"] >= 1
