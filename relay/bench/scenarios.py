@@ -14,7 +14,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from relay.bench.env import BackendCpu, Bench, RelayServer, Worker
-from relay.dispatcher import partition_of
+from relay.dispatcher import DispatcherConfig, partition_of
 from relay.sql import query
 
 __all__ = ["SCENARIOS", "Sizes"]
@@ -106,15 +106,21 @@ def _subscriber(
     )
 
 
-def ceiling(bench: Bench, events: int, restaurants: int) -> float:
-    """Bare-SQL claim loop on the same data: rows/s, payload decoded, one connection."""
+def ceiling(
+    bench: Bench, events: int, restaurants: int, statement: str = "bench_ceiling_claim"
+) -> float:
+    """Bare-SQL claim loop on the same data: rows/s, payload decoded, one connection.
+
+    ``bench_move_floor`` instead: the same loop publishing into the log, this
+    design's own floor.
+    """
     with bench.database() as url:
         _fill(url, _restaurants(restaurants), events)
         with psycopg.connect(url, autocommit=True) as conn:
             began = time.monotonic()
             claimed = 0
             while True:
-                rows = conn.execute(query("bench_ceiling_claim")).fetchall()
+                rows = conn.execute(query(statement)).fetchall()
                 if not rows:
                     break
                 claimed += len(rows)
@@ -163,11 +169,17 @@ def drain_rate(
 
 def drain(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     top = ceiling(bench, sizes.drain_events, sizes.restaurants)
+    move = ceiling(bench, sizes.drain_events, sizes.restaurants, "bench_move_floor")
     relay = drain_rate(bench, sizes.drain_events, sizes.restaurants)
     return {
         **relay,
         "ceiling_events_per_s": round(top),
         "ratio": round(relay["events_per_s"] / top, 3),
+        # This design's floor (rows moved into the log by one bare statement):
+        # its ratio to the ceiling bounds what any relay built on it can reach.
+        "move_floor_events_per_s": round(move),
+        "move_floor_ratio": round(move / top, 3),
+        "relay_to_move_floor": round(relay["events_per_s"] / move, 3),
     }
 
 
@@ -426,6 +438,29 @@ def _beside_burner(url: str, sizes: Sizes, seconds: float, cores: float) -> floa
         burner.result()
 
 
+def _beside_move_floor(bench: Bench, sizes: Sizes, seconds: float) -> float:
+    """Producer rows/s while one session moves their rows into the log with the
+    bare statement of ``bench_move_floor``, at the relay's default linger: what
+    moving rows costs producers, with no relay process at all."""
+    linger = DispatcherConfig().linger
+    with bench.database() as url:
+        stop = threading.Event()
+
+        def move() -> None:
+            with psycopg.connect(url, autocommit=True) as conn:
+                while not stop.is_set():
+                    if len(conn.execute(query("bench_move_floor")).fetchall()) < 500:
+                        stop.wait(linger)
+
+        mover = threading.Thread(target=move, daemon=True)
+        mover.start()
+        try:
+            return _write_rate(url, "relay_outbox", sizes.writers, seconds)
+        finally:
+            stop.set()
+            mover.join()
+
+
 def idle_cost(bench: Bench, seconds: float) -> dict[str, Any]:
     """What a relay costs when nothing happens: its CPU, its sessions' CPU, its transactions/s."""
     with bench.database() as url, RelayServer(bench, url) as server:
@@ -462,7 +497,7 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     rounds = 2
     seconds = sizes.producer_seconds / rounds
     rates: dict[str, list[float]] = {
-        k: [] for k in ("without", "installed", "poll", "notify", "burner")
+        k: [] for k in ("without", "installed", "move", "poll", "notify", "burner")
     }
     relay_cores: list[float] = []
     with bench.database(migrated=False) as plain, bench.database() as installed:
@@ -476,6 +511,7 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
             rates["installed"].append(
                 _write_rate(installed, "relay_outbox", sizes.writers, seconds)
             )
+            rates["move"].append(_beside_move_floor(bench, sizes, seconds))
             for mode in ("poll", "notify"):
                 rate, cores = _relay_rate(bench, sizes, seconds, mode)
                 rates[mode].append(rate)
@@ -500,6 +536,10 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         "ratio": round(mid["poll"] / without, 3),
         "installed_rows_per_s": round(mid["installed"]),
         "installed_ratio": round(mid["installed"] / without, 3),
+        # Producers beside a bare statement moving their rows into the log (no
+        # relay): the most any relay that moves rows can leave them.
+        "move_floor_rows_per_s": round(mid["move"]),
+        "move_floor_ratio": round(mid["move"] / without, 3),
         "notify_rows_per_s": round(mid["notify"]),
         "notify_ratio": round(mid["notify"] / without, 3),
         "relay_cpu_cores": None if cores is None else round(cores, 3),

@@ -46,3 +46,23 @@ UPDATE relay_sla_offsets SET position = %(per_partition)s
 DELETE FROM relay_outbox
 WHERE id IN (SELECT id FROM relay_outbox ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED)
 RETURNING id, event_id, event_type, restaurant_id, order_id, payload
+
+-- name: bench_move_floor
+-- This design's own floor: the cheapest publish it allows. One statement
+-- moves the 500 oldest pending rows into the log (every index the log has),
+-- with no validation, no partitions, no counters and no notification. What
+-- the relay adds on top of this is its overhead; what this costs producers
+-- and what it loses to the ceiling above is the price of moving rows at all.
+WITH moved AS (
+    DELETE FROM relay_outbox
+    WHERE id IN (SELECT id FROM relay_outbox ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED)
+    RETURNING *
+)
+INSERT INTO relay_events (partition, position, event_id, event_type, schema_version, sse_event,
+                          restaurant_id, order_id, customer_id, channels, data,
+                          occurred_on_utc, enqueued_at)
+SELECT partition, id, event_id, event_type, schema_version, 'OrderStatusChanged', restaurant_id,
+       order_id, customer_id, ARRAY['restaurant:' || restaurant_id], payload::json,
+       occurred_on_utc, enqueued_at
+FROM moved
+RETURNING event_id, data

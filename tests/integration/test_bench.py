@@ -21,6 +21,7 @@ REQUIRED = [
     "live.p50_ms", "live.p99_ms", "live.floor_p99_ms", "live.ratio_p99",
     "fanout.deliveries_per_s", "connections.held", "connections.rss_kb_per_conn",
     "history.ratio", "replicas.ratio", "producer.ratio",
+    "drain.move_floor_ratio", "producer.move_floor_ratio",
 ]  # fmt: skip
 
 
