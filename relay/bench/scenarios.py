@@ -162,6 +162,7 @@ def drain_rate(
         "events": events,
         "delivered": delivered,
         "complete": all(r["complete"] for r in results),
+        "reconnects": sum(r["reconnects"] for r in results),
         "seconds": round(elapsed, 2),
         "events_per_s": round(delivered / elapsed),
     }
