@@ -51,9 +51,9 @@ class _Stream:
         self.reconnects = 0
 
 
-def _last_id(frames: bytes) -> str | None:
-    """The cursor of the last frame that carries one, in whole frames."""
-    at = frames.rfind(_ID)
+def _last_id(frames: bytes, end: int | None = None) -> str | None:
+    """The cursor of the last frame that carries one, in whole frames (up to ``end``)."""
+    at = frames.rfind(_ID, 0, end)
     if at >= 0:
         start = at + len(_ID)
     elif frames.startswith(_ID[1:]):
@@ -122,7 +122,7 @@ async def _connection(
             state.heartbeats += buffer.count(_HEARTBEAT, 0, cut)
             if record:
                 state.numbers += [(int(m), now) for m in _NUMBER.findall(buffer, 0, cut)]
-            state.cursor = _last_id(buffer[:cut]) or state.cursor
+            state.cursor = _last_id(buffer, cut) or state.cursor
             tail = buffer[cut:]
         return True
     except (asyncio.IncompleteReadError, ConnectionError):
