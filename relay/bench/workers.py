@@ -40,10 +40,15 @@ def raise_fd_limit() -> None:
 
 
 class _Stream:
-    __slots__ = ("cursor", "events", "heartbeats", "numbers", "ok", "reconnects")
+    __slots__ = (
+        "cursor", "events", "expect", "heartbeats", "numbers", "ok", "path", "reconnects", "token",
+    )  # fmt: skip
 
-    def __init__(self, cursor: str | None) -> None:
+    def __init__(self, path: str, token: str, cursor: str | None, expect: int) -> None:
+        self.path = path
+        self.token = token
         self.cursor = cursor  # the id of the last whole frame read: where a reconnect resumes
+        self.expect = expect
         self.events = 0
         self.heartbeats = 0
         self.numbers: list[tuple[int, float]] = []
@@ -64,34 +69,24 @@ def _last_id(frames: bytes, end: int | None = None) -> str | None:
 
 
 async def _follow(
-    spec: dict[str, Any],
-    path: str,
-    token: str,
-    state: _Stream,
-    ready: asyncio.Event,
-    stop: asyncio.Event,
+    spec: dict[str, Any], state: _Stream, ready: asyncio.Event, stop: asyncio.Event
 ) -> None:
     """Follow one stream as a browser's EventSource does: when the server ends it
     (a slow reader's overflow, a token's expiry, a restart), reconnect with the
     last cursor, so a scenario measures the relay instead of hanging."""
     while not stop.is_set():
-        if await _connection(spec, path, token, state, ready, stop) or stop.is_set():
+        if await _connection(spec, state, ready, stop) or stop.is_set():
             return
         state.reconnects += 1
         await asyncio.sleep(0.05)
 
 
 async def _connection(
-    spec: dict[str, Any],
-    path: str,
-    token: str,
-    state: _Stream,
-    ready: asyncio.Event,
-    stop: asyncio.Event,
+    spec: dict[str, Any], state: _Stream, ready: asyncio.Event, stop: asyncio.Event
 ) -> bool:
     """One HTTP connection of a stream; True when it must not be retried (refused)."""
     reader, writer = await asyncio.open_connection(spec["host"], spec["port"])
-    head = f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
+    head = f"GET {state.path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {state.token}\r\n"
     if state.cursor:
         head += f"Last-Event-ID: {state.cursor}\r\n"
     writer.write((head + "\r\n").encode())
@@ -134,23 +129,20 @@ async def _connection(
 async def subscribe(spec: dict[str, Any]) -> dict[str, Any]:
     """Open every stream, say ``ready``, then read until each has its events (or timeout)."""
     raise_fd_limit()
-    streams = [
-        (s["path"], s.get("cursor"), int(s.get("expect", 0)), s.get("token"))
+    states = [
+        _Stream(
+            s["path"], s.get("token") or spec["token"], s.get("cursor"), int(s.get("expect", 0))
+        )
         for s in spec["streams"]
     ]
-    states = [_Stream(cursor) for (_path, cursor, _expect, _token) in streams]
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     opened = 0
-    for chunk in range(0, len(streams), 200):  # paced: the server's accept backlog
+    for chunk in range(0, len(states), 200):  # paced: the server's accept backlog
         group = []
-        for (path, _cursor, _expect, token), state in zip(
-            streams[chunk : chunk + 200], states[chunk : chunk + 200], strict=True
-        ):
+        for state in states[chunk : chunk + 200]:
             ready = asyncio.Event()
-            tasks.append(
-                asyncio.create_task(_follow(spec, path, token or spec["token"], state, ready, stop))
-            )
+            tasks.append(asyncio.create_task(_follow(spec, state, ready, stop)))
             group.append(ready.wait())
         await asyncio.wait_for(asyncio.gather(*group), 60)
         opened += len(group)
@@ -159,7 +151,7 @@ async def subscribe(spec: dict[str, Any]) -> dict[str, Any]:
     hold = float(spec.get("hold", 0))
     started = time.monotonic()
     while time.monotonic() < deadline:
-        done = all(st.events >= e for st, (_p, _c, e, _t) in zip(states, streams, strict=True))
+        done = all(st.events >= st.expect for st in states)
         if done and time.monotonic() - started >= hold:
             break
         await asyncio.sleep(0.01 if not hold else 0.2)
@@ -175,9 +167,7 @@ async def subscribe(spec: dict[str, Any]) -> dict[str, Any]:
         "heartbeats": [st.heartbeats for st in states],
         "reconnects": sum(st.reconnects for st in states),
         "finished": finished,
-        "complete": all(
-            st.events >= e for st, (_p, _c, e, _t) in zip(states, streams, strict=True)
-        ),
+        "complete": all(st.events >= st.expect for st in states),
         "numbers": [n for st in states for n in st.numbers],
     }
 
