@@ -455,20 +455,28 @@ def _beside_move_floor(bench: Bench, sizes: Sizes, seconds: float) -> float:
     linger = DispatcherConfig().linger
     with bench.database() as url:
         stop = threading.Event()
+        failed: list[BaseException] = []
 
         def move() -> None:
-            with psycopg.connect(url, autocommit=True) as conn:
-                while not stop.is_set():
-                    if len(conn.execute(query("bench_move_floor")).fetchall()) < 500:
-                        stop.wait(linger)
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    while not stop.is_set():
+                        # A partial batch (the statement's LIMIT is 500) waits a linger.
+                        if len(conn.execute(query("bench_move_floor")).fetchall()) < 500:
+                            stop.wait(linger)
+            except BaseException as exc:  # reported below: a dead mover would flatter the figure
+                failed.append(exc)
 
         mover = threading.Thread(target=move, daemon=True)
         mover.start()
         try:
-            return _write_rate(url, "relay_outbox", sizes.writers, seconds)
+            rate = _write_rate(url, "relay_outbox", sizes.writers, seconds)
         finally:
             stop.set()
             mover.join()
+        if failed:
+            raise RuntimeError(f"the move-floor session failed: {failed[0]}") from failed[0]
+        return rate
 
 
 def idle_cost(bench: Bench, seconds: float) -> dict[str, Any]:
