@@ -39,6 +39,12 @@ class _Metrics:
         self.deliveries = Counter(
             "relay_sse_deliveries", "Events written to SSE subscribers", registry=r
         )
+        self.hub_read_back = Counter(
+            "relay_hub_read_back_events",
+            "Events the hub read from the log instead of having them in hand (published "
+            "by another replica); partitions no local stream follows are not read",
+            registry=r,
+        )
         self.claim_seconds = Histogram(
             "relay_claim_batch_seconds",
             "Claim+publish transaction time",

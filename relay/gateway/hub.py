@@ -125,6 +125,10 @@ class Hub:
         self._local_publisher = local_publisher
         self._sweep_every = sweep_every
         self._channels: dict[str, set[Subscriber]] = {}
+        # Subscribers per partition, and of streams spanning every partition:
+        # a partition nobody here follows is advanced without reading the log.
+        self._followers: list[int] = [0] * PARTITIONS
+        self._spanning = 0
         self.delivered: list[int] = [0] * PARTITIONS
         self._work: asyncio.Queue[tuple[int, int, tuple[LogEvent, ...]]] = asyncio.Queue()
         self._listener: Listener | None = None
@@ -136,6 +140,7 @@ class Hub:
     def subscribe(self, channel: str, partition: int, limit: int, subject: str = "") -> Subscriber:
         sub = Subscriber(channel, partition, limit, subject)
         self._channels.setdefault(channel, set()).add(sub)
+        self._follow_count(partition, +1)
         self.subscriber_count += 1
         M.subscribers.inc()
         return sub
@@ -156,8 +161,18 @@ class Hub:
             subs.discard(sub)
             if not subs:
                 del self._channels[sub.channel]
+            self._follow_count(sub.partition, -1)
             self.subscriber_count -= 1
             M.subscribers.dec()
+
+    def _follow_count(self, partition: int, change: int) -> None:
+        if 0 <= partition < PARTITIONS:
+            self._followers[partition] += change
+        else:
+            self._spanning += change
+
+    def _followed(self, partition: int) -> bool:
+        return self._spanning > 0 or self._followers[partition] > 0
 
     def close_all(self, reason: str) -> None:
         for subs in list(self._channels.values()):
@@ -273,10 +288,17 @@ class Hub:
         # A gap (another replica published in between, or no events in hand):
         # read it from the log, in order, before anything above it.
         gap_end = events[0].position - 1 if events else through
+        if not self._followed(partition):
+            # Nobody here follows this partition: nothing to read. A stream
+            # that subscribes later replays from the log or starts live above
+            # ``delivered`` (no await between this check and the jump, so no
+            # subscriber can register in between).
+            self.delivered[partition] = gap_end
         while self.delivered[partition] < gap_end:
             chunk = await event_log.read_partition(
                 conn, partition, self.delivered[partition], gap_end, limit=_READ_LIMIT
             )
+            M.hub_read_back.inc(len(chunk))
             self._deliver(chunk)
             if len(chunk) < _READ_LIMIT:
                 # Positions up to gap_end are committed; any still missing are

@@ -306,6 +306,54 @@ async def test_resume_exact_continuation_across_replicas(database_url: str) -> N
     assert third.events == []  # nothing replayed twice
 
 
+async def test_a_replica_reads_back_only_partitions_its_streams_follow(
+    database_url: str,
+) -> None:
+    """Another replica publishes everything here (--dispatcher-only); the
+    gateway reads back from the log only the partitions its streams follow,
+    and a stream that arrives later still gets every event, once, in order."""
+    quiet, busy = uuid.uuid4(), uuid.uuid4()
+    while partition_of(busy) == partition_of(quiet):
+        busy = uuid.uuid4()
+    env = {"RELAY_HEARTBEAT_SECONDS": "1", "RELAY_JWT_AUDIENCE": AUDIENCE}
+    with (
+        RelayProcess(database_url, ("--dispatcher-only",)) as publisher,
+        RelayProcess(database_url, ("--gateway-only",), env) as gateway,
+    ):
+        async with client() as http:
+            watcher = Subscriber(
+                http, f"{gateway.url}/v1/restaurants/{busy}/stream", staff(busy)
+            ).start()
+            await asyncio.wait_for(watcher.ready.wait(), 10)
+            early = [e for _ in range(4) for e in chain(quiet)] + chain(busy)  # 20 + 5
+            await asyncio.to_thread(produce, database_url, *early)
+            await watcher.wait_for(5)
+            await asyncio.sleep(1.5)  # the hub's sweep has passed the quiet partition
+            # Only the followed partition was read back: 5 events, not 25.
+            assert metric(gateway, "relay_hub_read_back_events_total") == 5
+
+            path = f"/v1/restaurants/{quiet}/stream"
+            fresh = Subscriber(http, gateway.url + path, staff(quiet)).start()
+            resumed = Subscriber(
+                http, gateway.url + path, staff(quiet), last_id=f"{partition_of(quiet)}-0"
+            ).start()
+            await resumed.wait_for(20)  # the skipped events, replayed from the log
+            await asyncio.wait_for(fresh.ready.wait(), 10)
+            late = chain(quiet)
+            await asyncio.to_thread(produce, database_url, *late)
+            await resumed.wait_for(25)
+            await fresh.wait_for(5)
+            await asyncio.sleep(0.5)  # a duplicate would arrive now
+            for sub in (watcher, fresh, resumed):
+                await sub.close()
+        assert metric(gateway, "relay_hub_read_back_events_total") == 10  # now it follows both
+        assert publisher.proc is not None and publisher.proc.poll() is None
+    want = [(STATUS_OF.get(e.event_type, "Paid"), str(e.order_id)) for e in early[:20] + late]
+    assert [identity(f.data) for f in resumed.events] == want
+    assert [identity(f.data) for f in fresh.events] == want[20:]  # live only, no history
+    assert len(watcher.events) == 5
+
+
 async def test_bogus_and_expired_cursors_reset_then_go_live(
     relay: RelayProcess, database_url: str
 ) -> None:
