@@ -17,7 +17,9 @@ FROM generate_series(%(first)s::int, %(last)s::int) AS n
 CROSS JOIN LATERAL (
     SELECT (%(restaurants)s::uuid[])[1 + n %% cardinality(%(restaurants)s::uuid[])] AS id
 ) AS r
-CROSS JOIN LATERAL (SELECT gen_random_uuid() AS id) AS o
+-- One order per event: the lateral names n so that it runs per row (left
+-- uncorrelated, PostgreSQL ran it once and every event shared one order).
+CROSS JOIN LATERAL (SELECT gen_random_uuid() AS id, n AS per_row) AS o
 ORDER BY n
 
 -- name: bench_fill_history
