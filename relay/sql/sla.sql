@@ -19,35 +19,43 @@ SELECT pg_try_advisory_xact_lock(%(key)s)
 -- Timestamps are read from the published data, which the relay itself
 -- rendered and validated (ISO-8601 in UTC), so the casts cannot fail.
 WITH step AS (
+    -- The few fields a deadline needs are read from the data in one pass
+    -- (json_to_record), only for the event types that set one; no payload is
+    -- carried further, so the step stays small enough to sort in memory.
     SELECT e.partition, e.position, e.event_type, e.restaurant_id, e.order_id, e.customer_id,
-           e.data
+           f."orderNumber" AS order_number,
+           coalesce(f."lastUpdateTimestamp", f."occurredOnUtc") AS updated,
+           f."estimatedDeliveryTime" AS estimate
     FROM relay_sla_offsets AS o
     CROSS JOIN LATERAL (
-        SELECT * FROM relay_events AS e
+        SELECT e.partition, e.position, e.event_type, e.restaurant_id, e.order_id,
+               e.customer_id, e.data
+        FROM relay_events AS e
         WHERE e.partition = o.partition AND e.position > o.position
         ORDER BY e.position
         LIMIT %(per_partition)s
     ) AS e
+    LEFT JOIN LATERAL json_to_record(
+        CASE WHEN e.order_id IS NOT NULL
+                  AND e.event_type IN ('OrderPaymentSucceeded', 'OrderAccepted',
+                                       'OrderReadyForDelivery')
+             THEN e.data END
+    ) AS f ("orderNumber" text, "lastUpdateTimestamp" timestamptz, "occurredOnUtc" timestamptz,
+            "estimatedDeliveryTime" timestamptz) ON true
 ), changes AS (
-    SELECT s.order_id, s.position, s.restaurant_id, s.customer_id,
-           s.data->>'orderNumber' AS order_number,
+    SELECT s.order_id, s.position, s.restaurant_id, s.customer_id, s.order_number,
            CASE
                WHEN s.event_type IN ('OrderDelivered', 'OrderRejected', 'OrderCancelled',
                                      'OrderPaymentFailed') THEN 'clear'
-               WHEN s.event_type = 'OrderPaymentSucceeded' AND t.updated IS NOT NULL
+               WHEN s.event_type = 'OrderPaymentSucceeded' AND s.updated IS NOT NULL
                    THEN 'NotAccepted'
-               WHEN s.event_type = 'OrderAccepted' AND t.updated IS NOT NULL THEN 'NotReady'
+               WHEN s.event_type = 'OrderAccepted' AND s.updated IS NOT NULL THEN 'NotReady'
                WHEN s.event_type = 'OrderReadyForDelivery'
-                   THEN CASE WHEN t.estimate IS NULL THEN 'clear' ELSE 'DeliveryLate' END
+                   THEN CASE WHEN s.estimate IS NULL THEN 'clear' ELSE 'DeliveryLate' END
            END AS kind,
-           CASE WHEN s.event_type = 'OrderReadyForDelivery' THEN t.estimate ELSE t.updated END
+           CASE WHEN s.event_type = 'OrderReadyForDelivery' THEN s.estimate ELSE s.updated END
                AS since
     FROM step AS s
-    CROSS JOIN LATERAL (
-        SELECT coalesce(s.data->>'lastUpdateTimestamp', s.data->>'occurredOnUtc')::timestamptz
-                   AS updated,
-               (s.data->>'estimatedDeliveryTime')::timestamptz AS estimate
-    ) AS t
     WHERE s.order_id IS NOT NULL
 ), latest AS (
     SELECT DISTINCT ON (order_id) *
