@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from relay.bench import snapshot
 from relay.bench.env import BackendCpu, Bench, RelayServer, Worker
 from relay.dispatcher import DispatcherConfig, partition_of
 from relay.sql import query
@@ -128,6 +129,25 @@ def ceiling(
     return claimed / elapsed
 
 
+def snapshot_floor(bench: Bench, events: int, restaurants: int) -> float:
+    """The same data read in place by snapshot windows (relay/bench/snapshot.py):
+    rows/s, payload decoded, one connection; nothing deleted or copied."""
+    with bench.database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            snapshot.install(conn)
+        _fill(url, _restaurants(restaurants), events)
+        with psycopg.connect(url, autocommit=True) as conn:
+            reader = snapshot.WindowReader(conn)
+            began = time.monotonic()
+            read = 0
+            while rows := reader.read():
+                read += len(rows)
+            elapsed = time.monotonic() - began
+    if read != events:
+        raise RuntimeError(f"the snapshot-window reader read {read} of {events} rows")
+    return read / elapsed
+
+
 def drain_rate(
     bench: Bench, events: int, restaurants: int, *, relays: int = 1, history_rows: int = 0
 ) -> dict[str, Any]:
@@ -171,6 +191,7 @@ def drain_rate(
 def drain(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     top = ceiling(bench, sizes.drain_events, sizes.restaurants)
     move = ceiling(bench, sizes.drain_events, sizes.restaurants, "bench_move_floor")
+    window = snapshot_floor(bench, sizes.drain_events, sizes.restaurants)
     relay = drain_rate(bench, sizes.drain_events, sizes.restaurants)
     return {
         **relay,
@@ -181,6 +202,10 @@ def drain(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         "move_floor_events_per_s": round(move),
         "move_floor_ratio": round(move / top, 3),
         "relay_to_move_floor": round(relay["events_per_s"] / move, 3),
+        # The design that would not move rows (outbox read in place by
+        # snapshot windows): its floor against the same ceiling.
+        "snapshot_floor_events_per_s": round(window),
+        "snapshot_floor_ratio": round(window / top, 3),
     }
 
 
@@ -226,6 +251,53 @@ def notify_floor(bench: Bench, seconds: float, rate: float = 500.0) -> dict[str,
     }
 
 
+def snapshot_floor_latency(bench: Bench, seconds: float, rate: float) -> dict[str, float]:
+    """Commit → rows in hand for the snapshot-window reader polling every 0.5 ms:
+    the live floor of the design that would not move rows (no SSE hop)."""
+    with bench.database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            snapshot.install(conn)
+        arrived: dict[int, float] = {}
+        done = threading.Event()
+        failed: list[BaseException] = []
+
+        def follow() -> None:
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    reader = snapshot.WindowReader(conn)
+                    while not done.is_set():
+                        rows = reader.read()
+                        now = time.monotonic()
+                        for row in rows:
+                            arrived[int(row[6]["orderNumber"].split("-")[1])] = now
+                        if not rows:
+                            time.sleep(0.0005)
+            except BaseException as exc:  # reported below: a dead reader would flatter nothing
+                failed.append(exc)
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        writer = Worker(
+            "write",
+            {"database_url": url, "restaurants": [str(uuid.uuid4())], "rate": rate,
+             "seconds": seconds},
+        )  # fmt: skip
+        writer.wait_ready()
+        written = writer.result()
+        time.sleep(0.5)
+        done.set()
+        thread.join()
+    if failed:
+        raise RuntimeError(f"the snapshot-window reader failed: {failed[0]}") from failed[0]
+    lat = [(arrived[seq] - t) * 1000 for seq, t in written["commits"] if seq in arrived]
+    if len(lat) != len(written["commits"]):
+        raise RuntimeError(f"the snapshot-window reader saw {len(lat)} of {written['written']}")
+    return {
+        "p50_ms": round(_percentile(lat, 0.5), 3),
+        "p99_ms": round(_percentile(lat, 0.99), 3),
+    }
+
+
 def latency(bench: Bench, seconds: float, rate: float, wakeup: str) -> dict[str, Any]:
     """Writers commit single-row transactions at ``rate``; commit → frame at the client."""
     ids = _restaurants(10)
@@ -266,12 +338,17 @@ def latency(bench: Bench, seconds: float, rate: float, wakeup: str) -> dict[str,
 
 def live(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     floor = notify_floor(bench, min(5.0, sizes.live_seconds))
+    window = snapshot_floor_latency(bench, min(5.0, sizes.live_seconds), sizes.live_rate)
     result = latency(bench, sizes.live_seconds, sizes.live_rate, "poll")
     return {
         **result,
         "floor_p50_ms": floor["p50_ms"],
         "floor_p99_ms": floor["p99_ms"],
         "ratio_p99": round(result["p99_ms"] / floor["p99_ms"], 2),
+        # Commit → rows in hand without moving rows (no SSE hop): against the same floor.
+        "snapshot_floor_p50_ms": window["p50_ms"],
+        "snapshot_floor_p99_ms": window["p99_ms"],
+        "snapshot_floor_ratio_p99": round(window["p99_ms"] / floor["p99_ms"], 2),
     }
 
 
@@ -479,6 +556,38 @@ def _beside_move_floor(bench: Bench, sizes: Sizes, seconds: float) -> float:
         return rate
 
 
+def _beside_window_reader(bench: Bench, sizes: Sizes, seconds: float) -> float:
+    """Producer rows/s while one session reads their rows in place by snapshot
+    windows at the relay's default linger: what not moving rows costs them."""
+    linger = DispatcherConfig().linger
+    with bench.database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            snapshot.install(conn)
+        stop = threading.Event()
+        failed: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    reader = snapshot.WindowReader(conn)
+                    while not stop.is_set():
+                        if len(reader.read()) < 500:
+                            stop.wait(linger)
+            except BaseException as exc:  # reported below: a dead reader would flatter the figure
+                failed.append(exc)
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        try:
+            rate = _write_rate(url, "relay_outbox", sizes.writers, seconds)
+        finally:
+            stop.set()
+            thread.join()
+        if failed:
+            raise RuntimeError(f"the snapshot-window reader failed: {failed[0]}") from failed[0]
+        return rate
+
+
 def idle_cost(bench: Bench, seconds: float) -> dict[str, Any]:
     """What a relay costs when nothing happens: its CPU, its sessions' CPU, its transactions/s."""
     with bench.database() as url, RelayServer(bench, url) as server:
@@ -515,7 +624,7 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     rounds = 2
     seconds = sizes.producer_seconds / rounds
     rates: dict[str, list[float]] = {
-        k: [] for k in ("without", "installed", "move", "poll", "notify", "burner")
+        k: [] for k in ("without", "installed", "move", "window", "poll", "notify", "burner")
     }
     relay_cores: list[float] = []
     with bench.database(migrated=False) as plain, bench.database() as installed:
@@ -530,6 +639,7 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
                 _write_rate(installed, "relay_outbox", sizes.writers, seconds)
             )
             rates["move"].append(_beside_move_floor(bench, sizes, seconds))
+            rates["window"].append(_beside_window_reader(bench, sizes, seconds))
             for mode in ("poll", "notify"):
                 rate, cores = _relay_rate(bench, sizes, seconds, mode)
                 rates[mode].append(rate)
@@ -558,6 +668,9 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         # relay): the most any relay that moves rows can leave them.
         "move_floor_rows_per_s": round(mid["move"]),
         "move_floor_ratio": round(mid["move"] / without, 3),
+        # Beside a reader that leaves their rows in place (snapshot windows).
+        "snapshot_floor_rows_per_s": round(mid["window"]),
+        "snapshot_floor_ratio": round(mid["window"] / without, 3),
         "notify_rows_per_s": round(mid["notify"]),
         "notify_ratio": round(mid["notify"] / without, 3),
         "relay_cpu_cores": None if cores is None else round(cores, 3),

@@ -68,3 +68,43 @@ SELECT partition, id, event_id, event_type, schema_version, 'OrderStatusChanged'
        occurred_on_utc, enqueued_at
 FROM moved
 RETURNING event_id, data
+
+------------------------------------------------- publishing without moving rows --
+-- The floor of the design proposed for issue 10's misses (README, "Performance"):
+-- rows stay in the outbox, and a reader takes them in *windows*. A window is
+-- the transactions visible in one snapshot and not in the previous one; that
+-- set is fixed once the snapshot is taken, so a cursor (window, xid, id) is
+-- gap-free by construction, and a transaction that commits after a later one
+-- simply falls in a later window. The only write is one row per window.
+
+-- name: bench_snapshot_install
+-- Every row records its inserting transaction (a default: the producer's
+-- INSERT does not change), indexed for the window reads.
+ALTER TABLE relay_outbox ADD COLUMN bench_xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX relay_outbox_bench_window_idx ON relay_outbox (bench_xid, id);
+CREATE TABLE bench_windows (
+    window_id  bigint      PRIMARY KEY,
+    snapshot   pg_snapshot NOT NULL,
+    taken_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- name: bench_snapshot_open_window
+-- Close the next window at this moment's snapshot (durable: the one write).
+INSERT INTO bench_windows (window_id, snapshot)
+VALUES (%(window_id)s, pg_current_snapshot())
+RETURNING snapshot::text
+
+-- name: bench_snapshot_read
+-- A page of one window, in (transaction, insert) order after a cursor: rows
+-- whose transaction is visible in the window's snapshot and was not in the
+-- previous one. The xid range bounds the index scan; the visibility tests
+-- decide membership.
+SELECT bench_xid::text AS xid_text, id, event_id, event_type, restaurant_id, order_id, payload
+FROM relay_outbox
+WHERE bench_xid >= pg_snapshot_xmin(%(previous)s::pg_snapshot)
+  AND bench_xid < pg_snapshot_xmax(%(current)s::pg_snapshot)
+  AND pg_visible_in_snapshot(bench_xid, %(current)s::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(bench_xid, %(previous)s::pg_snapshot)
+  AND (bench_xid, id) > (%(after_xid)s::xid8, %(after_id)s::bigint)
+ORDER BY bench_xid, id
+LIMIT %(limit)s

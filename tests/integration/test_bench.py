@@ -22,6 +22,7 @@ REQUIRED = [
     "fanout.deliveries_per_s", "connections.held", "connections.rss_kb_per_conn",
     "history.ratio", "replicas.ratio", "producer.ratio",
     "drain.move_floor_ratio", "producer.move_floor_ratio",
+    "drain.snapshot_floor_ratio", "live.snapshot_floor_p99_ms", "producer.snapshot_floor_ratio",
 ]  # fmt: skip
 
 
