@@ -110,16 +110,18 @@ class Stream:
 
 
 def _event(row: tuple[Any, ...]) -> LogEvent:
-    partition, position, sse_event, channels, data = row[:5]
+    """A frame's worth of a log row; readers of the log need nothing more (the
+    event's id, type and restaurant stay unread, as the nil id and the SSE name)."""
+    partition, position, sse_event, channels, data = row
     return LogEvent(
         partition=int(partition),
         position=int(position),
         sse_event=sse_event,
         channels=tuple(channels),
         data=data,
-        event_id=row[5] if len(row) > 5 else _NIL,
-        event_type=row[6] if len(row) > 6 else sse_event,
-        restaurant_id=row[7] if len(row) > 7 else _NIL,
+        event_id=_NIL,
+        event_type=sse_event,
+        restaurant_id=_NIL,
     )
 
 
