@@ -7,6 +7,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -525,67 +526,67 @@ def _beside_burner(url: str, sizes: Sizes, seconds: float, cores: float) -> floa
         burner.result()
 
 
-def _beside_move_floor(bench: Bench, sizes: Sizes, seconds: float) -> float:
-    """Producer rows/s while one session moves their rows into the log with the
-    bare statement of ``bench_move_floor``, at the relay's default linger: what
-    moving rows costs producers, with no relay process at all."""
+def _producers_beside(
+    url: str,
+    sizes: Sizes,
+    seconds: float,
+    name: str,
+    session: Callable[[psycopg.Connection[Any]], Callable[[], int]],
+) -> float:
+    """Producer rows/s while one other session takes their rows, step after
+    step (``session`` builds the step on its connection; a step returns the
+    rows it took, and a partial one, under 500, waits the relay's default
+    linger). A session that fails fails the figure: producers measured beside
+    nothing would flatter it."""
     linger = DispatcherConfig().linger
-    with bench.database() as url:
-        stop = threading.Event()
-        failed: list[BaseException] = []
+    stop = threading.Event()
+    failed: list[BaseException] = []
 
-        def move() -> None:
-            try:
-                with psycopg.connect(url, autocommit=True) as conn:
-                    while not stop.is_set():
-                        # A partial batch (the statement's LIMIT is 500) waits a linger.
-                        if len(conn.execute(query("bench_move_floor")).fetchall()) < 500:
-                            stop.wait(linger)
-            except BaseException as exc:  # reported below: a dead mover would flatter the figure
-                failed.append(exc)
-
-        mover = threading.Thread(target=move, daemon=True)
-        mover.start()
+    def take() -> None:
         try:
-            rate = _write_rate(url, "relay_outbox", sizes.writers, seconds)
-        finally:
-            stop.set()
-            mover.join()
-        if failed:
-            raise RuntimeError(f"the move-floor session failed: {failed[0]}") from failed[0]
-        return rate
+            with psycopg.connect(url, autocommit=True) as conn:
+                step = session(conn)
+                while not stop.is_set():
+                    if step() < 500:
+                        stop.wait(linger)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    try:
+        rate = _write_rate(url, "relay_outbox", sizes.writers, seconds)
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise RuntimeError(f"the {name} session failed: {failed[0]}") from failed[0]
+    return rate
+
+
+def _move_step(conn: psycopg.Connection[Any]) -> Callable[[], int]:
+    return lambda: len(conn.execute(query("bench_move_floor")).fetchall())
+
+
+def _window_step(conn: psycopg.Connection[Any]) -> Callable[[], int]:
+    reader = snapshot.WindowReader(conn)
+    return lambda: len(reader.read())
+
+
+def _beside_move_floor(bench: Bench, sizes: Sizes, seconds: float) -> float:
+    """Producers beside the bare statement of ``bench_move_floor`` (no relay):
+    what moving rows costs them."""
+    with bench.database() as url:
+        return _producers_beside(url, sizes, seconds, "move-floor", _move_step)
 
 
 def _beside_window_reader(bench: Bench, sizes: Sizes, seconds: float) -> float:
-    """Producer rows/s while one session reads their rows in place by snapshot
-    windows at the relay's default linger: what not moving rows costs them."""
-    linger = DispatcherConfig().linger
+    """Producers beside a reader taking their rows in place by snapshot windows
+    (no relay): what not moving rows costs them."""
     with bench.database() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             snapshot.install(conn)
-        stop = threading.Event()
-        failed: list[BaseException] = []
-
-        def read() -> None:
-            try:
-                with psycopg.connect(url, autocommit=True) as conn:
-                    reader = snapshot.WindowReader(conn)
-                    while not stop.is_set():
-                        if len(reader.read()) < 500:
-                            stop.wait(linger)
-            except BaseException as exc:  # reported below: a dead reader would flatter the figure
-                failed.append(exc)
-
-        thread = threading.Thread(target=read, daemon=True)
-        thread.start()
-        try:
-            rate = _write_rate(url, "relay_outbox", sizes.writers, seconds)
-        finally:
-            stop.set()
-            thread.join()
-        if failed:
-            raise RuntimeError(f"the snapshot-window reader failed: {failed[0]}") from failed[0]
-        return rate
+        return _producers_beside(url, sizes, seconds, "snapshot-window", _window_step)
 
 
 def idle_cost(bench: Bench, seconds: float) -> dict[str, Any]:
