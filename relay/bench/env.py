@@ -201,18 +201,17 @@ class Worker:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(spec) + "\n")  # too big for argv with 10k streams
         self.proc.stdin.close()
+        self.proc.stdin = None  # done with: communicate() must not flush it
 
     def wait_ready(self) -> None:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
-            self.proc.wait(10)
+            self.proc.communicate(timeout=10)  # reaps it and closes its pipe
             raise RuntimeError(f"bench worker failed to start (exit {self.proc.returncode})")
 
     def result(self, timeout: float = 600) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        out = self.proc.stdout.read()
-        self.proc.wait(timeout)
+        out, _ = self.proc.communicate(timeout=timeout)  # reads, closes the pipe, reaps
         if self.proc.returncode != 0:
             raise RuntimeError(f"bench worker exited {self.proc.returncode}")
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])

@@ -11,7 +11,10 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
+import psycopg
 import pytest
 
 from tests.helpers.db import with_database
@@ -102,3 +105,15 @@ async def test_bench_subscriber_resumes_by_cursor_when_the_server_ends_a_stream(
     assert result["complete"] and result["events"] == [5]
     assert asked[:2] == [None, "7-3"]  # resumed after the last whole frame, not from the start
     assert result["reconnects"] >= 1
+
+
+def test_producers_beside_a_failing_session_fail_with_its_cause(database_url: str) -> None:
+    """A design floor's session that dies must fail the figure, naming why:
+    producers measured beside nothing would flatter the floor."""
+    from relay.bench.scenarios import Sizes, _producers_beside
+
+    def broken(conn: psycopg.Connection[Any]) -> Callable[[], int]:
+        return lambda: len(conn.execute("SELECT 1 / 0").fetchall())
+
+    with pytest.raises(RuntimeError, match=r"the test-floor session failed: division by zero"):
+        _producers_beside(database_url, Sizes(writers=1), 1.0, "test-floor", broken)
