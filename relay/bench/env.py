@@ -201,17 +201,22 @@ class Worker:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(spec) + "\n")  # too big for argv with 10k streams
         self.proc.stdin.close()
-        self.proc.stdin = None  # done with: communicate() must not flush it
 
     def wait_ready(self) -> None:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
-            self.proc.communicate(timeout=10)  # reaps it and closes its pipe
+            self.proc.stdout.close()
+            self.proc.wait(10)
             raise RuntimeError(f"bench worker failed to start (exit {self.proc.returncode})")
 
     def result(self, timeout: float = 600) -> dict[str, Any]:
-        out, _ = self.proc.communicate(timeout=timeout)  # reads, closes the pipe, reaps
+        assert self.proc.stdout is not None
+        # From the buffered stream (wait_ready's readline may have read ahead
+        # into the result), never from the raw pipe as communicate() does.
+        with self.proc.stdout:
+            out = self.proc.stdout.read()
+        self.proc.wait(timeout)
         if self.proc.returncode != 0:
             raise RuntimeError(f"bench worker exited {self.proc.returncode}")
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
