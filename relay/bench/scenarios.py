@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -20,6 +20,8 @@ from relay.dispatcher import DispatcherConfig, partition_of
 from relay.sql import query
 
 __all__ = ["SCENARIOS", "Sizes"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -276,29 +278,21 @@ def notify_floor(bench: Bench, seconds: float, rate: float = 500.0) -> dict[str,
 def snapshot_floor_latency(bench: Bench, seconds: float, rate: float) -> dict[str, float]:
     """Commit → rows in hand for the snapshot-window reader polling every 0.5 ms:
     the live floor of the design that would not move rows (no SSE hop)."""
-    with bench.database() as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            snapshot.install(conn)
-        arrived: dict[int, float] = {}
-        done = threading.Event()
-        failed: list[BaseException] = []
+    arrived: dict[int, float] = {}
 
-        def follow() -> None:
-            try:
-                with psycopg.connect(url, autocommit=True) as conn:
-                    reader = snapshot.WindowReader(conn)
-                    while not done.is_set():
-                        rows = reader.read()
-                        now = time.monotonic()
-                        for row in rows:
-                            arrived[int(row[6]["orderNumber"].split("-")[1])] = now
-                        if not rows:
-                            time.sleep(0.0005)
-            except BaseException as exc:  # reported below: a dead reader would flatter nothing
-                failed.append(exc)
+    def follow(conn: psycopg.Connection[Any]) -> Callable[[], int]:
+        reader = snapshot.WindowReader(conn)
 
-        thread = threading.Thread(target=follow, daemon=True)
-        thread.start()
+        def step() -> int:
+            rows = reader.read()
+            now = time.monotonic()
+            for row in rows:
+                arrived[int(row[6]["orderNumber"].split("-")[1])] = now
+            return len(rows)
+
+        return step
+
+    def write() -> dict[str, Any]:
         writer = Worker(
             "write",
             {"database_url": url, "restaurants": [str(uuid.uuid4())], "rate": rate,
@@ -306,11 +300,13 @@ def snapshot_floor_latency(bench: Bench, seconds: float, rate: float) -> dict[st
         )  # fmt: skip
         writer.wait_ready()
         written = writer.result()
-        time.sleep(0.5)
-        done.set()
-        thread.join()
-    if failed:
-        raise RuntimeError(f"the snapshot-window reader failed: {failed[0]}") from failed[0]
+        time.sleep(0.5)  # the last rows reach the reader
+        return written
+
+    with bench.database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            snapshot.install(conn)
+        written = _beside_session(url, "snapshot-window", follow, write, pause=0.0005, full=1)
     lat = [(arrived[seq] - t) * 1000 for seq, t in written["commits"] if seq in arrived]
     if len(lat) != len(written["commits"]):
         raise RuntimeError(f"the snapshot-window reader saw {len(lat)} of {written['written']}")
@@ -547,19 +543,19 @@ def _beside_burner(url: str, sizes: Sizes, seconds: float, cores: float) -> floa
         burner.result()
 
 
-def _producers_beside(
+def _beside_session(
     url: str,
-    sizes: Sizes,
-    seconds: float,
     name: str,
     session: Callable[[psycopg.Connection[Any]], Callable[[], int]],
-) -> float:
-    """Producer rows/s while one other session takes their rows, step after
-    step (``session`` builds the step on its connection; a step returns the
-    rows it took, and a partial one, under 500, waits the relay's default
-    linger). A session that fails fails the figure: producers measured beside
-    nothing would flatter it."""
-    linger = DispatcherConfig().linger
+    work: Callable[[], T],
+    *,
+    pause: float,
+    full: int = 500,
+) -> T:
+    """``work()`` while one other session takes rows, step after step
+    (``session`` builds the step on its connection; a step returns the rows it
+    took, and one under ``full`` is followed by ``pause``). A session that
+    fails fails the figure: measured beside nothing, it would flatter it."""
     stop = threading.Event()
     failed: list[BaseException] = []
 
@@ -568,21 +564,39 @@ def _producers_beside(
             with psycopg.connect(url, autocommit=True) as conn:
                 step = session(conn)
                 while not stop.is_set():
-                    if step() < 500:
-                        stop.wait(linger)
+                    if step() < full:
+                        stop.wait(pause)
         except BaseException as exc:  # re-raised below, in the caller's thread
             failed.append(exc)
 
     thread = threading.Thread(target=take, daemon=True)
     thread.start()
     try:
-        rate = _write_rate(url, "relay_outbox", sizes.writers, seconds)
+        result = work()
     finally:
         stop.set()
         thread.join()
     if failed:
         raise RuntimeError(f"the {name} session failed: {failed[0]}") from failed[0]
-    return rate
+    return result
+
+
+def _producers_beside(
+    url: str,
+    sizes: Sizes,
+    seconds: float,
+    name: str,
+    session: Callable[[psycopg.Connection[Any]], Callable[[], int]],
+) -> float:
+    """Producer rows/s beside ``session``, pausing the relay's default linger
+    after a partial batch."""
+    return _beside_session(
+        url,
+        name,
+        session,
+        lambda: _write_rate(url, "relay_outbox", sizes.writers, seconds),
+        pause=DispatcherConfig().linger,
+    )
 
 
 def _move_step(conn: psycopg.Connection[Any]) -> Callable[[], int]:
