@@ -94,31 +94,40 @@ def _proc_cpu_seconds(pid: int) -> float | None:
 
 
 class BackendCpu:
-    """CPU used by the relay's PostgreSQL sessions (application_name ``relay …``).
+    """CPU used by one database's PostgreSQL processes since construction.
 
-    Readable only when the server runs on this machine (the bench's own
-    cluster, or a local DATABASE_URL); otherwise ``seconds`` is None.
+    The relay's sessions (application_name ``relay …``), or with
+    ``every_process`` every session of the database plus the server's
+    background processes (WAL writer, checkpointer): what a workload costs the
+    server. Processes are listed again at the end, so sessions opened meanwhile
+    count from their start (one that exited meanwhile is missed). Readable only
+    when the server runs on this machine; otherwise ``seconds`` is None.
     """
 
-    def __init__(self, database_url: str) -> None:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT pid FROM pg_stat_activity"
-                " WHERE datname = current_database() AND application_name LIKE 'relay %'"
-            ).fetchall()
-        self._pids = [int(pid) for (pid,) in rows]
-        self._start = self._total()
+    def __init__(self, database_url: str, *, every_process: bool = False) -> None:
+        self._url = database_url
+        self._every = every_process
+        self._start = self._sample()
 
-    def _total(self) -> float | None:
-        values = [_proc_cpu_seconds(pid) for pid in self._pids]
-        if not values or any(v is None for v in values):
-            return None
-        return sum(v for v in values if v is not None)
+    def _sample(self) -> dict[int, float] | None:
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                " AND (datname = current_database()"
+                "      AND (%(every)s OR application_name LIKE 'relay %%')"
+                "      OR %(every)s AND datname IS NULL)",
+                {"every": self._every},
+            ).fetchall()
+        cpu = {int(pid): _proc_cpu_seconds(int(pid)) for (pid,) in rows}
+        visible = {pid: seconds for pid, seconds in cpu.items() if seconds is not None}
+        return visible or None
 
     def seconds(self) -> float | None:
         """CPU seconds since construction (None when not measurable)."""
-        now = self._total()
-        return None if now is None or self._start is None else now - self._start
+        now = self._sample()
+        if now is None or self._start is None:
+            return None
+        return sum(seconds - self._start.get(pid, 0.0) for pid, seconds in now.items())
 
 
 class RelayServer:

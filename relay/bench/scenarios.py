@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -110,9 +111,40 @@ def _subscriber(
     )
 
 
+class Rate(NamedTuple):
+    """A floor's rows/s and what each row cost in CPU, by where it ran."""
+
+    rows: int
+    events_per_s: float
+    cpu_us: dict[str, float] | None  # None when the server's processes are not visible
+
+
+def _cpu_us(events: int, **seconds: float | None) -> dict[str, float] | None:
+    """CPU µs per event by place (``postgres``, ``relay``, ``clients``…) and their total."""
+    if events <= 0 or any(v is None for v in seconds.values()):
+        return None
+    per = {name: round(1e6 * (v or 0.0) / events, 1) for name, v in seconds.items()}
+    return {**per, "total": round(sum(per.values()), 1)}
+
+
+def _timed_loop(url: str, step: Callable[[psycopg.Connection[Any]], Callable[[], int]]) -> Rate:
+    """Run ``step`` until it reads nothing; rows/s and CPU per row (server and this client)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        read_rows = step(conn)
+        server = BackendCpu(url, every_process=True)
+        cpu0, began = time.process_time(), time.monotonic()
+        read = 0
+        while rows := read_rows():
+            read += rows
+        elapsed = time.monotonic() - began
+        client = time.process_time() - cpu0
+        postgres = server.seconds()  # while the session lives: an exited one is not counted
+    return Rate(read, read / elapsed, _cpu_us(read, postgres=postgres, client=client))
+
+
 def ceiling(
     bench: Bench, events: int, restaurants: int, statement: str = "bench_ceiling_claim"
-) -> float:
+) -> Rate:
     """Bare-SQL claim loop on the same data: rows/s, payload decoded, one connection.
 
     ``bench_move_floor`` instead: the same loop publishing into the log, this
@@ -120,35 +152,20 @@ def ceiling(
     """
     with bench.database() as url:
         _fill(url, _restaurants(restaurants), events)
-        with psycopg.connect(url, autocommit=True) as conn:
-            began = time.monotonic()
-            claimed = 0
-            while True:
-                rows = conn.execute(query(statement)).fetchall()
-                if not rows:
-                    break
-                claimed += len(rows)
-            elapsed = time.monotonic() - began
-    return claimed / elapsed
+        return _timed_loop(url, lambda conn: _claim_step(conn, statement))
 
 
-def snapshot_floor(bench: Bench, events: int, restaurants: int) -> float:
+def snapshot_floor(bench: Bench, events: int, restaurants: int) -> Rate:
     """The same data read in place by snapshot windows (relay/bench/snapshot.py):
     rows/s, payload decoded, one connection; nothing deleted or copied."""
     with bench.database() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             snapshot.install(conn)
         _fill(url, _restaurants(restaurants), events)
-        with psycopg.connect(url, autocommit=True) as conn:
-            reader = snapshot.WindowReader(conn)
-            began = time.monotonic()
-            read = 0
-            while rows := reader.read():
-                read += len(rows)
-            elapsed = time.monotonic() - began
-    if read != events:
-        raise RuntimeError(f"the snapshot-window reader read {read} of {events} rows")
-    return read / elapsed
+        measured = _timed_loop(url, _window_step)
+    if measured.rows != events:
+        raise RuntimeError(f"the snapshot-window reader read {measured.rows} of {events} rows")
+    return measured
 
 
 def drain_rate(
@@ -167,6 +184,8 @@ def drain_rate(
         servers = [RelayServer(bench, url) for _ in range(relays)]
         try:
             started = min(s.wait_ready() for s in servers)
+            server_cpu = BackendCpu(url, every_process=True)
+            relay_cpu0 = sum(s.cpu_seconds() for s in servers)
             streams = _streams(ids, events // restaurants, from_start=True)
             # Behind a load balancer: each replica serves its share of the dashboards.
             workers = [
@@ -176,6 +195,12 @@ def drain_rate(
             for worker in workers:
                 worker.wait_ready()
             results = [worker.result() for worker in workers]
+            cpu = _cpu_us(
+                events,
+                postgres=server_cpu.seconds(),
+                relay=sum(s.cpu_seconds() for s in servers) - relay_cpu0,
+                clients=sum(float(r["cpu_seconds"]) for r in results),
+            )
         finally:
             for server in servers:
                 server.stop()
@@ -188,6 +213,7 @@ def drain_rate(
         "reconnects": sum(r["reconnects"] for r in results),
         "seconds": round(elapsed, 2),
         "events_per_s": round(delivered / elapsed),
+        "cpu_us_per_event": cpu,
     }
 
 
@@ -196,41 +222,62 @@ def drain(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     ``rounds`` times; medians count (one default run measured the move floor
     at 0.285x of the ceiling, the next at 0.505x)."""
     rounds = 1 if sizes.drain_events < 50_000 else 3
-    tops: list[float] = []
-    moves: list[float] = []
-    windows: list[float] = []
+    tops: list[Rate] = []
+    moves: list[Rate] = []
+    windows: list[Rate] = []
     runs: list[dict[str, Any]] = []
     for _ in range(rounds):
         tops.append(ceiling(bench, sizes.drain_events, sizes.restaurants))
         moves.append(ceiling(bench, sizes.drain_events, sizes.restaurants, "bench_move_floor"))
         windows.append(snapshot_floor(bench, sizes.drain_events, sizes.restaurants))
         runs.append(drain_rate(bench, sizes.drain_events, sizes.restaurants))
-    top, move, window = (statistics.median(v) for v in (tops, moves, windows))
+    top, move, window = (_median_rate(v) for v in (tops, moves, windows))
     relay = sorted(runs, key=lambda r: float(r["events_per_s"]))[len(runs) // 2]
     return {
         **relay,
         "complete": all(r["complete"] for r in runs),
         "reconnects": sum(r["reconnects"] for r in runs),
         "rounds": rounds,
-        "ceiling_events_per_s": round(top),
-        "ratio": round(relay["events_per_s"] / top, 3),
+        "ceiling_events_per_s": round(top.events_per_s),
+        "ratio": round(relay["events_per_s"] / top.events_per_s, 3),
         "ratio_per_round": [
-            round(r["events_per_s"] / t, 3) for r, t in zip(runs, tops, strict=True)
+            round(r["events_per_s"] / t.events_per_s, 3) for r, t in zip(runs, tops, strict=True)
         ],
+        "ceiling_cpu_us_per_event": top.cpu_us,
+        # The ratio the relay's CPU per event allows at best: every core busy
+        # all the time, nothing waiting. Below a target, no overlap of the
+        # work can reach it; only less work per event can.
+        "cpu_limit_ratio": _cpu_limit(relay["cpu_us_per_event"], top.events_per_s),
         # This design's floor (rows moved into the log by one bare statement):
         # its ratio to the ceiling bounds what any relay built on it can reach.
-        "move_floor_events_per_s": round(move),
-        "move_floor_ratio": round(move / top, 3),
-        "move_floor_ratio_per_round": [round(m / t, 3) for m, t in zip(moves, tops, strict=True)],
-        "relay_to_move_floor": round(relay["events_per_s"] / move, 3),
+        "move_floor_events_per_s": round(move.events_per_s),
+        "move_floor_ratio": round(move.events_per_s / top.events_per_s, 3),
+        "move_floor_ratio_per_round": [
+            round(m.events_per_s / t.events_per_s, 3) for m, t in zip(moves, tops, strict=True)
+        ],
+        "move_floor_cpu_us_per_event": move.cpu_us,
+        "relay_to_move_floor": round(relay["events_per_s"] / move.events_per_s, 3),
         # The design that would not move rows (outbox read in place by
         # snapshot windows): its floor against the same ceiling.
-        "snapshot_floor_events_per_s": round(window),
-        "snapshot_floor_ratio": round(window / top, 3),
+        "snapshot_floor_events_per_s": round(window.events_per_s),
+        "snapshot_floor_ratio": round(window.events_per_s / top.events_per_s, 3),
         "snapshot_floor_ratio_per_round": [
-            round(w / t, 3) for w, t in zip(windows, tops, strict=True)
+            round(w.events_per_s / t.events_per_s, 3) for w, t in zip(windows, tops, strict=True)
         ],
+        "snapshot_floor_cpu_us_per_event": window.cpu_us,
     }
+
+
+def _median_rate(rates: list[Rate]) -> Rate:
+    """The round with the median rate (its CPU figures with it)."""
+    return sorted(rates, key=lambda r: r.events_per_s)[len(rates) // 2]
+
+
+def _cpu_limit(cpu_us: dict[str, float] | None, ceiling_per_s: float) -> float | None:
+    cores = os.cpu_count() or 1
+    if not cpu_us or not cpu_us["total"]:
+        return None
+    return round(cores * 1e6 / cpu_us["total"] / ceiling_per_s, 3)
 
 
 def notify_floor(bench: Bench, seconds: float, rate: float = 500.0) -> dict[str, float]:
@@ -599,8 +646,12 @@ def _producers_beside(
     )
 
 
+def _claim_step(conn: psycopg.Connection[Any], statement: str) -> Callable[[], int]:
+    return lambda: len(conn.execute(query(statement)).fetchall())
+
+
 def _move_step(conn: psycopg.Connection[Any]) -> Callable[[], int]:
-    return lambda: len(conn.execute(query("bench_move_floor")).fetchall())
+    return _claim_step(conn, "bench_move_floor")
 
 
 def _window_step(conn: psycopg.Connection[Any]) -> Callable[[], int]:

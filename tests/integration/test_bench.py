@@ -59,6 +59,19 @@ def test_quick_bench_runs_every_scenario_and_prints_the_json(database_url: str) 
     # The test database is local: the relay's CPU and its sessions' are measured,
     # and the CPU control ran beside the producers.
     assert producer["relay_cpu_cores"] > 0 and producer["burner_ratio"] > 0
+    # The drain's CPU budget: every place that worked for it is counted, and
+    # the ceiling (one session, one client) costs less per event than the relay.
+    drain = figures["drain"]
+    spent = drain["cpu_us_per_event"]
+    assert spent["postgres"] > 0 and spent["relay"] > 0 and spent["clients"] > 0
+    assert spent["total"] == pytest.approx(
+        spent["postgres"] + spent["relay"] + spent["clients"], abs=0.2
+    )
+    for floor in ("ceiling", "move_floor", "snapshot_floor"):
+        assert drain[f"{floor}_cpu_us_per_event"]["client"] > 0, floor
+    assert drain["move_floor_cpu_us_per_event"]["postgres"] > 0  # its session is counted
+    assert drain["ceiling_cpu_us_per_event"]["total"] < spent["total"]
+    assert drain["cpu_limit_ratio"] > 0
     assert producer["idle"]["transactions_per_s"] > 0  # the poll probe is counted
     assert set(producer["latency"]) == {"poll", "notify"}
     assert report["machine"]["postgresql"]["fsync"] in ("on", "off")
