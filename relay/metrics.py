@@ -45,6 +45,12 @@ class _Metrics:
             "by another replica); partitions no local stream follows are not read",
             registry=r,
         )
+        self.stale_partitions = Counter(
+            "relay_claim_stale_partitions",
+            "Partitions a claim locked but left alone because another replica published "
+            "them after its snapshot (claimed again at once)",
+            registry=r,
+        )
         self.claim_seconds = Histogram(
             "relay_claim_batch_seconds",
             "Claim+publish transaction time",

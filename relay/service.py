@@ -58,6 +58,7 @@ class _Server(uvicorn.Server):
 
 def _observe(batch: BatchResult) -> None:
     M.claimed.inc(batch.claimed)
+    M.stale_partitions.inc(batch.stale)
     M.dead_lettered.inc(batch.dead_lettered)
     M.pii_dropped.inc(batch.dropped_fields)
     M.claim_seconds.observe(batch.seconds)

@@ -70,6 +70,7 @@ class BatchResult:
     enqueued_at: tuple[datetime, ...]  # of the published events, for the lag metric
     seconds: float
     more: bool = False  # the batch hit a limit: more rows are probably pending now
+    stale: int = 0  # partitions locked but left alone: published by another replica meanwhile
 
 
 _CLAIM = query("claim")
@@ -114,14 +115,24 @@ async def claim_and_publish(
     started = time.perf_counter()
     try:
         cur = await _begin_and_claim(conn, batch_size, backlog_partitions)
-        rows = await cur.fetchall()
+        claimed = await cur.fetchall()
+        # A row without an id stands for a stale partition (another replica
+        # published it after this claim's snapshot): claim again at once.
+        rows = [row for row in claimed if row[1] is not None]
+        stale = len(claimed) - len(rows)
         if not rows:
             await conn.execute(b"COMMIT")
-            return BatchResult(0, (), 0, 0, {}, (), time.perf_counter() - started)
+            return BatchResult(
+                0, (), 0, 0, {}, (), time.perf_counter() - started, more=stale > 0, stale=stale
+            )
         plan = _Plan({int(row[2]): int(row[0]) for row in rows})
         # A partition that filled its share probably has more waiting.
         share = int(rows[0][-1])
-        more = len(rows) >= batch_size or max(Counter(r[2] for r in rows).values()) >= share
+        more = (
+            stale > 0
+            or len(rows) >= batch_size
+            or max(Counter(r[2] for r in rows).values()) >= share
+        )
         for row in rows:
             plan.add(row)
         if len(rows) <= _ONE_TRIP_ROWS:
@@ -148,6 +159,7 @@ async def claim_and_publish(
         enqueued_at=tuple(plan.enqueued_at),
         seconds=time.perf_counter() - started,
         more=more,
+        stale=stale,
     )
 
 

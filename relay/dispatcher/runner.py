@@ -189,6 +189,10 @@ class Dispatcher:
                     linger = min(cfg.linger, _LINGER_PER_EVENT * result.claimed)
                     await asyncio.sleep(0 if result.more else linger)
                     continue
+                if result.more:  # only stale partitions: their rows are still pending
+                    self._published(result)
+                    await asyncio.sleep(0)
+                    continue
             # Nothing claimed: wait for a reason to claim again.
             await self._pause(stop, backoff)
             now = loop.time()

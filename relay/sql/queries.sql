@@ -36,8 +36,14 @@ SELECT last_value FROM relay_outbox_id_seq
 --   waited for (the next free ones are taken instead). The rows themselves
 --   need no locks: nobody else can publish these partitions until we commit,
 --   and producers only ever insert.
+-- * Stale partitions: the rows are read in this statement's snapshot, but the
+--   lock is taken on the newest version of the counter row. When another
+--   replica published the partition in between (its counter row changed:
+--   xmin differs), the snapshot's rows are partly gone; the partition then
+--   yields one row with no event (id NULL), and the dispatcher claims again at
+--   once with a fresh snapshot instead of validating rows already published.
 WITH active AS (
-    SELECT p.partition, p.published_at
+    SELECT p.partition, p.published_at, p.xmin AS seen_version
     FROM relay_partitions AS p
     -- One index probe per partition (LIMIT keeps the planner from turning
     -- this into a join that scans the outbox).
@@ -58,24 +64,25 @@ WITH active AS (
               LIMIT (SELECT share FROM sizing)) AS r
     ) AS n
 ), held AS MATERIALIZED (
-    SELECT p.partition, p.last_position
+    SELECT p.partition, p.last_position, p.xmin AS locked_version
     FROM relay_partitions AS p
     WHERE p.partition IN (SELECT partition FROM pending)
     ORDER BY p.published_at NULLS FIRST, p.partition
     LIMIT (SELECT count(*) FROM pending WHERE running - rows < %(batch_size)s)
     FOR UPDATE OF p SKIP LOCKED
 )
-SELECT h.last_position, o.id, o.partition, o.event_id, o.event_type, o.schema_version,
+SELECT h.last_position, o.id, h.partition, o.event_id, o.event_type, o.schema_version,
        o.restaurant_id, o.order_id, o.customer_id, o.payload::text, o.occurred_on_utc,
        o.enqueued_at, (SELECT share FROM sizing) AS share
 FROM held AS h
-CROSS JOIN LATERAL (
+JOIN active AS a ON a.partition = h.partition
+LEFT JOIN LATERAL (
     SELECT * FROM relay_outbox
-    WHERE partition = h.partition
+    WHERE partition = h.partition AND h.locked_version = a.seen_version
     ORDER BY id
     LIMIT (SELECT share FROM sizing)
-) AS o
-ORDER BY o.partition, o.id
+) AS o ON true
+ORDER BY h.partition, o.id
 
 -- name: publish_plan_arrays
 -- A batch's plan for `publish`, as binary arrays (large batches: the
@@ -132,14 +139,15 @@ WITH plan AS (
     WHERE m.reason IS NOT NULL
     RETURNING 1
 ), counters AS (
+    -- Every partition of the batch, also one that only dead-lettered: its
+    -- counter row's new version tells a concurrent claim that rows are gone.
     UPDATE relay_partitions AS p
-    SET last_position = c.last_position, published_at = now()
+    SET last_position = coalesce(c.last_position, p.last_position), published_at = now()
     -- From the plan, not from the rows moved: the counters must say exactly
     -- what the NOTIFY and the dispatcher's in-memory hand-over say (a planned
     -- row already gone leaves a hole, never a position handed out twice).
     FROM (SELECT pl.partition, max(pl.position) AS last_position
           FROM plan AS pl
-          WHERE pl.reason IS NULL
           GROUP BY pl.partition) AS c
     WHERE p.partition = c.partition
     RETURNING 1

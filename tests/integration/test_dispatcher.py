@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import timedelta
@@ -430,3 +431,38 @@ async def test_backlog_in_one_partition_fills_whole_batches(database_url: str) -
         await conn_a.close()
     assert (first.claimed, first.more) == (500, True)
     assert (second.claimed, second.more) == (100, False)
+
+
+async def test_two_replicas_never_publish_rows_the_other_already_moved(database_url: str) -> None:
+    """Two dispatchers drain one backlog at once. A claim reads rows in its
+    statement's snapshot but locks the newest counter row, so a partition the
+    other replica published in between would hand it rows already moved. Such
+    a partition is left alone (and claimed again at once): every row is
+    claimed exactly once, and positions have no holes."""
+    _fill_partitions(database_url, 40)  # 2,560 rows, every partition contended
+    conns = [await _conn(database_url) for _ in range(2)]
+    claimed = [0, 0]
+    stale = [0, 0]
+
+    async def drain(i: int) -> None:
+        idle = 0
+        while idle < 3:  # an empty claim may come while the other holds the rest
+            result = await claim_and_publish(conns[i], batch_size=200, backlog_partitions=64)
+            claimed[i] += result.claimed
+            stale[i] += result.stale
+            idle = 0 if result.claimed or result.more else idle + 1
+
+    try:
+        await asyncio.gather(drain(0), drain(1))
+    finally:
+        for conn in conns:
+            await conn.close()
+    rows = _log_rows(database_url)
+    assert sum(claimed) == len(rows) == 64 * 40
+    by_partition: dict[int, list[int]] = {}
+    for partition, position, *_ in rows:
+        by_partition.setdefault(partition, []).append(position)
+    assert all(p == list(range(1, 41)) for p in by_partition.values())  # no holes
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM relay_outbox").fetchone() == (0,)
+    assert claimed[0] > 0 and claimed[1] > 0  # both really took part
