@@ -98,7 +98,7 @@ class Demo:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"no announcement:\n{self.lines}\n{self.stderr()}")
             time.sleep(0.05)
-        fields = {}
+        fields: dict[str, str] = {}
         for line in self.lines:
             key, _, value = line.strip().partition(":")
             fields.setdefault(key, value.strip())

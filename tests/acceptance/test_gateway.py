@@ -10,6 +10,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import jwt
@@ -90,7 +91,7 @@ def test_auth_table(relay: RelayProcess, database_url: str) -> None:
                            restaurant_ids=[mine], audience=AUDIENCE)  # fmt: skip
     unsigned = jwt.encode(
         {"sub": "s", "exp": now + 600, "aud": AUDIENCE, "restaurant_ids": [str(mine)]},
-        None, algorithm="none",
+        "", algorithm="none",
     )  # fmt: skip
     wrong_aud = mint_token(SECRET, subject="s", restaurant_ids=[mine], audience="elsewhere")
     no_exp = jwt.encode({"sub": "s", "aud": AUDIENCE, "restaurant_ids": [str(mine)]}, SECRET)
@@ -427,11 +428,11 @@ def test_polling_returns_the_stream_events_and_alternates_without_repeats(
     after_stream = poll(streamed[-1].id)
     assert after_stream["events"] == [] and after_stream["next"] == streamed[-1].id
     # Same ids, names and JSON as the stream's frames.
-    whole = poll(None, 100)["events"]
-    assert [e["id"] for e in whole] == [e["id"] for e in polled] + [f.id for f in streamed]  # type: ignore[index, union-attr]
-    assert [e["event"] for e in whole][10:] == [f.event for f in streamed]  # type: ignore[index, union-attr]
-    assert [e["data"] for e in whole][10:] == [json.loads(f.data) for f in streamed]  # type: ignore[index, union-attr]
-    assert all("customerName" not in e["data"] for e in whole)  # type: ignore[index, union-attr]
+    whole: list[dict[str, Any]] = poll(None, 100)["events"]  # type: ignore[assignment]
+    assert [e["id"] for e in whole] == [e["id"] for e in polled] + [f.id for f in streamed]
+    assert [e["event"] for e in whole][10:] == [f.event for f in streamed]
+    assert [e["data"] for e in whole][10:] == [json.loads(f.data) for f in streamed]
+    assert all("customerName" not in e["data"] for e in whole)
 
     # Bad input: clear 400s and the same auth as the stream.
     for bad in ("0", "-1", "x", "100000"):

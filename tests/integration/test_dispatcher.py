@@ -322,7 +322,7 @@ async def test_small_batches_keep_order(database_url: str, batch_size: int) -> N
         for kind in CHAIN:
             enqueue(conn, event(kind, restaurant_id=restaurant, order_id=order))
     aconn = await _conn(database_url)
-    published = []
+    published: list[batch.LogEvent] = []
     while (result := await claim_and_publish(aconn, batch_size=batch_size)).claimed:
         published.extend(result.events)
     await aconn.close()
@@ -463,6 +463,6 @@ async def test_two_replicas_never_publish_rows_the_other_already_moved(database_
     for partition, position, *_ in rows:
         by_partition.setdefault(partition, []).append(position)
     assert all(p == list(range(1, 41)) for p in by_partition.values())  # no holes
-    with psycopg.connect(database_url) as conn:
-        assert conn.execute("SELECT count(*) FROM relay_outbox").fetchone() == (0,)
+    with psycopg.connect(database_url) as check:
+        assert check.execute("SELECT count(*) FROM relay_outbox").fetchone() == (0,)
     assert claimed[0] > 0 and claimed[1] > 0  # both really took part

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,9 +25,9 @@ CONFIG = SlaConfig(
 
 
 async def _publish_and_step(url: str, events: list[Any]) -> dict[uuid.UUID, tuple[str, datetime]]:
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(url) as producer:
         for e in events:
-            enqueue(conn, e)
+            enqueue(producer, e)
     conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
     try:
         while (await claim_and_publish(conn, batch_size=500)).claimed:
@@ -41,7 +42,7 @@ async def _publish_and_step(url: str, events: list[Any]) -> dict[uuid.UUID, tupl
 async def test_each_event_sets_replaces_or_clears_the_order_deadline(database_url: str) -> None:
     restaurant = uuid.uuid4()
     paid, accepted, ready, preparing, delivered, no_estimate = (uuid.uuid4() for _ in range(6))
-    e = {"restaurant_id": restaurant, "at": AT}
+    e: dict[str, Any] = {"restaurant_id": restaurant, "at": AT}
     deadlines = await _publish_and_step(
         database_url,
         [
@@ -63,8 +64,11 @@ async def test_each_event_sets_replaces_or_clears_the_order_deadline(database_ur
     assert deadlines[preparing] == ("NotReady", AT + timedelta(minutes=25))
     assert delivered not in deadlines
     # A ready event without an estimate clears the order's deadline.
-    ready_event = event("OrderReadyForDelivery", order_id=no_estimate, **e)
-    ready_event.payload.pop("estimatedDeliveryTime")
+    with_estimate = event("OrderReadyForDelivery", order_id=no_estimate, **e)
+    ready_event = dataclasses.replace(
+        with_estimate,
+        payload={k: v for k, v in with_estimate.payload.items() if k != "estimatedDeliveryTime"},
+    )
     deadlines = await _publish_and_step(
         database_url, [event("OrderAccepted", order_id=no_estimate, **e), ready_event]
     )

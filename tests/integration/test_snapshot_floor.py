@@ -6,6 +6,7 @@ exactly once, in an order no late commit can break, rolled-back rows never.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import psycopg
@@ -21,8 +22,7 @@ def _numbers(rows: list[tuple[object, ...]]) -> list[str]:
 
 def _insert(conn: psycopg.Connection[object], number: str) -> None:
     item = event("OrderAccepted", restaurant_id=uuid.uuid4())
-    item.payload["orderNumber"] = number
-    enqueue(conn, item)
+    enqueue(conn, dataclasses.replace(item, payload={**item.payload, "orderNumber": number}))
 
 
 def test_windows_give_each_committed_row_once_and_late_commits_later(database_url: str) -> None:

@@ -20,7 +20,7 @@ from tests.reliability.ledger import Ledger, write_orders
 
 def test_blackholed_database_link_is_detected_and_nothing_is_lost(database_url: str) -> None:
     params = conninfo_to_dict(database_url)
-    hole = LoopbackProxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+    hole = LoopbackProxy(str(params.get("host", "127.0.0.1")), int(params.get("port") or 5432))
     via_hole = database_url.replace(f":{params.get('port', 5432)}/", f":{hole.port}/")
     relay = RelayProcess(
         via_hole, env={"RELAY_QUERY_TIMEOUT": "3s", "RELAY_HEARTBEAT_SECONDS": "1"}
@@ -117,7 +117,7 @@ def test_streams_while_the_event_log_is_unreachable(database_url: str) -> None:
     that needs the log ends with a retry hint (no server error); after the outage
     nothing is missed."""
     params = conninfo_to_dict(database_url)
-    hole = LoopbackProxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+    hole = LoopbackProxy(str(params.get("host", "127.0.0.1")), int(params.get("port") or 5432))
     via_hole = database_url.replace(f":{params.get('port', 5432)}/", f":{hole.port}/")
     relay = RelayProcess(via_hole, env={"RELAY_HEARTBEAT_SECONDS": "1"})
     restaurant = uuid.uuid4()
