@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -46,8 +47,12 @@ def _table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from relay.bench.env import Bench
+    from relay.bench.env import Bench, stop_children
     from relay.bench.scenarios import SCENARIOS, Sizes
 
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(SCENARIOS)
@@ -59,6 +64,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     sizes = Sizes.quick() if args.quick else Sizes()
     failed: list[str] = []
     cluster = None
+    # SIGTERM unwinds like Ctrl-C: relays, workers, databases and the cluster
+    # are stopped on the way out instead of outliving the bench.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         url = settings.database_url
         if not url:
@@ -92,8 +100,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     flush=True,
                 )
     finally:
+        stop_children()
         if cluster is not None:
             cluster.stop()
+        signal.signal(signal.SIGTERM, previous)
     if not args.json:
         print(_table(report), file=sys.stderr)
     print(json.dumps(report, indent=None if args.json else 2))

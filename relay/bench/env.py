@@ -25,7 +25,25 @@ from relay.bench.workers import raise_fd_limit
 from relay.gateway.auth import mint_token
 from relay.migrate import migrate
 
-__all__ = ["BackendCpu", "Bench", "RelayServer", "Worker"]
+__all__ = ["BackendCpu", "Bench", "RelayServer", "Worker", "stop_children"]
+
+# Every relay and worker process the bench started and has not yet ended:
+# an interrupted bench (SIGTERM, Ctrl-C) ends them instead of orphaning them.
+_CHILDREN: set[subprocess.Popen[Any]] = set()
+
+
+def stop_children() -> None:
+    """Terminate the relay and worker processes still running, then reap them."""
+    running = [proc for proc in _CHILDREN if proc.poll() is None]
+    for proc in running:
+        proc.terminate()
+    for proc in running:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    _CHILDREN.clear()
 
 
 def _free_port() -> int:
@@ -153,6 +171,7 @@ class RelayServer:
             stderr=self.log,
             preexec_fn=raise_fd_limit,
         )
+        _CHILDREN.add(self.proc)
 
     def wait_ready(self, timeout: float = 30) -> float:
         """Block until ``/readyz`` answers 200; returns that moment (monotonic)."""
@@ -184,6 +203,7 @@ class RelayServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        _CHILDREN.discard(self.proc)
         self.log.close()
 
     def output(self) -> str:
@@ -207,6 +227,7 @@ class Worker:
             stdout=subprocess.PIPE,
             text=True,
         )
+        _CHILDREN.add(self.proc)
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(spec) + "\n")  # too big for argv with 10k streams
         self.proc.stdin.close()
@@ -217,6 +238,7 @@ class Worker:
         if line.strip() != "ready":
             self.proc.stdout.close()
             self.proc.wait(10)
+            _CHILDREN.discard(self.proc)
             raise RuntimeError(f"bench worker failed to start (exit {self.proc.returncode})")
 
     def result(self, timeout: float = 600) -> dict[str, Any]:
@@ -226,6 +248,7 @@ class Worker:
         with self.proc.stdout:
             out = self.proc.stdout.read()
         self.proc.wait(timeout)
+        _CHILDREN.discard(self.proc)
         if self.proc.returncode != 0:
             raise RuntimeError(f"bench worker exited {self.proc.returncode}")
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -130,3 +133,69 @@ def test_producers_beside_a_failing_session_fail_with_its_cause(database_url: st
 
     with pytest.raises(RuntimeError, match=r"the test-floor session failed: division by zero"):
         _producers_beside(database_url, Sizes(writers=1), 1.0, "test-floor", broken)
+
+
+def _children_running_relay(parent: int) -> list[int]:
+    """Pids of ``relay run`` processes whose parent is ``parent`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"-m relay run" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timeout(120)
+def test_a_terminated_bench_stops_the_relays_it_started(database_url: str) -> None:
+    """SIGTERM to `relay bench` ends its relay (and worker) processes and drops
+    its database instead of leaving a relay retrying a vanished server."""
+    server = with_database(database_url, "postgres")
+    before = _bench_databases(server)
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "relay", "bench", "--quick", "--only", "drain", "--json"],
+        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": server},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        relays: list[int] = []
+        while not relays and time.monotonic() < deadline and bench.poll() is None:
+            relays = _children_running_relay(bench.pid)
+            time.sleep(0.05)
+        assert relays, "the bench never started a relay"
+        ours = _bench_databases(server) - before
+        assert ours, "the bench's database was not found"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        if bench.stderr:
+            bench.stderr.close()
+    assert not [pid for pid in relays if _alive(pid)]
+    assert not ours & _bench_databases(server)
+
+
+def _bench_databases(server: str) -> set[str]:
+    with psycopg.connect(server, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'relay\\_bench\\_%'"
+        ).fetchall()
+    return {name for (name,) in rows}
