@@ -232,7 +232,7 @@ def drain(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         windows.append(snapshot_floor(bench, sizes.drain_events, sizes.restaurants))
         runs.append(drain_rate(bench, sizes.drain_events, sizes.restaurants))
     top, move, window = (_median_rate(v) for v in (tops, moves, windows))
-    relay = sorted(runs, key=lambda r: float(r["events_per_s"]))[len(runs) // 2]
+    relay = _median_run(runs)
     return {
         **relay,
         "complete": all(r["complete"] for r in runs),
@@ -271,6 +271,11 @@ def drain(bench: Bench, sizes: Sizes) -> dict[str, Any]:
 def _median_rate(rates: list[Rate]) -> Rate:
     """The round with the median rate (its CPU figures with it)."""
     return sorted(rates, key=lambda r: r.events_per_s)[len(rates) // 2]
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The drain with the median rate (its other figures with it)."""
+    return sorted(runs, key=lambda r: float(r["events_per_s"]))[len(runs) // 2]
 
 
 def _cpu_limit(cpu_us: dict[str, float] | None, ceiling_per_s: float) -> float | None:
@@ -525,8 +530,7 @@ def replicas(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     for _ in range(rounds):
         for relays, runs in ((1, one), (2, two)):
             runs.append(drain_rate(bench, sizes.replica_events, sizes.restaurants, relays=relays))
-    single, double = (sorted(runs, key=lambda r: float(r["events_per_s"]))[len(runs) // 2]
-                      for runs in (one, two))  # fmt: skip
+    single, double = _median_run(one), _median_run(two)
     busy = _cores_busy(single)
     return {
         "rounds": rounds,
