@@ -175,7 +175,9 @@ class Dispatcher:
                     )
                 now = loop.time()
                 next_sweep = now + cfg.safety_sweep
-                if result.claimed:
+                # ``more`` without rows: only stale partitions, whose rows are
+                # still pending (another replica is publishing: events flow).
+                if result.claimed or result.more:
                     self._published(result)
                     last_event = now
                     chase_until = now + _CHASE_SECONDS
@@ -188,10 +190,6 @@ class Dispatcher:
                     # latency wins, at thousands per second CPU does.
                     linger = min(cfg.linger, _LINGER_PER_EVENT * result.claimed)
                     await asyncio.sleep(0 if result.more else linger)
-                    continue
-                if result.more:  # only stale partitions: their rows are still pending
-                    self._published(result)
-                    await asyncio.sleep(0)
                     continue
             # Nothing claimed: wait for a reason to claim again.
             await self._pause(stop, backoff)
