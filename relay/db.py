@@ -67,17 +67,25 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+_SESSION_SETTINGS = b"SET jit = off; SET TimeZone = 'UTC'"
+
+
 def connect(
     database_url: str, *, autocommit: bool = False, connect_timeout: int = 5, **kwargs: Any
 ) -> psycopg.Connection[Any]:
-    """A sync connection, or ``DatabaseUnavailable`` naming where it tried."""
+    """A sync connection, or ``DatabaseUnavailable`` naming where it tried
+    (set up like every relay session, see ``prepare_session``)."""
     describe(database_url)  # validates the URL first, with its own message
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             database_url, autocommit=autocommit, connect_timeout=connect_timeout, **kwargs
         )
     except psycopg.OperationalError as exc:
         raise _unavailable(database_url, exc) from None
+    conn.execute(_SESSION_SETTINGS)
+    if not autocommit:
+        conn.commit()
+    return conn
 
 
 def role_params(database_url: str, role: str) -> dict[str, Any]:
@@ -94,9 +102,10 @@ async def prepare_session(conn: psycopg.AsyncConnection[Any]) -> None:
 
     JIT off: the relay's queries are short index lookups whose planner costs can
     look high on small, unanalysed tables; JIT-compiling them added ~12 ms to a
-    0.2 ms claim.
+    0.2 ms claim. TimeZone UTC: times load the same whatever the server's
+    default, and 9999-12-31 23:59 UTC stays loadable (east of UTC it is year 10000).
     """
-    await conn.execute("SET jit = off")
+    await conn.execute(_SESSION_SETTINGS)
     if not conn.autocommit:
         await conn.commit()
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from decimal import Decimal
 
 from relay.db import connect
 from relay.errors import ConfigError, ContractError
-from relay.events import Envelope, render
+from relay.events import clip, render
+from relay.events.stored import MAX_REASON, envelope_from_row
 from relay.settings import Settings
 from relay.sql import query
 
@@ -36,23 +36,13 @@ def retry(database_url: str, ids: list[int], *, everything: bool = False) -> tup
     requeued, failing = 0, []
     with connect(database_url) as conn, conn.transaction():
         rows = conn.execute(query("dead_letters_take"), {"all": everything, "ids": ids}).fetchall()
-        for row_id, event_id, event_type, version, restaurant, order, customer, text, at in rows:
+        for row_id, *columns in rows:
             try:
-                render(
-                    Envelope(
-                        event_id,
-                        event_type,
-                        version,
-                        restaurant,
-                        order,
-                        customer,
-                        at,
-                        json.loads(text, parse_float=Decimal),
-                    )
-                )
+                render(envelope_from_row(*columns))
             except ContractError as exc:
-                conn.execute(query("dead_letters_still_bad"), {"id": row_id, "reason": str(exc)})
-                failing.append(f"#{row_id} {event_id}: {exc}")
+                reason = clip(str(exc), MAX_REASON)
+                conn.execute(query("dead_letters_still_bad"), {"id": row_id, "reason": reason})
+                failing.append(f"#{row_id} {columns[0]}: {reason}")
                 continue
             conn.execute(query("dead_letters_requeue"), {"id": row_id})
             requeued += 1

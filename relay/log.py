@@ -19,6 +19,7 @@ import psycopg
 
 from relay.dispatcher import PARTITIONS, LogEvent, partition_of
 from relay.errors import InvalidCursor
+from relay.events import order_channel
 from relay.sql import query
 
 __all__ = [
@@ -77,7 +78,8 @@ def parse_vector(text: str) -> dict[int, int]:
 class Stream:
     """One subscribable channel and where its events live in the log."""
 
-    channel: str  # "restaurant:<uuid>", "order:<uuid>", "finance:<uuid>", "coupon:<uuid>", "admin"
+    # "restaurant:<id>", "order:<restaurant>:<order>", "finance:<id>", "coupon:<id>", "admin"
+    channel: str
     partition: int  # GLOBAL for streams that span partitions
     key: UUID  # the restaurant or order id the replay query filters on
 
@@ -87,7 +89,8 @@ class Stream:
 
     @classmethod
     def order(cls, order_id: UUID, restaurant_id: UUID) -> Stream:
-        return cls(f"order:{order_id}", partition_of(restaurant_id), order_id)
+        """The stream of an order owned by ``restaurant_id`` (see ``order_channel``)."""
+        return cls(order_channel(restaurant_id, order_id), partition_of(restaurant_id), order_id)
 
     @classmethod
     def finance(cls, restaurant_id: UUID) -> Stream:

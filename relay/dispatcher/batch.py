@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -36,7 +35,8 @@ import psycopg
 from psycopg.pq import Escaping, TransactionStatus
 
 from relay.errors import ConfigError, ContractError
-from relay.events import Envelope, render
+from relay.events import clip, render
+from relay.events.stored import MAX_REASON, envelope_from_row
 from relay.sql import query
 
 __all__ = ["BatchResult", "LogEvent", "claim_and_publish"]
@@ -94,11 +94,6 @@ _PREPARE = (
 )
 if b"%(" in _PREPARE:
     raise RuntimeError("claim/publish take only the parameters _PREPARE substitutes")
-
-
-# Exact numbers: a JSON 42.50 becomes Decimal("42.50"), never a float. One
-# decoder for all rows: json.loads(..., parse_float=...) would build one per call.
-_decode = json.JSONDecoder(parse_float=Decimal).decode
 
 
 async def claim_and_publish(
@@ -228,18 +223,21 @@ class _Plan:
 
     def add(self, row: tuple[Any, ...]) -> None:
         (_last, row_id, partition, event_id, event_type, version, restaurant_id, order_id,
-         customer_id, payload_text, occurred, enqueued, _share) = row  # fmt: skip
+         customer_id, payload_text, occurred, unloadable_time, derived, enqueued,
+         _share) = row  # fmt: skip
         try:
             broadcast = render(
-                Envelope(
-                    event_id=event_id,
-                    event_type=event_type,
-                    schema_version=version,
-                    restaurant_id=restaurant_id,
-                    order_id=order_id,
-                    customer_id=customer_id,
-                    occurred_on_utc=occurred,
-                    payload=_decode(payload_text),
+                envelope_from_row(
+                    event_id,
+                    event_type,
+                    version,
+                    restaurant_id,
+                    order_id,
+                    customer_id,
+                    payload_text,
+                    occurred,
+                    unloadable_time,
+                    derived=derived,
                 )
             )
         except ContractError as exc:
@@ -253,7 +251,7 @@ class _Plan:
                 event_id,
                 event_type,
                 version,
-                f"internal error: {type(exc).__name__}: {exc}",
+                f"internal error: {type(exc).__name__}: {clip(str(exc), 200)}",
             )
             return
         self.dropped_fields += len(broadcast.dropped_fields)
@@ -294,9 +292,11 @@ class _Plan:
         version: int,
         reason: str,
     ) -> None:
+        reason = clip(reason, MAX_REASON)
+        shown_type = clip(event_type)
         log.warning(
-            "dead-lettered event %s (%s v%s): %s", event_id, event_type, version, reason,
-            extra={"event_id": str(event_id), "event_type": event_type},
+            "dead-lettered event %s (%s v%s): %s", event_id, shown_type, version, reason,
+            extra={"event_id": str(event_id), "event_type": shown_type},
         )  # fmt: skip
         self.dead += 1
         self.rows.append((row_id, partition, None, None, None, None, reason))

@@ -7,7 +7,9 @@ from relay.events.registry import (
     Broadcast,
     Envelope,
     EventSpec,
+    clip,
     known_event_types,
+    order_channel,
     render,
     spec_for,
 )
@@ -17,7 +19,9 @@ __all__ = [
     "Broadcast",
     "Envelope",
     "EventSpec",
+    "clip",
     "known_event_types",
+    "order_channel",
     "render",
     "spec_for",
 ]

@@ -12,11 +12,13 @@ from relay.events.types import Money, OrderNumber, Utc
 
 __all__ = ["CouponUsed", "FinanceEntry", "OrderDelayAlert"]
 
+_MAX_COUNT = 2**31 - 1  # a usage count, as the order service's int column holds it
+
 
 class CouponUsed(Contract):
     coupon_id: uuid.UUID
-    previous_usage_count: int = Field(ge=0)
-    new_usage_count: int = Field(ge=0)
+    previous_usage_count: int = Field(ge=0, le=_MAX_COUNT)
+    new_usage_count: int = Field(ge=0, le=_MAX_COUNT)
     used_at: Utc
 
     @model_validator(mode="after")

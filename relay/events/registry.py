@@ -29,7 +29,9 @@ __all__ = [
     "Broadcast",
     "Envelope",
     "EventSpec",
+    "clip",
     "known_event_types",
+    "order_channel",
     "render",
     "spec_for",
 ]
@@ -50,6 +52,7 @@ class Envelope(NamedTuple):
     customer_id: uuid.UUID | None
     occurred_on_utc: datetime
     payload: Mapping[str, Any]
+    derived: bool = False  # written by the relay itself (SLA alerts), not by a producer
 
 
 class Broadcast(NamedTuple):
@@ -75,6 +78,7 @@ class EventSpec:
     sse_event: str
     route: Route
     expected_status: str | None = None  # for the uniform status DTO
+    derived: bool = False  # raised by the relay only: refused when a producer writes it
 
 
 @functools.lru_cache(maxsize=65536)
@@ -87,9 +91,19 @@ def _quoted(text: str) -> str:
     return json.dumps(text)
 
 
-def _kitchen_and_order(envelope: Envelope, model: Any) -> tuple[str, ...]:
-    order = envelope.order_id or model.order_id
-    return (_channel("restaurant", envelope.restaurant_id), f"order:{order}")
+def order_channel(restaurant_id: uuid.UUID, order_id: uuid.UUID) -> str:
+    """``order:{restaurant}:{order}``: an order's stream is its restaurant's, so a
+    row of another restaurant that reuses the order id never reaches it."""
+    return f"order:{restaurant_id}:{order_id}"
+
+
+def _kitchen_and_order(envelope: Envelope, _model: Any) -> tuple[str, ...]:
+    kitchen = _channel("restaurant", envelope.restaurant_id)
+    if envelope.order_id is None:
+        # Routing follows the columns only: a payload's orderId never opens a
+        # channel that the order's owner lookup (by column) cannot authorise.
+        return (kitchen,)
+    return (kitchen, order_channel(envelope.restaurant_id, envelope.order_id))
 
 
 def _coupon(_envelope: Envelope, model: Any) -> tuple[str, ...]:
@@ -131,7 +145,9 @@ _SPECS = (
     EventSpec("CouponUsed", 1, CouponUsed, "CouponUsed", _coupon),
     EventSpec("RevenueRecorded", 1, FinanceEntry, "RevenueRecorded", _finance),
     EventSpec("PlatformFeeRecorded", 1, FinanceEntry, "PlatformFeeRecorded", _finance),
-    EventSpec("OrderDelayAlert", 1, OrderDelayAlert, "OrderDelayAlert", _kitchen_and_order),
+    EventSpec(
+        "OrderDelayAlert", 1, OrderDelayAlert, "OrderDelayAlert", _kitchen_and_order, derived=True
+    ),
 )
 
 REGISTRY: Mapping[tuple[str, int], EventSpec] = {
@@ -147,7 +163,7 @@ def spec_for(event_type: str, schema_version: int) -> EventSpec:
     spec = REGISTRY.get((event_type, schema_version))
     if spec is None:
         raise UnknownEventType(
-            f"unknown event type {event_type!r} version {schema_version}: "
+            f"unknown event type {clip(event_type)!r} version {schema_version}: "
             f"known types are {', '.join(sorted(known_event_types()))}"
         )
     return spec
@@ -156,6 +172,11 @@ def spec_for(event_type: str, schema_version: int) -> EventSpec:
 def render(envelope: Envelope) -> Broadcast:
     """Validate, whitelist and route one event; raises a ContractError subclass."""
     spec = spec_for(envelope.event_type, envelope.schema_version)
+    if spec.derived and not envelope.derived:
+        raise InvalidPayload(
+            f"{spec.event_type}: derived by the relay only (its SLA timers); "
+            "the order service must not write it"
+        )
     payload = envelope.payload
     if type(payload) is not dict and not isinstance(payload, Mapping):
         raise InvalidPayload(f"{envelope.event_type}: payload must be a JSON object")
@@ -214,7 +235,15 @@ def _check_routing(envelope: Envelope, model: Any) -> None:
 
 
 def _shown(value: Any) -> str:
-    return "nothing" if value is None else f'"{str(value)[:40]}"'
+    return "nothing" if value is None else f'"{clip(str(value), 40)}"'
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut (producer
+    text quoted into a reason or a log line must stay short)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
 def _invalid(event_type: str, exc: ValidationError) -> InvalidPayload:

@@ -6,9 +6,16 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer
 
-__all__ = ["Money", "OrderNumber", "Utc", "utc_text"]
+__all__ = ["MAX_ORDER_NUMBER", "Money", "OrderNumber", "Utc", "utc_text"]
+
+# Bounds on what a producer may broadcast: every dashboard of a restaurant
+# receives each frame, so one careless megabyte string costs them all.
+MAX_ORDER_NUMBER = 100  # characters
+MONEY_LIMIT = Decimal(10) ** 15  # amounts are below a quadrillion in absolute value
+MONEY_PLACES = 6  # decimal places: enough for any currency's minor unit
+_MONEY_STEP = Decimal(1).scaleb(-MONEY_PLACES)
 
 
 def _utc(value: Any) -> datetime:
@@ -22,9 +29,7 @@ def _utc(value: Any) -> datetime:
             raise ValueError(f"not an ISO-8601 timestamp: {value[:40]!r}") from None
     else:
         raise ValueError("expected an ISO-8601 timestamp string")
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    return _as_utc(moment)
 
 
 def _money(value: Any) -> Decimal:
@@ -47,7 +52,16 @@ def _money(value: Any) -> Decimal:
         raise ValueError("expected a decimal amount")
     if not amount.is_finite():
         raise ValueError("amount must be finite")
+    if abs(amount) >= MONEY_LIMIT:
+        raise ValueError("amount must be below 10^15 in absolute value")
+    if amount != amount.quantize(_MONEY_STEP, rounding="ROUND_DOWN"):
+        raise ValueError(f"amount has more than {MONEY_PLACES} decimal places")
     return amount
+
+
+def _plain_decimal(amount: Decimal) -> str:
+    """``"1000.50"``, never ``"1.0005E+3"``: consumers parse money as plain digits."""
+    return format(amount, "f")
 
 
 def _order_number(value: Any) -> str:
@@ -57,6 +71,8 @@ def _order_number(value: Any) -> str:
     text = str(value)
     if not text.strip():
         raise ValueError("must not be empty")
+    if len(text) > MAX_ORDER_NUMBER:
+        raise ValueError(f"longer than {MAX_ORDER_NUMBER} characters ({len(text)})")
     return text
 
 
@@ -72,13 +88,20 @@ def _as_utc(moment: datetime) -> datetime:
         return moment.replace(tzinfo=UTC)  # naive: .NET's Unspecified kind, taken as UTC
     # Already at offset zero (pydantic's own zero-offset tzinfo serialises as Z too):
     # kept as is, since this runs for every timestamp of every event.
-    return moment if moment.utcoffset() == _ZERO else moment.astimezone(UTC)
+    if moment.utcoffset() == _ZERO:
+        return moment
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
+        raise ValueError("outside the years 1 to 9999 in UTC") from None
 
 
 _ZERO = timedelta(0)
 # Parsed by pydantic's core (fast), then normalised to UTC; serialised with Z.
 Utc = Annotated[datetime, BeforeValidator(_timestamp_only), AfterValidator(_as_utc)]
-Money = Annotated[Decimal, BeforeValidator(_money)]
+Money = Annotated[
+    Decimal, BeforeValidator(_money), PlainSerializer(_plain_decimal, return_type=str)
+]
 OrderNumber = Annotated[str, BeforeValidator(_order_number)]
 
 

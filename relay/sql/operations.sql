@@ -41,7 +41,9 @@ LIMIT %(limit)s
 -- name: dead_letters_take
 -- The dead letters to retry, locked so two operators cannot retry one twice.
 SELECT id, event_id, event_type, schema_version, restaurant_id, order_id, customer_id,
-       payload::text, occurred_on_utc
+       payload::text,
+       CASE WHEN relay_loadable_time(occurred_on_utc) THEN occurred_on_utc END,
+       CASE WHEN NOT relay_loadable_time(occurred_on_utc) THEN occurred_on_utc::text END
 FROM relay_dead_letters
 WHERE %(all)s OR id = ANY(%(ids)s::bigint[])
 ORDER BY id

@@ -72,8 +72,12 @@ WITH active AS (
     FOR UPDATE OF p SKIP LOCKED
 )
 SELECT h.last_position, o.id, h.partition, o.event_id, o.event_type, o.schema_version,
-       o.restaurant_id, o.order_id, o.customer_id, o.payload::text, o.occurred_on_utc,
-       o.enqueued_at, (SELECT share FROM sizing) AS share
+       o.restaurant_id, o.order_id, o.customer_id, o.payload::text,
+       -- A time no client can load (±infinity, year 10000) must not fail the
+       -- batch: it travels as text, and the row becomes a dead letter.
+       CASE WHEN relay_loadable_time(o.occurred_on_utc) THEN o.occurred_on_utc END,
+       CASE WHEN NOT relay_loadable_time(o.occurred_on_utc) THEN o.occurred_on_utc::text END,
+       o.derived, o.enqueued_at, (SELECT share FROM sizing) AS share
 FROM held AS h
 JOIN active AS a ON a.partition = h.partition
 LEFT JOIN LATERAL (
@@ -216,7 +220,8 @@ ORDER BY position
 LIMIT %(limit)s
 
 -- name: replay_channel_order
--- Replay one order's stream after a cursor.
+-- Replay one order's stream after a cursor (its channel names the order's
+-- restaurant, so another restaurant's event reusing the order id is not read).
 SELECT partition, position, sse_event, channels, data::text
 FROM relay_events
 WHERE order_id = %(order_id)s AND position > %(after)s
@@ -225,14 +230,25 @@ ORDER BY position
 LIMIT %(limit)s
 
 -- name: order_owner
--- Who may follow order:{id}: its restaurant's staff and the customer who placed it
--- (from its published events, else its pending ones).
-(SELECT restaurant_id, customer_id FROM relay_events
- WHERE order_id = %(order_id)s ORDER BY customer_id NULLS LAST LIMIT 1)
-UNION ALL
-(SELECT restaurant_id, customer_id FROM relay_outbox
- WHERE order_id = %(order_id)s ORDER BY customer_id NULLS LAST LIMIT 1)
-LIMIT 1
+-- Who may follow order:{id}: its restaurant's staff and the customer who placed
+-- it. Deterministic whatever a producer writes later: the restaurant of the
+-- order's first event (published, else pending; by insert time, then event
+-- id), and the first customer id among that restaurant's events of the order.
+-- Another restaurant's row that reuses the order id changes neither.
+WITH candidates AS (
+    SELECT restaurant_id, customer_id, enqueued_at, event_id
+    FROM relay_events WHERE order_id = %(order_id)s
+    UNION ALL
+    SELECT restaurant_id, customer_id, enqueued_at, event_id
+    FROM relay_outbox WHERE order_id = %(order_id)s
+), owner AS (
+    SELECT restaurant_id FROM candidates ORDER BY enqueued_at, event_id LIMIT 1
+)
+SELECT owner.restaurant_id,
+       (SELECT c.customer_id FROM candidates AS c
+        WHERE c.restaurant_id = owner.restaurant_id AND c.customer_id IS NOT NULL
+        ORDER BY c.enqueued_at, c.event_id LIMIT 1)
+FROM owner
 
 -- name: prune_partition
 -- Retention: delete one small batch of a partition's oldest expired events and

@@ -117,14 +117,14 @@ WITH due AS (
 )
 INSERT INTO relay_outbox
     (event_id, event_type, schema_version, restaurant_id, order_id, customer_id, payload,
-     occurred_on_utc)
+     occurred_on_utc, derived)
 SELECT md5(due.order_id::text || due.kind || due.due_at::text)::uuid, 'OrderDelayAlert', 1,
        due.restaurant_id, due.order_id, due.customer_id,
        jsonb_build_object(
            'orderId', due.order_id, 'restaurantId', due.restaurant_id,
            'orderNumber', due.order_number, 'kind', due.kind,
            'expectedBy', due.due_at, 'detectedAt', now()),
-       now()
+       now(), true
 FROM due
 ON CONFLICT (event_id) DO NOTHING
 RETURNING order_id, payload->>'kind'

@@ -259,15 +259,26 @@ async def test_poison_row_is_dead_lettered_and_later_rows_flow(database_url: str
     assert "OrderTeleported" in reasons[1]
 
 
-async def test_large_payload_is_published_whole(database_url: str) -> None:
-    restaurant = uuid.uuid4()
-    big = event("OrderAccepted", restaurant_id=restaurant, order_number="N" * 20_000)
+async def test_an_oversized_field_is_dead_lettered_and_the_next_row_flows(
+    database_url: str,
+) -> None:
+    """A 20,000-character order number would be broadcast to every dashboard of
+    the restaurant: it is refused with a short reason instead."""
+    restaurant, order = uuid.uuid4(), uuid.uuid4()
+    big = payload("OrderAccepted", restaurant_id=restaurant, order_id=order)
+    big["orderNumber"] = "N" * 20_000
     with psycopg.connect(database_url) as conn:
-        enqueue(conn, big)
+        conn.execute(INSERT_SQL, (str(uuid.uuid4()), "OrderAccepted", str(restaurant),
+                                  str(order), None, json.dumps(big)))  # fmt: skip
+        enqueue(conn, event("OrderPreparing", restaurant_id=restaurant))
     aconn = await _conn(database_url)
     result = await claim_and_publish(aconn, batch_size=500)
     await aconn.close()
-    assert len(result.events) == 1 and len(result.events[0].data) > 20_000
+    assert [e.event_type for e in result.events] == ["OrderPreparing"]
+    assert result.dead_lettered == 1
+    with psycopg.connect(database_url) as conn:
+        (reason,) = conn.execute("SELECT reason FROM relay_dead_letters").fetchone() or ("",)
+    assert "orderNumber: longer than 100 characters (20000)" in reason and len(reason) < 500
 
 
 async def test_reinserted_published_event_is_not_published_twice(database_url: str) -> None:

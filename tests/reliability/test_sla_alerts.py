@@ -49,7 +49,7 @@ def test_unaccepted_order_alerts_once_with_two_replicas_and_a_kill(database_url:
         alerts = _alerts(database_url)
         assert [(order, kind) for order, kind, _ in alerts] == [(late, "NotAccepted")]
         channels = alerts[0][2]
-        assert f"restaurant:{restaurant}" in channels and f"order:{late}" in channels
+        assert f"restaurant:{restaurant}" in channels and f"order:{restaurant}:{late}" in channels
         with psycopg.connect(database_url) as conn:
             owner = conn.execute(
                 "SELECT customer_id FROM relay_events WHERE event_type = 'OrderDelayAlert'"

@@ -11,6 +11,8 @@ import pytest
 
 from relay.errors import InvalidPayload, UnknownEventType
 from relay.events import REGISTRY, Envelope, known_event_types, render, spec_for
+from relay.events.stored import envelope_from_row
+from relay.events.types import MAX_ORDER_NUMBER
 
 R = uuid.UUID("8e0f1c2a-3b4c-4d5e-8f60-7a8b9c0d1e2f")
 ORDER = uuid.UUID("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d")
@@ -29,6 +31,7 @@ def envelope(event_type: str, payload: dict[str, Any], **kw: Any) -> Envelope:
         customer_id=kw.get("customer_id", C),
         occurred_on_utc=kw.get("occurred_on_utc", WHEN),
         payload=payload,
+        derived=kw.get("derived", False),
     )
 
 
@@ -139,7 +142,7 @@ def test_phase1_events_round_trip_to_the_contract(
     result = render(envelope(event_type, payload))
     assert result.sse_event == sse
     assert result.data == {**expected, **COMMON}
-    assert result.channels == (f"restaurant:{R}", f"order:{ORDER}")
+    assert result.channels == (f"restaurant:{R}", f"order:{R}:{ORDER}")
     assert sorted(result.dropped_fields) == sorted(pascal(PII) if keys == "pascal" else PII)
     for leaked in ("customerName", "deliveryAddress", "phone"):
         assert leaked not in result.data
@@ -196,11 +199,74 @@ def test_exact_totals_are_broadcast_as_decimal_strings(given: Any, shown: str) -
     assert result.data["total"] == shown
 
 
-@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-1.00", "forty", True])
+@pytest.mark.parametrize(
+    ("given", "shown"), [("1E+2", "100"), (Decimal("1.5E+3"), "1500"), ("1e-2", "0.01")]
+)
+def test_totals_in_exponent_form_are_broadcast_as_plain_digits(given: Any, shown: str) -> None:
+    result = render(envelope("OrderPaymentSucceeded", {**CASES[0][1], "total": given}))
+    assert result.data["total"] == shown
+
+
+@pytest.mark.parametrize(
+    "bad", ["NaN", "Infinity", "-1.00", "forty", True, "1e400", "1000000000000000", "0.0000001"]
+)
 def test_impossible_totals_are_rejected(bad: Any) -> None:
     with pytest.raises(InvalidPayload) as caught:
         render(envelope("OrderPaymentSucceeded", {**CASES[0][1], "total": bad}))
     assert caught.value.field == "total"
+
+
+def test_an_order_number_longer_than_the_limit_is_rejected() -> None:
+    payload = {**CASES[0][1], "orderNumber": "N" * (MAX_ORDER_NUMBER + 1)}
+    with pytest.raises(InvalidPayload, match=f"longer than {MAX_ORDER_NUMBER}") as caught:
+        render(envelope("OrderPaymentSucceeded", payload))
+    assert caught.value.field == "orderNumber"
+    assert len(str(caught.value)) < 200
+
+
+def test_a_payload_time_beyond_year_9999_in_utc_is_a_contract_error() -> None:
+    payload = _status_payload(lastUpdateTimestamp="9999-12-31T23:00:00-05:00")
+    with pytest.raises(InvalidPayload, match="years 1 to 9999") as caught:
+        render(envelope("OrderPreparing", payload))
+    assert caught.value.field == "lastUpdateTimestamp"
+
+
+def test_a_producer_written_delay_alert_is_refused() -> None:
+    alert = {
+        "orderId": str(ORDER),
+        "restaurantId": str(R),
+        "kind": "NotAccepted",
+        "expectedBy": "2026-11-25T12:03:00Z",
+        "detectedAt": "2026-11-25T12:03:01Z",
+    }
+    with pytest.raises(InvalidPayload, match="derived by the relay only"):
+        render(envelope("OrderDelayAlert", alert))
+
+
+def test_a_null_order_column_routes_to_the_restaurant_only() -> None:
+    result = render(envelope("OrderAccepted", CASES[2][1], order_id=None))
+    assert result.channels == (f"restaurant:{R}",)
+
+
+def test_a_huge_unknown_event_type_is_quoted_short() -> None:
+    with pytest.raises(UnknownEventType) as caught:
+        render(envelope("X" * 1_000_000, {}))
+    assert len(str(caught.value)) < 1000
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("[" * 100_000 + "]" * 100_000, "nested too deeply"), ('{"n": ' + "9" * 5000 + "}", "digits")],
+)
+def test_payloads_python_cannot_hold_are_contract_errors(text: str, reason: str) -> None:
+    with pytest.raises(InvalidPayload, match=reason):
+        envelope_from_row(E, "OrderAccepted", 1, R, ORDER, C, text, WHEN, None)
+
+
+def test_an_unloadable_occurred_time_is_a_contract_error() -> None:
+    with pytest.raises(InvalidPayload, match="-infinity is outside the years") as caught:
+        envelope_from_row(E, "OrderAccepted", 1, R, ORDER, C, "{}", None, "-infinity")
+    assert caught.value.field == "occurred_on_utc"
 
 
 def test_missing_field_is_named() -> None:
@@ -298,7 +364,8 @@ def test_delay_alert_routes_to_restaurant_and_order() -> None:
                 "expectedBy": "2026-11-25T12:03:00Z",
                 "detectedAt": "2026-11-25T12:03:01Z",
             },
+            derived=True,
         )
     )
-    assert result.channels == (f"restaurant:{R}", f"order:{ORDER}")
+    assert result.channels == (f"restaurant:{R}", f"order:{R}:{ORDER}")
     assert result.sse_event == "OrderDelayAlert"
