@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["RedactingFilter", "configure_logging", "redact"]
+__all__ = ["MAX_MESSAGE", "RedactingFilter", "configure_logging", "redact"]
 
 _PATTERNS = (
     (re.compile(r"((?:access_token|token)=)[^&\s\"']+", re.I), r"\1***"),
@@ -31,10 +31,26 @@ def redact(text: str) -> str:
     return text
 
 
+# A log line quoting producer text (an event type, a reason) is cut here: a
+# megabyte string must not become a megabyte line in the operator's logs.
+MAX_MESSAGE = 2000
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_MESSAGE:
+        return text
+    return f"{text[:MAX_MESSAGE]}… ({len(text) - MAX_MESSAGE} more characters)"
+
+
 class RedactingFilter(logging.Filter):
+    """Masks secrets and cuts oversized text, in the message and in every extra."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        record.msg, record.args = redact(message), None
+        record.msg, record.args = _cut(redact(message)), None
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD and isinstance(value, str) and len(value) > MAX_MESSAGE:
+                setattr(record, key, _cut(value))
         return True
 
 
