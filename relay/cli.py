@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -33,11 +34,22 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from relay.logs import configure_logging
     from relay.service import run_event_loop, serve
 
+    _require_schema(settings)
     configure_logging(settings.log_format, settings.log_level)
     run_event_loop(
         serve(settings, dispatcher=not args.gateway_only, gateway=not args.dispatcher_only)
     )
     return 0
+
+
+def _require_schema(settings: Settings) -> None:
+    """A missing or outdated schema is one line and exit 2, before anything starts.
+    An unreachable database is not: the relay waits for it (``/readyz`` says why)."""
+    from relay.errors import DatabaseUnavailable
+    from relay.migrate import require_current_schema
+
+    with contextlib.suppress(DatabaseUnavailable):
+        require_current_schema(settings.require_database_url())
 
 
 def _config(args: argparse.Namespace, settings: Settings) -> int:

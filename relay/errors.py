@@ -10,7 +10,8 @@ into one line and an exit code, and callers can catch by meaning::
      │    └── InvalidPayload      the payload fails its model; names the field
      ├── DatabaseUnavailable      cannot reach PostgreSQL (names host:port, never the password)
      ├── MigrationError           a migration cannot be applied
-     │    └── MigrationTampered   an applied migration's file changed since
+     │    ├── MigrationTampered   an applied migration's file changed since
+     │    └── SchemaNotCurrent    the database's schema is missing, behind or ahead (exit 2)
      ├── InvalidCursor            a stream cursor that is malformed or from elsewhere
      └── AuthError                a token is missing/invalid (401) or not allowed (403)
 """
@@ -27,6 +28,7 @@ __all__ = [
     "MigrationError",
     "MigrationTampered",
     "RelayError",
+    "SchemaNotCurrent",
     "UnknownEventType",
 ]
 
@@ -75,6 +77,12 @@ class MigrationError(RelayError):
 
 class MigrationTampered(MigrationError):
     """An already-applied migration file was edited; refusing to continue."""
+
+
+class SchemaNotCurrent(MigrationError):
+    """The database's relay schema does not match this code; says what to run."""
+
+    exit_code = 2
 
 
 class InvalidCursor(RelayError):

@@ -12,11 +12,14 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from relay.db import connect
-from relay.errors import MigrationError, MigrationTampered
+import psycopg
 
-__all__ = ["Migration", "migrate", "migrations"]
+from relay.db import connect, describe
+from relay.errors import MigrationError, MigrationTampered, SchemaNotCurrent
+
+__all__ = ["Migration", "migrate", "migrations", "require_current_schema", "schema_problem"]
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x72656C6179  # "relay": the advisory lock serialising migrators
@@ -95,3 +98,49 @@ def migrate(database_url: str, directory: Path | None = None) -> list[str]:
             )
             done.append(migration.name)
         return done
+
+
+def _compare(applied: set[str] | None) -> str | None:
+    """What is wrong with a database whose applied migrations are ``applied``
+    (None: relay never migrated it), or None when it matches this code."""
+    expected = [m.name for m in migrations()]
+    if applied is None:
+        return "the relay schema is missing (relay migrate never ran); run `relay migrate`"
+    newer = sorted(applied - set(expected))
+    if newer:
+        return (
+            f"the schema was migrated by a newer relay ({', '.join(newer)} unknown to this "
+            "version); upgrade this relay"
+        )
+    missing = [name for name in expected if name not in applied]
+    if missing:
+        latest = max(applied, default="none")
+        return (
+            f"the relay schema is behind: latest applied {latest}, this relay expects "
+            f"{expected[-1]} ({len(missing)} pending: {', '.join(missing)}); run `relay migrate`"
+        )
+    return None
+
+
+_APPLIED_TABLE = "SELECT to_regclass('relay_schema_migrations') IS NOT NULL"
+_APPLIED = "SELECT name FROM relay_schema_migrations"
+
+
+def require_current_schema(database_url: str) -> None:
+    """Refuse to start on a database this code cannot use, in one line (exit 2)."""
+    with connect(database_url, autocommit=True) as conn:
+        applied: set[str] | None = None
+        if conn.execute(_APPLIED_TABLE).fetchone() == (True,):
+            applied = {str(row[0]) for row in conn.execute(_APPLIED)}
+    problem = _compare(applied)
+    if problem:
+        raise SchemaNotCurrent(f"{describe(database_url)}: {problem}")
+
+
+async def schema_problem(conn: psycopg.AsyncConnection[Any]) -> str | None:
+    """The same check for a running relay (``/readyz``): a newer relay may migrate
+    the database under it."""
+    applied: set[str] | None = None
+    if await (await conn.execute(_APPLIED_TABLE)).fetchone() == (True,):
+        applied = {str(row[0]) for row in await (await conn.execute(_APPLIED)).fetchall()}
+    return _compare(applied)

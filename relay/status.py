@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from relay.db import connect
+from relay.migrate import require_current_schema
 from relay.settings import Settings
 from relay.sql import query
 
@@ -63,7 +64,9 @@ def collect(database_url: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    report = collect(settings.require_database_url())
+    url = settings.require_database_url()
+    require_current_schema(url)  # a missing schema is one line, not a traceback
+    report = collect(url)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -1,0 +1,61 @@
+"""`relay run` and `relay status` on a database whose schema does not match the
+code: one line that says what to run, exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from relay.migrate import migrate, migrations
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def _relay(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], env={**os.environ, "DATABASE_URL": url},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def _one_line_exit_2(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize("command", [["run"], ["status"]])
+def test_a_database_never_migrated_says_run_relay_migrate(
+    empty_database_url: str, command: list[str]
+) -> None:
+    _one_line_exit_2(_relay(empty_database_url, *command), "schema is missing", "relay migrate")
+
+
+@pytest.mark.parametrize("command", [["run"], ["status"]])
+def test_a_schema_behind_the_code_names_what_is_pending(
+    empty_database_url: str, tmp_path: Path, command: list[str]
+) -> None:
+    applied, pending = migrations()[:-1], migrations()[-1]
+    for migration in applied:
+        shutil.copy(MIGRATIONS / migration.name, tmp_path / migration.name)
+    migrate(empty_database_url, tmp_path)
+    _one_line_exit_2(
+        _relay(empty_database_url, *command), "schema is behind", pending.name, "relay migrate"
+    )
+
+
+def test_a_schema_migrated_by_a_newer_relay_says_upgrade(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO relay_schema_migrations (name, checksum) VALUES ('9999_future', 'x')"
+        )
+    _one_line_exit_2(_relay(database_url, "status"), "newer relay", "9999_future")
