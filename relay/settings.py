@@ -188,7 +188,14 @@ class Settings(BaseSettings):
             )
 
     def masked(self) -> dict[str, str]:
-        """Effective configuration by variable name, secrets masked."""
+        """Effective configuration by variable name, secrets masked.
+
+        Besides the secret fields, every value goes through the logs' redaction:
+        broker URLs in RELAY_PUBLISHERS and a JWKS URL may carry a password or
+        a token, which ``relay config`` must not print any more than a log line.
+        """
+        from relay.logs import redact
+
         shown: dict[str, str] = {}
         for name, field in type(self).model_fields.items():
             value = getattr(self, name)
@@ -199,6 +206,8 @@ class Settings(BaseSettings):
                 text = f"postgresql://{describe(value)} (password hidden)"
             elif name in _SECRET_FIELDS and value:
                 text = "***"
+            else:
+                text = redact(text)
             shown[str(field.alias)] = text
         return shown
 

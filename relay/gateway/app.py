@@ -73,6 +73,22 @@ def _uuid(value: str) -> UUID | None:
         return None
 
 
+def _int_in(text: str, low: int, high: int) -> int | None:
+    """``text`` as an integer from ``low`` to ``high`` (ASCII digits only), else None.
+
+    The length is bounded before ``int()``: past 4,300 digits it raises instead
+    of converting, and a client chooses how many digits it sends.
+    """
+    # isascii: str.isdigit() also accepts "²", which int() refuses.
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(high)):
+        return None
+    value = int(digits)
+    return value if low <= value <= high else None
+
+
 def create_app(
     *,
     hub: Hub,
@@ -207,14 +223,11 @@ def create_app(
             return _refused(
                 AuthError("token does not grant this restaurant", status=403, reason="forbidden")
             )
-        raw_limit = request.query_params.get("limit", "100")
-        # isascii: str.isdigit() also accepts "²", which int() refuses.
-        if not (raw_limit.isascii() and raw_limit.isdigit()) or not (
-            1 <= int(raw_limit) <= config.poll_limit_max
-        ):
+        limit = _int_in(request.query_params.get("limit", "100"), 1, config.poll_limit_max)
+        if limit is None:
             return _problem(400, f"limit must be an integer from 1 to {config.poll_limit_max}")
         body = await page(
-            pool, Stream.restaurant(restaurant), request.query_params.get("after"), int(raw_limit)
+            pool, Stream.restaurant(restaurant), request.query_params.get("after"), limit
         )
         return JSONResponse(body, headers={"Cache-Control": "no-cache"})
 

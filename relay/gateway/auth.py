@@ -205,10 +205,14 @@ class TokenVerifier:
                     "require": ["exp", "sub"],
                     "verify_aud": self.config.audience is not None,
                     "verify_iss": self.config.issuer is not None,
+                    # Checked by _times: PyJWT coerces with int(), so it takes
+                    # true or "123" as a time and lets through an exp that no
+                    # datetime can hold.
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
                 },
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token expired", reason="expired") from None
         except jwt.InvalidAudienceError:
             raise AuthError("token audience not accepted", reason="bad_audience") from None
         except jwt.InvalidIssuerError:
@@ -223,10 +227,47 @@ class TokenVerifier:
             raise AuthError("malformed token", reason="malformed") from None
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token ({type(exc).__name__})", reason="bad_claims") from None
-        return _principal(claims)
+        return _principal(claims, _times(claims, self.config.leeway_seconds))
 
 
-def _principal(claims: Mapping[str, Any]) -> Principal:
+def _instant(value: object) -> datetime | None:
+    """A NumericDate (a JSON number of seconds since the epoch) as a datetime,
+    or None when it is not one: a string, a bool, inf/nan, or outside the
+    years 1-9999 a datetime can hold (an exp in milliseconds, 10**20)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+def _times(claims: Mapping[str, Any], leeway: float) -> datetime:
+    """Check exp, nbf and iat against the clock; returns the expiry.
+
+    Runs after the signature verified, so a forged token learns nothing from
+    these messages. Every refusal is a 401: an absurd time is a bad token,
+    never a server error.
+    """
+    instants: dict[str, datetime] = {}
+    for name in ("exp", "nbf", "iat"):
+        if name in claims:
+            instant = _instant(claims[name])
+            if instant is None:
+                raise AuthError(f"token {name} is not a valid time", reason="bad_claims")
+            instants[name] = instant
+    now = datetime.now(UTC)
+    margin = timedelta(seconds=leeway)
+    if instants["exp"] <= now - margin:
+        raise AuthError("token expired", reason="expired")
+    if "nbf" in instants and instants["nbf"] > now + margin:
+        raise AuthError("token is not valid yet (nbf is in the future)", reason="bad_claims")
+    if "iat" in instants and instants["iat"] > now + margin:
+        raise AuthError("token is not valid yet (iat is in the future)", reason="bad_claims")
+    return instants["exp"]
+
+
+def _principal(claims: Mapping[str, Any], expires_at: datetime) -> Principal:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise AuthError("token sub must be a non-empty string", reason="bad_claims")
@@ -243,7 +284,7 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
         subject=subject,
         restaurant_ids=frozenset(restaurants),
         roles=frozenset(str(r) for r in roles) if isinstance(roles, list) else frozenset(),
-        expires_at=datetime.fromtimestamp(float(claims["exp"]), UTC),
+        expires_at=expires_at,
     )
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import AuthError, ContractError, InvalidCursor
@@ -105,18 +107,48 @@ def _b64(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
-@settings(max_examples=200, deadline=None)
+NOW = int(time.time())
+# Time claims as careless or hostile issuers write them: near now, in
+# milliseconds, past what a datetime holds (year 10000 starts at 253402300800),
+# of any size or sign, non-finite, or not numbers at all.
+time_values = st.one_of(
+    st.integers(NOW - 10**6, NOW + 10**6),
+    st.sampled_from(
+        [NOW * 1000, 10**20, -(10**20), 253402300799, 253402300800, -62135596801, 0, 2**63]
+    ),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(NOW, NOW + 10**6).map(str),
+    st.text(max_size=10),
+    st.booleans(),
+    st.none(),
+)
+
+
+def _numeric_date(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@settings(max_examples=300, deadline=None)
 @given(
     claims=st.dictionaries(
         st.sampled_from(["sub", "exp", "aud", "iss", "restaurant_ids", "roles", "nbf", "iat"]),
         json_values,
     ),
+    times=st.dictionaries(st.sampled_from(["exp", "nbf", "iat"]), time_values),
     alg=st.sampled_from(["HS256", "HS512", "none", "RS256", "ES256", "", "hs256"]),
     key=st.sampled_from([SECRET, "wrong-secret-" * 6, ""]),
 )
+@example(claims={"sub": "s"}, times={"exp": NOW * 1000}, alg="HS256", key=SECRET)
+@example(claims={"sub": "s"}, times={"exp": 10**20}, alg="HS256", key=SECRET)
+@example(claims={"sub": "s"}, times={"exp": 253402300800}, alg="HS256", key=SECRET)
+@example(claims={"sub": "s"}, times={"exp": 1e300}, alg="HS256", key=SECRET)
+@example(claims={"sub": "s"}, times={"exp": str(NOW + 600)}, alg="HS256", key=SECRET)
+@example(claims={"sub": "s"}, times={"exp": NOW + 600, "nbf": True}, alg="HS256", key=SECRET)
 def test_random_tokens_are_refused_or_yield_a_principal(
-    claims: dict[str, Any], alg: str, key: str
+    claims: dict[str, Any], times: dict[str, Any], alg: str, key: str
 ) -> None:
+    claims = {**claims, **times}
     verifier = TokenVerifier(AuthConfig(secret=SECRET))
     if alg in ("HS256", "HS512") and key:
         try:
@@ -130,9 +162,13 @@ def test_random_tokens_are_refused_or_yield_a_principal(
     except AuthError as exc:
         assert exc.status == 401
         return
-    # Only a correctly signed HS256 token with a string sub and a future exp gets through.
+    # Only a correctly signed HS256 token with a string sub and a future exp gets through,
+    # and only with numbers for its times: an expiry a stream's timer can use.
     assert alg == "HS256" and key == SECRET
     assert principal.subject == claims["sub"]
+    assert all(_numeric_date(claims[t]) for t in ("exp", "nbf", "iat") if t in claims), claims
+    assert abs(principal.expires_at.timestamp() - claims["exp"]) < 1
+    assert principal.expires_at > datetime.now(UTC) - timedelta(minutes=1)
 
 
 @settings(max_examples=500, deadline=None)
