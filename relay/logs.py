@@ -18,7 +18,10 @@ __all__ = ["MAX_MESSAGE", "RedactingFilter", "configure_logging", "redact"]
 _PATTERNS = (
     (re.compile(r"((?:access_token|token)=)[^&\s\"']+", re.I), r"\1***"),
     (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.I), r"\1***"),
-    (re.compile(r"(://[^:/@\s]+:)[^@\s]+@"), r"\1***@"),
+    # user:password@ up to the URL's last "@" (a password may hold an unencoded
+    # one), and a lone user@, which for NATS is a token: both masked.
+    (re.compile(r"(://[^:/@\s,]+:)[^\s,]*@"), r"\1***@"),
+    (re.compile(r"(://)[^:/@\s,]+@"), r"\1***@"),
     (re.compile(r"(password=)\S+", re.I), r"\1***"),
     (re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), "***jwt***"),
 )

@@ -28,8 +28,16 @@ def test_a_megabyte_extra_is_cut_too() -> None:
 
 
 @pytest.mark.parametrize(
-    "secret", ["access_token=eyJabc.def.ghi", "Bearer abc.def", "amqp://u:hunter2@host/"]
+    "secret",
+    [
+        "access_token=eyJabc.def.ghi",
+        "Bearer abc.def",
+        "amqp://u:hunter2@host/",
+        "amqp://guest:hun@ter2@host:5672/",  # an unencoded @ in the password
+        "nats://hunter2@127.0.0.1:4222",  # a NATS token in the user part
+        "amqp://u:x@h1,nats://u2:hunter2@h2",
+    ],
 )
 def test_secrets_are_masked(secret: str) -> None:
     text = _filtered("connecting %s", secret).getMessage()
-    assert "hunter2" not in text and "abc.def" not in text
+    assert "hunter2" not in text and "ter2" not in text and "abc.def" not in text
