@@ -9,6 +9,7 @@ without credentials or options, so moving a password never resets delivery.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -89,8 +90,25 @@ def parse_publisher_url(url: str) -> PublisherConfig:
     return PublisherConfig(kind=kind, url=broker_url, name=name, events=events, options=options)
 
 
+# The client library each kind needs: optional, installed with the brokers extra.
+_CLIENTS: dict[Kind, str] = {"amqp": "aio_pika", "nats": "nats"}
+
+
+def _require_client(kind: Kind) -> None:
+    """A missing optional client is a setting to fix, not a traceback at first use."""
+    try:
+        importlib.import_module(_CLIENTS[kind])
+    except ImportError:
+        raise ConfigError(
+            f"RELAY_PUBLISHERS: {kind} publishers need the {_CLIENTS[kind]} package, "
+            "which this install lacks; install it with pip install 'relay[brokers]'"
+        ) from None
+
+
 def parse_publishers(urls: list[str]) -> list[PublisherConfig]:
     configs = [parse_publisher_url(u) for u in urls]
+    for kind in sorted({c.kind for c in configs}):
+        _require_client(kind)
     names = [c.name for c in configs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

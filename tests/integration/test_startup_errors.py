@@ -1,5 +1,6 @@
-"""`relay run` and `relay status` on a database whose schema does not match the
-code: one line that says what to run, exit 2, never a traceback."""
+"""Start-up errors a person can act on: a schema that does not match the code,
+an optional client library that is not installed. One line that says what to
+run or install, exit 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -59,3 +60,23 @@ def test_a_schema_migrated_by_a_newer_relay_says_upgrade(database_url: str) -> N
             "INSERT INTO relay_schema_migrations (name, checksum) VALUES ('9999_future', 'x')"
         )
     _one_line_exit_2(_relay(database_url, "status"), "newer relay", "9999_future")
+
+
+# An install without the brokers extra: the client library cannot be imported.
+_WITHOUT_AIO_PIKA = """
+import sys
+sys.modules["aio_pika"] = None
+from relay.cli import main
+sys.exit(main(["run"]))
+"""
+
+
+def test_a_publisher_without_its_client_library_names_the_extra(database_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_AIO_PIKA],
+        env={**os.environ, "DATABASE_URL": database_url, "RELAY_JWT_SECRET": "x" * 32,
+             "RELAY_PUBLISHERS": "amqp://guest:s3cret@127.0.0.1:5672/"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    _one_line_exit_2(result, "RELAY_PUBLISHERS", "aio_pika", "pip install 'relay[brokers]'")
+    assert "s3cret" not in result.stderr
