@@ -70,7 +70,7 @@ FROM moved
 RETURNING event_id, data
 
 ------------------------------------------------- publishing without moving rows --
--- The floor of the design proposed for issue 10's misses (README, "Performance"):
+-- The floor of the read-in-place design (docs/performance.md, "What would reach the targets"):
 -- rows stay in the outbox, and a reader takes them in *windows*. A window is
 -- the transactions visible in one snapshot and not in the previous one; that
 -- set is fixed once the snapshot is taken, so a cursor (window, xid, id) is
