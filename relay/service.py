@@ -24,6 +24,7 @@ from relay.dispatcher import BatchResult, Dispatcher, DispatcherConfig
 from relay.dispatcher.listener import _KEEPALIVE
 from relay.gateway.app import GatewayConfig, create_app
 from relay.gateway.auth import AuthConfig, TokenVerifier
+from relay.gateway.connections import AbortableHttp
 from relay.gateway.hub import Hub
 from relay.gateway.streams import StreamOptions
 from relay.maintenance import Maintenance
@@ -204,6 +205,7 @@ async def serve(
                 log_config=None,
                 access_log=False,
                 lifespan="off",
+                http=AbortableHttp,
                 timeout_graceful_shutdown=max(1, int(settings.shutdown_grace.total_seconds())),
                 backlog=4096,
             )

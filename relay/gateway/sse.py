@@ -8,6 +8,14 @@ listener), and measured 34 KB of RSS per idle connection against 17 KB here
 the hub), so the response only has to write them and notice a departed
 client: the body runs in the request's own task, and one small watcher task
 waits for ``http.disconnect`` and cancels it.
+
+A client that stops reading is dropped, not just its stream: when a write
+stalls for the send timeout, the stream aborts its connection through the
+``relay.abort`` ASGI extension (the server's half is in ``relay.service``).
+Returning an unfinished response is not enough: uvicorn then *closes* the
+transport, which waits for the unsent bytes to drain, so the socket and its
+megabytes of buffers stayed for as long as the client kept it, uncounted by
+the connection caps.
 """
 
 from __future__ import annotations
@@ -20,7 +28,11 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["EventStream"]
+__all__ = ["ABORT_EXTENSION", "EventStream"]
+
+# scope["extensions"][ABORT_EXTENSION]["abort"]: a callable that drops the
+# connection at once (an RST; unsent bytes discarded), offered by the server.
+ABORT_EXTENSION = "relay.abort"
 
 log = logging.getLogger("relay.gateway")
 
@@ -64,19 +76,19 @@ class EventStream(Response):
         watch = asyncio.ensure_future(_disconnected(receive))
         watch.add_done_callback(client_left)
         try:
+            sent = True
             async for chunk in self._body:
-                try:
-                    async with asyncio.timeout(self._send_timeout):
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except TimeoutError:
-                    # The client stopped reading; returning unfinished makes
-                    # the server drop the connection.
-                    log.warning(
-                        "closing a stream whose client stopped reading",
-                        extra={"send_timeout_s": self._send_timeout},
-                    )
-                    return
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if not (sent := await self._write(send, chunk, more_body=True)):
+                    break
+            # The end of a stream is flushed like any write, and as bounded.
+            if sent and await self._write(send, b"", more_body=False):
+                return
+            streaming = False  # the disconnect that follows is ours, not the client's
+            log.warning(
+                "closing a stream whose client stopped reading",
+                extra={"send_timeout_s": self._send_timeout},
+            )
+            await _abort(scope, watch, self._send_timeout)
         except asyncio.CancelledError:
             if not watch.done() or watch.cancelled():
                 raise  # cancelled from outside (server shutdown): not ours to swallow
@@ -86,6 +98,15 @@ class EventStream(Response):
             watch.cancel()
             await self._close()
 
+    async def _write(self, send: Send, body: bytes, *, more_body: bool) -> bool:
+        """False if the write stalled for the send timeout: the client stopped reading."""
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await send({"type": "http.response.body", "body": body, "more_body": more_body})
+        except TimeoutError:
+            return False
+        return True
+
     async def _close(self) -> None:
         try:
             aclose = getattr(self._body, "aclose", None)  # an async generator's clean-up
@@ -94,6 +115,22 @@ class EventStream(Response):
                     await aclose()
         finally:
             self._on_close()
+
+
+async def _abort(scope: Scope, watch: asyncio.Future[None], within: float) -> None:
+    """Drop the connection of an unfinished response, unsent bytes and all.
+
+    Then wait (boundedly) for the server's ``http.disconnect``: once the
+    server has seen the connection go, returning with the response unfinished
+    is an ordinary departure, not an application error it would log. A server
+    without the extension drops the connection when the response returns
+    unfinished, as ASGI servers do.
+    """
+    hook = scope.get("extensions", {}).get(ABORT_EXTENSION)
+    if hook is None:
+        return
+    hook["abort"]()
+    await asyncio.wait({watch}, timeout=within)
 
 
 async def _disconnected(receive: Receive) -> None:
