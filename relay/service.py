@@ -29,6 +29,7 @@ from relay.gateway.hub import Hub
 from relay.gateway.streams import StreamOptions
 from relay.maintenance import Maintenance
 from relay.metrics import M
+from relay.migrate import schema_problem
 from relay.publishers import Follower, broker_for, parse_publishers, run_followers
 from relay.settings import Settings
 from relay.sla import SlaConfig, SlaWatcher
@@ -175,7 +176,7 @@ async def serve(
         )
 
         async def readiness() -> dict[str, Any]:
-            checks: dict[str, Any] = {"database": await _database_ok(pool)}
+            checks: dict[str, Any] = await _database_checks(pool)
             checks["listener"] = hub.listener_connected
             if worker is not None:
                 checks["dispatcher"] = worker.running
@@ -252,10 +253,12 @@ async def serve(
         log.info("relay stopped")
 
 
-async def _database_ok(pool: AsyncConnectionPool[Any]) -> bool:
+async def _database_checks(pool: AsyncConnectionPool[Any]) -> dict[str, Any]:
+    """Reachable, and its schema still the one this code expects: a newer relay
+    may migrate the database under a running one."""
     try:
         async with pool.connection(timeout=2) as conn:
-            await asyncio.wait_for(conn.execute("SELECT 1"), 2)
-        return True
+            problem = await asyncio.wait_for(schema_problem(conn), 2)
     except Exception:
-        return False
+        return {"database": False}
+    return {"database": True, "schema": {"ok": False, "problem": problem} if problem else True}

@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
 from relay.migrate import migrate, migrations
+from tests.helpers.relay_process import RelayProcess
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -80,3 +82,16 @@ def test_a_publisher_without_its_client_library_names_the_extra(database_url: st
     )  # fmt: skip
     _one_line_exit_2(result, "RELAY_PUBLISHERS", "aio_pika", "pip install 'relay[brokers]'")
     assert "s3cret" not in result.stderr
+
+
+def test_readyz_says_when_a_newer_relay_migrated_the_database(database_url: str) -> None:
+    with RelayProcess(database_url) as relay:
+        assert httpx.get(f"{relay.url}/readyz", timeout=10).status_code == 200
+        with psycopg.connect(database_url) as conn:
+            conn.execute(
+                "INSERT INTO relay_schema_migrations (name, checksum) VALUES ('9999_future', 'x')"
+            )
+        response = httpx.get(f"{relay.url}/readyz", timeout=10)
+    assert response.status_code == 503
+    schema = response.json()["checks"]["schema"]
+    assert schema["ok"] is False and "9999_future" in schema["problem"]
