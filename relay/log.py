@@ -8,8 +8,10 @@ positions are committed in increasing order (see ``dispatcher.batch``), so
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -33,12 +35,16 @@ __all__ = [
     "read_partition",
     "replay",
     "replay_global",
+    "replay_restaurants",
+    "restaurant_set_scope",
 ]
 
 _NIL = UUID(int=0)
 GLOBAL = -1  # Stream.partition of streams that span every partition
 _CURSOR = re.compile(r"^(\d{1,2})-(\d{1,19})$")
-_VECTOR = re.compile(r"^v(?:\.\d{1,2}-\d{1,19})*$")
+# "v", then the scope's fingerprint for a stream over a chosen set of
+# restaurants, then "{partition}-{position}" entries.
+_VECTOR = re.compile(r"^v(~[0-9a-f]{8})?((?:\.\d{1,2}-\d{1,19})*)$")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -57,21 +63,42 @@ class Cursor:
         return cls(int(match.group(1)), int(match.group(2)))
 
 
-def encode_vector(positions: dict[int, int]) -> str:
-    """A cursor for streams spanning partitions: ``v.3-17.12-5`` (zero entries omitted)."""
-    return "v" + "".join(f".{p}-{pos}" for p, pos in sorted(positions.items()) if pos)
+def encode_vector(positions: dict[int, int], scope: str = "") -> str:
+    """A cursor for streams spanning partitions: ``v.3-17.12-5`` (zero entries omitted).
+
+    ``scope`` (see ``restaurant_set_scope``) names the set of restaurants a
+    multi-restaurant stream covers: ``v~1a2b3c4d.3-17``. A cursor then only
+    resumes the stream of that same set.
+    """
+    prefix = f"v~{scope}" if scope else "v"
+    return prefix + "".join(f".{p}-{pos}" for p, pos in sorted(positions.items()) if pos)
 
 
-def parse_vector(text: str) -> dict[int, int]:
-    if not _VECTOR.match(text.strip()):
+def parse_vector(text: str, scope: str = "") -> dict[int, int]:
+    """The positions of a vector cursor; InvalidCursor if malformed or of another scope."""
+    match = _VECTOR.match(text.strip())
+    if not match:
         raise InvalidCursor(f"malformed cursor {text[:40]!r}")
+    if (match.group(1) or "~")[1:] != scope:
+        raise InvalidCursor("cursor belongs to another stream")
     vector: dict[int, int] = {}
-    for part in text.strip().split(".")[1:]:
+    for part in match.group(2).split(".")[1:]:
         p, pos = part.split("-")
         if int(p) >= PARTITIONS:
             raise InvalidCursor(f"malformed cursor {text[:40]!r}")
         vector[int(p)] = int(pos)
     return vector
+
+
+def restaurant_set_scope(restaurants: Iterable[UUID]) -> str:
+    """A fingerprint of a set of restaurants, for the cursors of its stream.
+
+    Partitions alone cannot tell two sets apart (restaurants share them): a
+    cursor of {A, B} offered to the stream of {A, B, C} would silently skip
+    C's events up to B's position. With the set in the cursor it is reset.
+    """
+    joined = ",".join(sorted(str(r) for r in restaurants))
+    return hashlib.sha256(joined.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +193,27 @@ async def replay_global(
         {"channel": channel, "after": json.dumps({str(p): v for p, v in after.items()}),
          "limit": limit},
     )  # fmt: skip
+    return [_event(r) for r in await cur.fetchall()]
+
+
+async def replay_restaurants(
+    conn: psycopg.AsyncConnection[Any],
+    restaurants: Collection[UUID],
+    after: dict[int, int],
+    limit: int = 1000,
+) -> list[LogEvent]:
+    """The kitchen events of several restaurants after a vector cursor, in
+    position order per partition (so per restaurant), at most ``limit``."""
+    ordered = sorted(restaurants)
+    cur = await conn.execute(
+        query("replay_channel_restaurants"),
+        {
+            "restaurant_ids": ordered,
+            "channels": [f"restaurant:{r}" for r in ordered],
+            "after": [after.get(partition_of(r), 0) for r in ordered],
+            "limit": limit,
+        },
+    )
     return [_event(r) for r in await cur.fetchall()]
 
 

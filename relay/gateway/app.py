@@ -33,6 +33,7 @@ from relay.gateway.streams import (
     page,
     resolve_order,
     sse_global_stream,
+    sse_restaurants_stream,
     sse_stream,
 )
 from relay.log import GLOBAL, Stream
@@ -50,6 +51,9 @@ class GatewayConfig:
     max_connections: int = 0
     max_connections_per_subject: int = 0
     poll_limit_max: int = 1000
+    # Restaurants one multi-restaurant stream may cover: each is a channel the
+    # stream subscribes to and a range scan in every replay page.
+    max_stream_restaurants: int = 100
 
 
 Readiness = Callable[[], Awaitable[dict[str, Any]]]
@@ -110,13 +114,19 @@ def create_app(
             return _problem(429, "too many open streams for this subject", **{"Retry-After": "5"})
         return None
 
-    def respond(stream: Stream, request: Request, who: Principal) -> Response:
+    def respond(stream: Stream | frozenset[UUID], request: Request, who: Principal) -> Response:
+        """Open ``stream``: one channel, or the kitchen streams of a set of restaurants."""
         cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
         too_many = capacity(who.subject)
         if too_many is not None:
             return too_many
         open_per_subject[who.subject] += 1
-        if stream.partition == GLOBAL:
+        if isinstance(stream, frozenset):
+            source = sse_restaurants_stream(
+                hub, pool, stream, cursor, options=config.stream,
+                expires_at=who.expires_at, subject=who.subject,
+            )  # fmt: skip
+        elif stream.partition == GLOBAL:
             source = sse_global_stream(
                 hub, pool, stream.channel, cursor, options=config.stream,
                 expires_at=who.expires_at, subject=who.subject,
@@ -154,6 +164,38 @@ def create_app(
                 AuthError("token does not grant this restaurant", status=403, reason="forbidden")
             )
         return respond(Stream.restaurant(restaurant), request, who)
+
+    async def restaurants_stream(request: Request) -> Response:
+        """Several restaurants' kitchen streams on one connection: the token's
+        ``restaurant_ids``, or the ``?restaurant=`` subset of them."""
+        most = config.max_stream_restaurants
+        asked = request.query_params.getlist("restaurant")
+        if len(asked) > most:
+            return _problem(400, f"at most {most} restaurants per stream; got {len(asked)}")
+        chosen = {_uuid(text) for text in asked}
+        if None in chosen:
+            return _problem(400, "every restaurant parameter must be a UUID")
+        try:
+            who = await principal(request)
+        except AuthError as exc:
+            return _refused(exc)
+        if not asked:
+            chosen = set(who.restaurant_ids)
+        if not chosen:
+            return _refused(AuthError("token grants no restaurant", status=403, reason="forbidden"))
+        restaurants = frozenset(r for r in chosen if r is not None)
+        if not restaurants <= who.restaurant_ids:
+            return _refused(
+                AuthError("token does not grant every restaurant asked for", status=403,
+                          reason="forbidden")
+            )  # fmt: skip
+        if len(restaurants) > most:
+            return _problem(
+                400,
+                f"the token grants {len(restaurants)} restaurants; a stream covers at most"
+                f" {most}: choose them with ?restaurant=ID&restaurant=ID",
+            )
+        return respond(restaurants, request, who)
 
     async def order_stream(request: Request) -> Response:
         order = _uuid(request.path_params["order_id"])
@@ -264,6 +306,7 @@ def create_app(
         )
     return Starlette(
         routes=[
+            Route("/v1/restaurants/stream", restaurants_stream),
             Route("/v1/restaurants/{restaurant_id}/stream", restaurant_stream),
             Route("/v1/orders/{order_id}/stream", order_stream),
             Route("/v1/restaurants/{restaurant_id}/finance/stream", finance_stream),

@@ -28,7 +28,7 @@ from relay.dispatcher.listener import _KEEPALIVE, Listener
 from relay.errors import DatabaseUnavailable
 from relay.metrics import M
 
-__all__ = ["Hub", "Subscriber", "frame"]
+__all__ = ["FanIn", "Hub", "Subscriber", "frame"]
 
 _READ_LIMIT = 5000
 _IO_TIMEOUT = 15.0  # seconds any one log read may take before the connection is presumed dead
@@ -108,6 +108,28 @@ class Subscriber:
         taken, self.frames = self.frames, []
         return taken
 
+    def routes(self) -> tuple[tuple[str, int], ...]:
+        """The (channel, partition) pairs this subscriber is registered under."""
+        return ((self.channel, self.partition),)
+
+
+class FanIn(Subscriber):
+    """One buffer for several channels (a stream over several restaurants).
+
+    One buffer, not one per channel: the overflow limit and the memory bound
+    hold for the stream as a whole. A subclass, so the single-channel
+    subscriber, of which a process holds ten thousand, carries no extra slot.
+    """
+
+    __slots__ = ("_routes",)
+
+    def __init__(self, routes: tuple[tuple[str, int], ...], limit: int, subject: str) -> None:
+        super().__init__(routes[0][0], routes[0][1], limit, subject)
+        self._routes = routes
+
+    def routes(self) -> tuple[tuple[str, int], ...]:
+        return self._routes
+
 
 class Hub:
     """Fan-out of the event log to this process's subscribers."""
@@ -138,9 +160,24 @@ class Hub:
     # -- subscribers ---------------------------------------------------------
 
     def subscribe(self, channel: str, partition: int, limit: int, subject: str = "") -> Subscriber:
-        sub = Subscriber(channel, partition, limit, subject)
-        self._channels.setdefault(channel, set()).add(sub)
-        self._follow_count(partition, +1)
+        return self._register(Subscriber(channel, partition, limit, subject))
+
+    def subscribe_many(
+        self, routes: Iterable[tuple[str, int]], limit: int, subject: str = ""
+    ) -> Subscriber:
+        """One subscriber, one buffer, for several (channel, partition) pairs.
+
+        Each event reaches it once: an event is on one restaurant's channel.
+        """
+        unique = tuple(dict.fromkeys(routes))
+        if not unique:
+            raise ValueError("subscribe_many needs at least one channel")
+        return self._register(FanIn(unique, limit, subject))
+
+    def _register(self, sub: Subscriber) -> Subscriber:
+        for channel, partition in sub.routes():
+            self._channels.setdefault(channel, set()).add(sub)
+            self._follow_count(partition, +1)
         self.subscriber_count += 1
         M.subscribers.inc()
         return sub
@@ -156,12 +193,16 @@ class Hub:
         return self.delivered[partition] if self.ready.is_set() else None
 
     def unsubscribe(self, sub: Subscriber) -> None:
-        subs = self._channels.get(sub.channel)
-        if subs is not None and sub in subs:
-            subs.discard(sub)
-            if not subs:
-                del self._channels[sub.channel]
-            self._follow_count(sub.partition, -1)
+        removed = False
+        for channel, partition in sub.routes():
+            subs = self._channels.get(channel)
+            if subs is not None and sub in subs:
+                subs.discard(sub)
+                if not subs:
+                    del self._channels[channel]
+                self._follow_count(partition, -1)
+                removed = True
+        if removed:
             self.subscriber_count -= 1
             M.subscribers.dec()
 

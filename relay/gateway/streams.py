@@ -14,7 +14,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,10 +24,17 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from relay import log as event_log
-from relay.dispatcher import LogEvent
+from relay.dispatcher import PARTITIONS, LogEvent, partition_of
 from relay.errors import InvalidCursor
-from relay.gateway.hub import Hub, frame
-from relay.log import GLOBAL, Cursor, Stream, encode_vector, parse_vector
+from relay.gateway.hub import Hub, Subscriber, frame
+from relay.log import (
+    GLOBAL,
+    Cursor,
+    Stream,
+    encode_vector,
+    parse_vector,
+    restaurant_set_scope,
+)
 from relay.sql import query
 
 __all__ = [
@@ -36,6 +43,7 @@ __all__ = [
     "page",
     "resolve_order",
     "sse_global_stream",
+    "sse_restaurants_stream",
     "sse_stream",
     "start_position",
 ]
@@ -292,7 +300,7 @@ async def page(
     return body
 
 
-async def sse_global_stream(
+def sse_global_stream(
     hub: Hub,
     pool: AsyncConnectionPool[Any],
     channel: str,
@@ -308,45 +316,106 @@ async def sse_global_stream(
     resume is as exact as for a restaurant stream. Such streams are low
     volume by nature (coupons, finance), so the longer id is affordable.
     """
-    sub = hub.subscribe(channel, GLOBAL, options.buffer, subject)
+
+    async def read(conn: psycopg.AsyncConnection[Any], vector: dict[int, int]) -> list[LogEvent]:
+        return await event_log.replay_global(conn, channel, vector, _REPLAY_PAGE)
+
+    return _vector_stream(
+        lambda: hub.subscribe(channel, GLOBAL, options.buffer, subject),
+        hub, pool, cursor_text, _Span("", range(PARTITIONS), read),
+        options=options, expires_at=expires_at,
+    )  # fmt: skip
+
+
+def sse_restaurants_stream(
+    hub: Hub,
+    pool: AsyncConnectionPool[Any],
+    restaurants: frozenset[UUID],
+    cursor_text: str | None,
+    *,
+    options: StreamOptions,
+    expires_at: datetime,
+    subject: str,
+) -> AsyncIterator[bytes]:
+    """The kitchen streams of several restaurants as one stream (one connection
+    for a manager's whole set), resumable by a vector cursor over their partitions.
+
+    Each restaurant's events keep their order (a partition is sent in position
+    order); restaurants sharing a partition share its cursor entry, exactly as
+    their events share its positions. The cursor names the set, so a cursor of
+    another set is reset, not half-honoured.
+    """
+    ordered = sorted(restaurants)
+    routes = [(f"restaurant:{r}", partition_of(r)) for r in ordered]
+
+    async def read(conn: psycopg.AsyncConnection[Any], vector: dict[int, int]) -> list[LogEvent]:
+        return await event_log.replay_restaurants(conn, ordered, vector, _REPLAY_PAGE)
+
+    span = _Span(restaurant_set_scope(ordered), sorted({p for _c, p in routes}), read)
+    return _vector_stream(
+        lambda: hub.subscribe_many(routes, options.buffer, subject),
+        hub, pool, cursor_text, span, options=options, expires_at=expires_at,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Span:
+    """What a vector-cursor stream covers: the scope its cursors carry, the
+    partitions its events can be in, and how to read a replay page after a vector."""
+
+    scope: str
+    partitions: Sequence[int]
+    read: Callable[[psycopg.AsyncConnection[Any], dict[int, int]], Awaitable[list[LogEvent]]]
+
+
+async def _vector_stream(
+    subscribe: Callable[[], Subscriber],
+    hub: Hub,
+    pool: AsyncConnectionPool[Any],
+    cursor_text: str | None,
+    span: _Span,
+    *,
+    options: StreamOptions,
+    expires_at: datetime,
+) -> AsyncIterator[bytes]:
+    """The one tail of every stream resumed by a vector cursor {partition: position}.
+
+    As for one partition: subscribe first, then replay after the cursor, then
+    take live frames skipping every position already sent in its partition
+    (the hub delivers each partition in position order). Frames carry the
+    whole vector as their id.
+    """
+    sub = subscribe()
     try:
-        reading_heads = asyncio.ensure_future(_heads(pool))
-        async for beat in _beating(reading_heads, options.heartbeat):
-            yield beat
-        heads = reading_heads.result()
-        now = {p: last for p, (last, _pruned) in heads.items()}
+        vector = _vector_joins_live(hub, span, cursor_text)
         reset: str | None = None
-        vector = dict(now)
-        if cursor_text:
-            try:
-                vector = parse_vector(cursor_text)
-            except InvalidCursor as exc:
-                reset = str(exc)
-            else:
-                if any(pos > now.get(p, 0) for p, pos in vector.items()):
-                    reset = "cursor is ahead of the log (another database?)"
-                elif any(vector.get(p, 0) < pruned for p, (_l, pruned) in heads.items()):
-                    reset = "cursor is older than the retention window"
-            if reset is not None:
-                vector = dict(now)
+        replaying = vector is None  # joined live: everything after `vector` comes from the hub
+        if vector is None:
+            starting = asyncio.ensure_future(_vector_start(pool, span, cursor_text))
+            async for beat in _beating(starting, options.heartbeat):
+                yield beat
+            vector, reset = starting.result()
         retry = int(options.retry_ms * random.uniform(0.8, 1.2))
         if reset is not None:
-            yield f"retry: {retry}\n".encode() + _reset_frame(reset, encode_vector(vector))
+            yield f"retry: {retry}\n".encode() + _reset_frame(
+                reset, encode_vector(vector, span.scope)
+            )
         else:
-            yield f"retry: {retry}\nid: {encode_vector(vector)}\n\n".encode()
-            while True:
-                reading = asyncio.ensure_future(_global_page(pool, channel, dict(vector)))
-                async for beat in _beating(reading, options.heartbeat):
-                    yield beat
-                events = reading.result()
-                chunks = []
-                for e in events:
-                    vector[e.partition] = e.position
-                    chunks.append(_vector_frame(e, vector))
-                if chunks:
-                    yield b"".join(chunks)
-                if len(events) < _REPLAY_PAGE:
-                    break
+            yield f"retry: {retry}\nid: {encode_vector(vector, span.scope)}\n\n".encode()
+        # Also after a reset or without a cursor: what committed between reading
+        # the heads and now is read back, whether or not the hub had loaded them.
+        while replaying:
+            reading = asyncio.ensure_future(_vector_page(pool, span, dict(vector)))
+            async for beat in _beating(reading, options.heartbeat):
+                yield beat
+            events = reading.result()
+            chunks = []
+            for e in events:
+                vector[e.partition] = e.position
+                chunks.append(_vector_frame(e, vector, span.scope))
+            if chunks:
+                yield b"".join(chunks)
+            replaying = len(events) == _REPLAY_PAGE
         cadence = _Beat(options.heartbeat)
         while True:
             remaining = (expires_at - datetime.now(UTC)).total_seconds()
@@ -358,12 +427,14 @@ async def sse_global_stream(
             if not await sub.wait(min(remaining, cadence.left())):
                 continue
             if sub.closed:
+                if sub.closed == "slow":
+                    yield b": buffer overflow; resume with Last-Event-ID\n\n"
                 return
             chunks = []
             for e, _data in sub.take():
                 if e.position > vector.get(e.partition, 0):
                     vector[e.partition] = e.position
-                    chunks.append(_vector_frame(e, vector))
+                    chunks.append(_vector_frame(e, vector, span.scope))
             if chunks:
                 yield b"".join(chunks)
     except DATABASE_TROUBLE as exc:
@@ -372,19 +443,54 @@ async def sse_global_stream(
         hub.unsubscribe(sub)
 
 
-async def _heads(pool: AsyncConnectionPool[Any]) -> dict[int, tuple[int, int]]:
+def _vector_joins_live(hub: Hub, span: _Span, cursor_text: str | None) -> dict[int, int] | None:
+    """The hub's positions in the span's partitions when the stream can start
+    there with nothing to replay (fresh, or resuming from exactly there); the
+    vector form of ``_joins_live``."""
+    here = [(p, hub.live_position(p)) for p in span.partitions]
+    live = {p: pos for p, pos in here if pos is not None}
+    if len(live) < len(here):
+        return None  # the hub has not loaded the heads yet
+    if not cursor_text:
+        return live
+    try:
+        resumed = parse_vector(cursor_text, span.scope)
+    except InvalidCursor:
+        return None  # the log path answers with a reset and its reason
+    same = all(resumed.get(p, 0) == pos for p, pos in live.items())
+    return live if same and resumed.keys() <= live.keys() else None
+
+
+async def _vector_start(
+    pool: AsyncConnectionPool[Any], span: _Span, cursor_text: str | None
+) -> tuple[dict[int, int], str | None]:
+    """(the vector to replay after, the reason for a reset or None)."""
     async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
-        return await event_log.heads(conn)
+        heads = await event_log.heads(conn)
+    now = {p: heads[p][0] for p in span.partitions if p in heads}
+    if not cursor_text:
+        return now, None
+    try:
+        vector = parse_vector(cursor_text, span.scope)
+    except InvalidCursor as exc:
+        return now, str(exc)
+    if not vector.keys() <= now.keys():
+        return now, "cursor belongs to another stream"
+    if any(pos > now[p] for p, pos in vector.items()):
+        return now, "cursor is ahead of the log (another database?)"
+    if any(vector.get(p, 0) < heads[p][1] for p in now):
+        return now, "cursor is older than the retention window"
+    return vector, None
 
 
-async def _global_page(
-    pool: AsyncConnectionPool[Any], channel: str, vector: dict[int, int]
+async def _vector_page(
+    pool: AsyncConnectionPool[Any], span: _Span, vector: dict[int, int]
 ) -> list[LogEvent]:
     async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
-        return await event_log.replay_global(conn, channel, vector, _REPLAY_PAGE)
+        return await span.read(conn, vector)
 
 
-def _vector_frame(event: LogEvent, vector: dict[int, int]) -> bytes:
+def _vector_frame(event: LogEvent, vector: dict[int, int], scope: str) -> bytes:
     return (
-        f"id: {encode_vector(vector)}\nevent: {event.sse_event}\ndata: {event.data}\n\n"
+        f"id: {encode_vector(vector, scope)}\nevent: {event.sse_event}\ndata: {event.data}\n\n"
     ).encode()

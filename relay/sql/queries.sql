@@ -229,6 +229,27 @@ WHERE order_id = %(order_id)s AND position > %(after)s
 ORDER BY position
 LIMIT %(limit)s
 
+-- name: replay_channel_restaurants
+-- Replay the kitchen streams of several restaurants (one multi-restaurant
+-- stream) after a vector cursor: each restaurant comes with its channel and
+-- the position its partition's entry says was already sent. One index range
+-- scan per restaurant on relay_events_restaurant_idx (restaurant_id,
+-- position), each stopping after `limit` rows; the merge keeps the first
+-- `limit` in (partition, position) order, which is each restaurant's order.
+SELECT e.partition, e.position, e.sse_event, e.channels, e.data::text
+FROM unnest(%(restaurant_ids)s::uuid[], %(channels)s::text[], %(after)s::bigint[])
+     AS r(restaurant_id, channel, after)
+CROSS JOIN LATERAL (
+    SELECT partition, position, sse_event, channels, data
+    FROM relay_events
+    WHERE restaurant_id = r.restaurant_id AND position > r.after
+      AND r.channel = ANY (channels)
+    ORDER BY position
+    LIMIT %(limit)s
+) AS e
+ORDER BY e.partition, e.position
+LIMIT %(limit)s
+
 -- name: order_owner
 -- Who may follow order:{id}: its restaurant's staff and the customer who placed
 -- it. Deterministic whatever a producer writes later: the restaurant of the

@@ -1,0 +1,45 @@
+"""The hub's fan-in subscriber: one buffer for a stream over several channels."""
+
+from __future__ import annotations
+
+import uuid
+
+from relay.dispatcher import LogEvent, partition_of
+from relay.gateway.hub import Hub
+from tests.helpers.orders import event
+
+
+def test_a_fan_in_subscriber_has_one_buffer_and_leaves_no_trace() -> None:
+    """One subscriber for several channels: one bounded buffer for the stream
+    as a whole (overflow closes it), each channel's events offered to it, and
+    unsubscribing restores every count the hub keeps."""
+    hub = Hub("postgresql://unused")
+    r1, r2 = uuid.uuid4(), uuid.uuid4()
+    routes = [(f"restaurant:{r}", partition_of(r)) for r in (r1, r2)]
+    single = hub.subscribe(*routes[0], limit=10)
+    many = hub.subscribe_many(routes + routes[:1], limit=3)  # a repeat counts once
+    assert hub.subscriber_count == 2
+    assert many.routes() == tuple(routes)
+
+    def offer(restaurant: uuid.UUID, position: int) -> None:
+        item = event("OrderAccepted", restaurant_id=restaurant)
+        hub._deliver([LogEvent(
+            partition=partition_of(restaurant), position=position,
+            sse_event="OrderStatusChanged", channels=(f"restaurant:{restaurant}",), data="{}",
+            event_id=item.event_id, event_type=item.event_type, restaurant_id=restaurant,
+        )])  # fmt: skip
+
+    offer(r1, 1)
+    offer(r2, 1)
+    assert [e.restaurant_id for e, _ in many.frames] == [r1, r2]
+    assert len(single.frames) == 1
+    offer(r2, 2)
+    offer(r1, 2)  # the fourth frame overflows the buffer of three
+    assert many.closed == "slow" and many.frames == []
+    assert single.closed is None
+    hub.unsubscribe(many)
+    hub.unsubscribe(many)  # twice is harmless
+    hub.unsubscribe(single)
+    assert hub.subscriber_count == 0
+    assert hub._channels == {}
+    assert not any(hub._followers)
