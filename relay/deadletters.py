@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             {
                 "id": r[0],
                 "event_id": str(r[1]),
-                "event_type": r[2],
+                "event_type": clip(r[2]),  # a producer's megabyte type is not a megabyte line
                 "schema_version": r[3],
                 "restaurant_id": str(r[4]),
                 "reason": r[5],

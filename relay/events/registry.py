@@ -163,7 +163,7 @@ def spec_for(event_type: str, schema_version: int) -> EventSpec:
     spec = REGISTRY.get((event_type, schema_version))
     if spec is None:
         raise UnknownEventType(
-            f"unknown event type {clip(event_type)!r} version {schema_version}: "
+            f"unknown event type {clip(repr(event_type))} version {schema_version}: "
             f"known types are {', '.join(sorted(known_event_types()))}"
         )
     return spec
@@ -239,11 +239,12 @@ def _shown(value: Any) -> str:
 
 
 def clip(text: str, limit: int = 80) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was cut (producer
+    """``text`` in at most ``limit`` characters, saying how much was cut (producer
     text quoted into a reason or a log line must stay short)."""
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}… ({len(text) - limit} more characters)"
+    note = f"… ({len(text)} characters)"
+    return text[: max(0, limit - len(note))] + note
 
 
 def _invalid(event_type: str, exc: ValidationError) -> InvalidPayload:

@@ -106,8 +106,7 @@ OrderNumber = Annotated[str, BeforeValidator(_order_number)]
 
 
 def utc_text(moment: datetime) -> str:
-    """``2026-11-25T10:00:00Z``, with ``.ffffff`` only when there are microseconds."""
-    moment = moment.astimezone(UTC)
-    if moment.microsecond:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``2026-11-25T10:00:00Z``, with ``.ffffff`` only when there are microseconds
+    (isoformat, not strftime: glibc does not zero-pad years below 1000)."""
+    moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="microseconds" if moment.microsecond else "seconds") + "Z"
