@@ -25,7 +25,7 @@ import pytest
 
 from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
-from relay.outbox import OutboxEvent, enqueue
+from relay.outbox import enqueue
 from tests.helpers.orders import event, iso
 from tests.helpers.relay_process import SECRET, RelayProcess
 
@@ -120,7 +120,13 @@ class Kitchen:
             "detectedAt": iso(now),
         }
         with psycopg.connect(self.url) as conn:
-            enqueue(conn, OutboxEvent("OrderDelayAlert", payload, self.restaurant, order_id))
+            # As the relay's SLA watcher raises it: a derived row (producers may not).
+            conn.execute(
+                "INSERT INTO relay_outbox (event_id, event_type, restaurant_id, order_id,"
+                " payload, occurred_on_utc, derived)"
+                " VALUES (gen_random_uuid(), 'OrderDelayAlert', %s, %s, %s, now(), true)",
+                (self.restaurant, order_id, json.dumps(payload)),
+            )
         self.committed += 1
 
 

@@ -20,28 +20,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.helpers.db import Databases
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
 
 RESTAURANT = uuid.uuid4()
 NOW = int(time.time())
 FUTURE = NOW + 3600
 HEADER = json.dumps({"alg": "HS256", "typ": "JWT"}).encode()
-
-
-@pytest.fixture(scope="module")
-def relay(databases: Databases) -> Iterator[RelayProcess]:
-    url = databases.create()
-    try:
-        with RelayProcess(url, env={"RELAY_HEARTBEAT_SECONDS": "1"}) as proc:
-            yield proc
-    finally:
-        databases.drop(url)
 
 
 def _b64(data: bytes) -> str:

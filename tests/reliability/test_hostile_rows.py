@@ -18,13 +18,11 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import psycopg
-import pytest
 from psycopg import sql
 
 from relay.dispatcher import partition_of
@@ -157,17 +155,6 @@ def assert_specific(reason: str, *words: str) -> None:
     assert not reason.lower().startswith("internal error"), reason
     for word in words:
         assert word in reason, (word, reason)
-
-
-@pytest.fixture(scope="module")
-def relay(databases: Databases) -> Iterator[RelayProcess]:
-    """One relay for the module; each test uses restaurants of its own."""
-    url = databases.create()
-    try:
-        with RelayProcess(url, env={"RELAY_HEARTBEAT_SECONDS": "1"}) as proc:
-            yield proc
-    finally:
-        databases.drop(url)
 
 
 async def test_unloadable_occurred_on_utc_is_a_dead_letter_and_never_stops_the_relay(
