@@ -235,7 +235,7 @@ def _check_routing(envelope: Envelope, model: Any) -> None:
 
 
 def _shown(value: Any) -> str:
-    return "nothing" if value is None else f'"{clip(str(value), 40)}"'
+    return "nothing" if value is None else f'"{clip(str(value), 64)}"'
 
 
 def clip(text: str, limit: int = 80) -> str:
