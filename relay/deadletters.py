@@ -12,8 +12,8 @@ import json
 import sys
 
 from relay.db import connect
-from relay.errors import ConfigError, ContractError
-from relay.events import clip, render
+from relay.errors import ConfigError, ContractError, clip
+from relay.events import render
 from relay.events.stored import MAX_REASON, envelope_from_row
 from relay.settings import Settings
 from relay.sql import query

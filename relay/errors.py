@@ -30,7 +30,17 @@ __all__ = [
     "RelayError",
     "SchemaNotCurrent",
     "UnknownEventType",
+    "clip",
 ]
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` in at most ``limit`` characters, saying how much was cut: producer
+    text quoted into a message, a reason or a log line must stay short."""
+    if len(text) <= limit:
+        return text
+    note = f"… ({len(text)} characters)"
+    return text[: max(0, limit - len(note))] + note
 
 
 class RelayError(Exception):

@@ -13,6 +13,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from relay.errors import clip
+
 __all__ = ["MAX_MESSAGE", "RedactingFilter", "configure_logging", "redact"]
 
 _PATTERNS = (
@@ -39,21 +41,15 @@ def redact(text: str) -> str:
 MAX_MESSAGE = 2000
 
 
-def _cut(text: str) -> str:
-    if len(text) <= MAX_MESSAGE:
-        return text
-    return f"{text[:MAX_MESSAGE]}… ({len(text) - MAX_MESSAGE} more characters)"
-
-
 class RedactingFilter(logging.Filter):
     """Masks secrets and cuts oversized text, in the message and in every extra."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        record.msg, record.args = _cut(redact(message)), None
+        record.msg, record.args = clip(redact(message), MAX_MESSAGE), None
         for key, value in list(vars(record).items()):
             if key not in _STANDARD and isinstance(value, str) and len(value) > MAX_MESSAGE:
-                setattr(record, key, _cut(value))
+                setattr(record, key, clip(value, MAX_MESSAGE))
         return True
 
 

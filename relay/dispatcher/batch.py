@@ -34,8 +34,8 @@ from uuid import UUID
 import psycopg
 from psycopg.pq import Escaping, TransactionStatus
 
-from relay.errors import ConfigError, ContractError
-from relay.events import clip, render
+from relay.errors import ConfigError, ContractError, clip
+from relay.events import render
 from relay.events.stored import MAX_REASON, envelope_from_row
 from relay.sql import query
 

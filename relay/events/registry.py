@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
-from relay.errors import InvalidPayload, UnknownEventType
+from relay.errors import InvalidPayload, UnknownEventType, clip
 from relay.events.base import Contract
 from relay.events.deferred import CouponUsed, FinanceEntry, OrderDelayAlert
 from relay.events.orders import OrderPaymentFailed, OrderPaymentSucceeded, OrderStatusChanged
@@ -29,7 +29,6 @@ __all__ = [
     "Broadcast",
     "Envelope",
     "EventSpec",
-    "clip",
     "known_event_types",
     "order_channel",
     "render",
@@ -236,15 +235,6 @@ def _check_routing(envelope: Envelope, model: Any) -> None:
 
 def _shown(value: Any) -> str:
     return "nothing" if value is None else f'"{clip(str(value), 64)}"'
-
-
-def clip(text: str, limit: int = 80) -> str:
-    """``text`` in at most ``limit`` characters, saying how much was cut (producer
-    text quoted into a reason or a log line must stay short)."""
-    if len(text) <= limit:
-        return text
-    note = f"… ({len(text)} characters)"
-    return text[: max(0, limit - len(note))] + note
 
 
 def _invalid(event_type: str, exc: ValidationError) -> InvalidPayload:

@@ -15,8 +15,8 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from relay.errors import InvalidPayload
-from relay.events.registry import Envelope, clip
+from relay.errors import InvalidPayload, clip
+from relay.events.registry import Envelope
 
 __all__ = ["MAX_REASON", "decode_payload", "envelope_from_row"]
 
