@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ import psycopg
 
 from relay.outbox import enqueue
 from tests.helpers.orders import CHAIN, event
+from tests.helpers.relay_process import RelayProcess
 
 
 @dataclass
@@ -128,3 +131,33 @@ def check(ledger: Ledger, reader: LogReader) -> list[str]:
             problems.append(f"order {order}: got {kind} while expecting {expected}")
         progress[order] += 1
     return problems
+
+
+def revive(relays: Sequence[RelayProcess]) -> None:
+    """Start again every replica the fault injector left dead."""
+    for relay in relays:
+        if relay.proc is not None and relay.proc.poll() is not None:
+            relay.start(wait=False)
+
+
+def settle(done: Callable[[], bool], *, within: float = 60.0) -> None:
+    """Wait until ``done()`` (at most ``within`` seconds), then one second more:
+    a late duplicate would arrive then."""
+    until = time.monotonic() + within
+    while time.monotonic() < until and not done():
+        time.sleep(0.2)
+    time.sleep(1.0)
+
+
+def stop_all(
+    stops: Sequence[threading.Event],
+    threads: Sequence[threading.Thread],
+    relays: Sequence[RelayProcess],
+) -> None:
+    """End a fault run: stop the loops, join their threads, stop every replica."""
+    for stop in stops:
+        stop.set()
+    for thread in threads:
+        thread.join(15)
+    for relay in relays:
+        relay.__exit__()

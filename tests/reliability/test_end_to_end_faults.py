@@ -26,7 +26,7 @@ from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
 from relay.pgserver import ThrowawayPostgres
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
-from tests.reliability.ledger import Ledger, write_orders
+from tests.reliability.ledger import Ledger, revive, settle, stop_all, write_orders
 
 
 @dataclass
@@ -203,25 +203,17 @@ def test_every_committed_event_reaches_every_subscriber_once_in_order_under_faul
             w.join()
         stop_faults.set()
         faults.join(30)
-        for relay in relays:
-            if relay.proc is not None and relay.proc.poll() is not None:
-                relay.start(wait=False)
+        revive(relays)
         want = {sub.restaurant: 0 for sub in subscribers}
         for _e, r, _o, _k in ledger.committed:
             want[r] += 1
-        until = time.monotonic() + 60
-        while time.monotonic() < until:
-            if all(len({e for _c, e, _r in s.received}) >= want[s.restaurant] for s in subscribers):
-                break
-            time.sleep(0.3)
-        time.sleep(1.0)  # anything late (a duplicate) would arrive now
+        settle(
+            lambda: all(
+                len({e for _c, e, _r in s.received}) >= want[s.restaurant] for s in subscribers
+            )
+        )
     finally:
-        stop_faults.set()
-        stop_clients.set()
-        for t in threads:
-            t.join(15)
-        for relay in relays:
-            relay.__exit__()
+        stop_all([stop_faults, stop_clients], threads, relays)
     problems = _check(ledger, subscribers)
     total = sum(len(s.received) for s in subscribers)
     print(

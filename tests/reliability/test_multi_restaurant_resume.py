@@ -28,7 +28,7 @@ from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
 from relay.log import encode_vector, parse_vector, restaurant_set_scope
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
-from tests.reliability.ledger import Ledger, write_orders
+from tests.reliability.ledger import Ledger, revive, settle, stop_all, write_orders
 
 
 @dataclass
@@ -175,26 +175,14 @@ def test_multi_restaurant_stream_resumes_exactly_after_sigkill_of_its_replica(
                 time.sleep(0.2)
         stop_faults.set()
         killer.join(30)
-        for relay in relays:
-            if relay.proc is not None and relay.proc.poll() is not None:
-                relay.start(wait=False)
+        revive(relays)
         for relay in relays:
             relay.wait_ready()
         follows = [{r for r in m.follows} for m in managers]
         want = [sum(1 for _e, r, _o, _k in ledger.committed if r in f) for f in follows]
-        until = time.monotonic() + 60
-        while time.monotonic() < until:
-            if all(len(m.received) >= w for m, w in zip(managers, want, strict=True)):
-                break
-            time.sleep(0.2)
-        time.sleep(1.0)  # a late duplicate would arrive now
+        settle(lambda: all(len(m.received) >= w for m, w in zip(managers, want, strict=True)))
     finally:
-        stop_faults.set()
-        stop_clients.set()
-        for t in threads:
-            t.join(15)
-        for relay in relays:
-            relay.__exit__()
+        stop_all([stop_faults, stop_clients], threads, relays)
     problems = [p for m in managers for p in _check(ledger, m)]
     print(
         f"\nledger: events={len(ledger.committed)} rolled_back={len(ledger.rolled_back)} "
