@@ -34,6 +34,7 @@ __all__ = [
     "prune",
     "read_partition",
     "replay",
+    "replay_customer",
     "replay_global",
     "replay_restaurants",
     "restaurant_set_scope",
@@ -214,6 +215,19 @@ async def replay_restaurants(
             "limit": limit,
         },
     )
+    return [_event(r) for r in await cur.fetchall()]
+
+
+async def replay_customer(
+    conn: psycopg.AsyncConnection[Any], customer: UUID, after: dict[int, int], limit: int = 1000
+) -> list[LogEvent]:
+    """The order events naming ``customer`` after a vector cursor, in position
+    order per partition (whose orders the customer owns, the gateway decides)."""
+    cur = await conn.execute(
+        query("replay_channel_customer"),
+        {"customer_id": customer, "after": json.dumps({str(p): v for p, v in after.items()}),
+         "limit": limit},
+    )  # fmt: skip
     return [_event(r) for r in await cur.fetchall()]
 
 

@@ -102,7 +102,12 @@ def _kitchen_and_order(envelope: Envelope, _model: Any) -> tuple[str, ...]:
         # Routing follows the columns only: a payload's orderId never opens a
         # channel that the order's owner lookup (by column) cannot authorise.
         return (kitchen,)
-    return (kitchen, order_channel(envelope.restaurant_id, envelope.order_id))
+    order = order_channel(envelope.restaurant_id, envelope.order_id)
+    if envelope.customer_id is None:
+        return (kitchen, order)
+    # The customer's stream of all their orders; the gateway keeps only the
+    # events of each order's owner restaurant (see ``order_owner``).
+    return (kitchen, order, _channel("customer", envelope.customer_id))
 
 
 def _coupon(_envelope: Envelope, model: Any) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """The Starlette application: routes, auth checks, CORS, health and metrics.
 
-Endpoints never parse tokens themselves: ``_principal`` asks the verifier and
-turns its refusal into 401/403 with a ``WWW-Authenticate`` header.
+Each route declares its access once (``Access``: what the request names, what
+the token must grant); one wrapper, ``guarded``, applies it, so endpoints never
+parse tokens or refuse requests themselves.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from relay.gateway.hub import Hub
 from relay.gateway.sse import EventStream
 from relay.gateway.streams import (
     DATABASE_TROUBLE,
+    CustomerOrders,
+    RestaurantSet,
     StreamOptions,
+    Target,
     page,
     resolve_order,
-    sse_global_stream,
-    sse_restaurants_stream,
-    sse_stream,
+    sse,
 )
-from relay.log import GLOBAL, Stream
+from relay.log import Stream
 from relay.metrics import REGISTRY, M
 
 __all__ = ["GatewayConfig", "create_app"]
@@ -70,11 +72,19 @@ def _refused(exc: AuthError) -> JSONResponse:
     return _problem(403, str(exc))
 
 
-def _uuid(value: str) -> UUID | None:
+class BadRequest(Exception):
+    """What a request names is malformed (400): said before the token is read."""
+
+
+def _forbidden(message: str) -> AuthError:
+    return AuthError(message, status=403, reason="forbidden")
+
+
+def _path_uuid(request: Request, name: str, label: str) -> UUID:
     try:
-        return UUID(value)
+        return UUID(request.path_params[name])
     except ValueError:
-        return None
+        raise BadRequest(f"{label} must be a UUID") from None
 
 
 def _int_in(text: str, low: int, high: int) -> int | None:
@@ -93,6 +103,81 @@ def _int_in(text: str, low: int, high: int) -> int | None:
     return value if low <= value <= high else None
 
 
+@dataclass(frozen=True)
+class Access:
+    """Who may open a route, declared once per route (in the spirit of
+    Starlette's ``requires``): ``names`` reads what the request asks for
+    (BadRequest, 400, before any token is read), ``grants`` checks it against
+    the verified principal and returns what to open (AuthError 403 if not)."""
+
+    names: Callable[[Request], Any]
+    grants: Callable[[Principal, Any], Awaitable[Target]]
+
+
+def _nothing(_request: Request) -> None:
+    return None
+
+
+def _restaurant(request: Request) -> UUID:
+    return _path_uuid(request, "restaurant_id", "restaurantId")
+
+
+async def _staff(who: Principal, restaurant: UUID) -> Target:
+    if not who.may_see_restaurant(restaurant):
+        raise _forbidden("token does not grant this restaurant")
+    return Stream.restaurant(restaurant)
+
+
+async def _finance(who: Principal, restaurant: UUID) -> Target:
+    if not (who.has_role("finance") and who.may_see_restaurant(restaurant)):
+        raise _forbidden("finance streams need the finance role and the restaurant")
+    return Stream.finance(restaurant)
+
+
+def _admin_of(channel: Callable[[Any], str]) -> Callable[[Principal, Any], Awaitable[Target]]:
+    async def grants(who: Principal, named: Any) -> Target:
+        if not who.has_role("admin"):
+            raise _forbidden("this stream needs the admin role")
+        return Stream.global_(channel(named))
+
+    return grants
+
+
+async def _customer(who: Principal, _named: None) -> Target:
+    try:
+        return CustomerOrders(UUID(who.subject))
+    except ValueError:
+        raise _forbidden("the token's subject is not a customer id (a UUID)") from None
+
+
+def _restaurant_set(most: int) -> Access:
+    """The token's ``restaurant_ids``, or the ``?restaurant=`` subset of them."""
+
+    def names(request: Request) -> frozenset[UUID]:
+        asked = request.query_params.getlist("restaurant")
+        if len(asked) > most:
+            raise BadRequest(f"at most {most} restaurants per stream; got {len(asked)}")
+        try:
+            return frozenset(UUID(text) for text in asked)
+        except ValueError:
+            raise BadRequest("every restaurant parameter must be a UUID") from None
+
+    async def grants(who: Principal, asked: frozenset[UUID]) -> Target:
+        restaurants = asked or frozenset(who.restaurant_ids)
+        if not restaurants:
+            raise _forbidden("token grants no restaurant")
+        if not restaurants <= who.restaurant_ids:
+            raise _forbidden("token does not grant every restaurant asked for")
+        if len(restaurants) > most:
+            raise BadRequest(
+                f"the token grants {len(restaurants)} restaurants; a stream covers at most"
+                f" {most}: choose them with ?restaurant=ID&restaurant=ID"
+            )
+        return RestaurantSet(restaurants)
+
+    return Access(names, grants)
+
+
 def create_app(
     *,
     hub: Hub,
@@ -103,8 +188,51 @@ def create_app(
 ) -> Starlette:
     open_per_subject: Tally[str] = Tally()
 
-    async def principal(request: Request) -> Principal:
-        return await authenticate(request, verifier)
+    async def order_owner(who: Principal, order: UUID) -> Target:
+        owner = await resolve_order(pool, order)
+        if owner is None:
+            raise _forbidden("token does not grant this order")
+        restaurant, customer = owner
+        if not (
+            (customer is not None and str(customer) == who.subject)
+            or who.may_see_restaurant(restaurant)
+        ):
+            raise _forbidden("token does not grant this order")
+        return Stream.order(order, restaurant)
+
+    staff = Access(_restaurant, _staff)
+    streams = {
+        "/v1/restaurants/stream": _restaurant_set(config.max_stream_restaurants),
+        "/v1/restaurants/{restaurant_id}/stream": staff,
+        "/v1/orders/{order_id}/stream": Access(
+            lambda r: _path_uuid(r, "order_id", "orderId"), order_owner
+        ),
+        "/v1/me/orders/stream": Access(_nothing, _customer),
+        "/v1/restaurants/{restaurant_id}/finance/stream": Access(_restaurant, _finance),
+        "/v1/admin/stream": Access(_nothing, _admin_of(lambda _named: "admin")),
+        "/v1/coupons/{coupon_id}/stream": Access(
+            lambda r: _path_uuid(r, "coupon_id", "couponId"),
+            _admin_of(lambda coupon: f"coupon:{coupon}"),
+        ),
+    }
+
+    def guarded(
+        access: Access, then: Callable[[Request, Principal, Target], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """An endpoint that answers only once ``access`` holds: 400, 401 or 403 otherwise."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                named = access.names(request)
+                who = await authenticate(request, verifier)
+                target = await access.grants(who, named)
+            except BadRequest as exc:
+                return _problem(400, str(exc))
+            except AuthError as exc:
+                return _refused(exc)
+            return await then(request, who, target)
+
+        return endpoint
 
     def capacity(subject: str) -> JSONResponse | None:
         if config.max_connections and hub.subscriber_count >= config.max_connections:
@@ -114,36 +242,23 @@ def create_app(
             return _problem(429, "too many open streams for this subject", **{"Retry-After": "5"})
         return None
 
-    def respond(stream: Stream | frozenset[UUID], request: Request, who: Principal) -> Response:
-        """Open ``stream``: one channel, or the kitchen streams of a set of restaurants."""
+    async def open_stream(request: Request, who: Principal, target: Target) -> Response:
         cursor = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
         too_many = capacity(who.subject)
         if too_many is not None:
             return too_many
-        open_per_subject[who.subject] += 1
-        if isinstance(stream, frozenset):
-            source = sse_restaurants_stream(
-                hub, pool, stream, cursor, options=config.stream,
-                expires_at=who.expires_at, subject=who.subject,
-            )  # fmt: skip
-        elif stream.partition == GLOBAL:
-            source = sse_global_stream(
-                hub, pool, stream.channel, cursor, options=config.stream,
-                expires_at=who.expires_at, subject=who.subject,
-            )  # fmt: skip
-        else:
-            source = sse_stream(
-                hub, pool, stream, cursor, options=config.stream,
-                expires_at=who.expires_at, subject=who.subject,
-            )  # fmt: skip
-
         subject = who.subject  # not the whole principal: it lives as long as the stream
+        open_per_subject[subject] += 1
 
         def release() -> None:
             open_per_subject[subject] -= 1
             if open_per_subject[subject] <= 0:
                 del open_per_subject[subject]
 
+        source = sse(
+            hub, pool, target, cursor, options=config.stream,
+            expires_at=who.expires_at, subject=subject,
+        )  # fmt: skip
         return EventStream(
             source,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -151,126 +266,12 @@ def create_app(
             on_close=release,
         )
 
-    async def restaurant_stream(request: Request) -> Response:
-        restaurant = _uuid(request.path_params["restaurant_id"])
-        if restaurant is None:
-            return _problem(400, "restaurantId must be a UUID")
-        try:
-            who = await principal(request)
-        except AuthError as exc:
-            return _refused(exc)
-        if not who.may_see_restaurant(restaurant):
-            return _refused(
-                AuthError("token does not grant this restaurant", status=403, reason="forbidden")
-            )
-        return respond(Stream.restaurant(restaurant), request, who)
-
-    async def restaurants_stream(request: Request) -> Response:
-        """Several restaurants' kitchen streams on one connection: the token's
-        ``restaurant_ids``, or the ``?restaurant=`` subset of them."""
-        most = config.max_stream_restaurants
-        asked = request.query_params.getlist("restaurant")
-        if len(asked) > most:
-            return _problem(400, f"at most {most} restaurants per stream; got {len(asked)}")
-        chosen = {_uuid(text) for text in asked}
-        if None in chosen:
-            return _problem(400, "every restaurant parameter must be a UUID")
-        try:
-            who = await principal(request)
-        except AuthError as exc:
-            return _refused(exc)
-        if not asked:
-            chosen = set(who.restaurant_ids)
-        if not chosen:
-            return _refused(AuthError("token grants no restaurant", status=403, reason="forbidden"))
-        restaurants = frozenset(r for r in chosen if r is not None)
-        if not restaurants <= who.restaurant_ids:
-            return _refused(
-                AuthError("token does not grant every restaurant asked for", status=403,
-                          reason="forbidden")
-            )  # fmt: skip
-        if len(restaurants) > most:
-            return _problem(
-                400,
-                f"the token grants {len(restaurants)} restaurants; a stream covers at most"
-                f" {most}: choose them with ?restaurant=ID&restaurant=ID",
-            )
-        return respond(restaurants, request, who)
-
-    async def order_stream(request: Request) -> Response:
-        order = _uuid(request.path_params["order_id"])
-        if order is None:
-            return _problem(400, "orderId must be a UUID")
-        try:
-            who = await principal(request)
-        except AuthError as exc:
-            return _refused(exc)
-        owner = await resolve_order(pool, order)
-        allowed = owner is not None and (
-            (owner[1] is not None and str(owner[1]) == who.subject)
-            or who.may_see_restaurant(owner[0])
-        )
-        if owner is None or not allowed:
-            return _refused(
-                AuthError("token does not grant this order", status=403, reason="forbidden")
-            )
-        return respond(Stream.order(order, owner[0]), request, who)
-
-    async def finance_stream(request: Request) -> Response:
-        restaurant = _uuid(request.path_params["restaurant_id"])
-        if restaurant is None:
-            return _problem(400, "restaurantId must be a UUID")
-        try:
-            who = await principal(request)
-        except AuthError as exc:
-            return _refused(exc)
-        if not (who.has_role("finance") and who.may_see_restaurant(restaurant)):
-            return _refused(
-                AuthError(
-                    "finance streams need the finance role and the restaurant",
-                    status=403,
-                    reason="forbidden",
-                )
-            )
-        return respond(Stream.finance(restaurant), request, who)
-
-    async def admin_stream(request: Request) -> Response:
-        return await _admin_only(request, "admin")
-
-    async def coupon_stream(request: Request) -> Response:
-        coupon = _uuid(request.path_params["coupon_id"])
-        if coupon is None:
-            return _problem(400, "couponId must be a UUID")
-        return await _admin_only(request, f"coupon:{coupon}")
-
-    async def _admin_only(request: Request, channel: str) -> Response:
-        try:
-            who = await principal(request)
-        except AuthError as exc:
-            return _refused(exc)
-        if not who.has_role("admin"):
-            return _refused(AuthError("this stream needs the admin role", status=403,
-                                      reason="forbidden"))  # fmt: skip
-        return respond(Stream.global_(channel), request, who)
-
-    async def restaurant_events(request: Request) -> Response:
-        restaurant = _uuid(request.path_params["restaurant_id"])
-        if restaurant is None:
-            return _problem(400, "restaurantId must be a UUID")
-        try:
-            who = await principal(request)
-        except AuthError as exc:
-            return _refused(exc)
-        if not who.may_see_restaurant(restaurant):
-            return _refused(
-                AuthError("token does not grant this restaurant", status=403, reason="forbidden")
-            )
+    async def poll(request: Request, _who: Principal, target: Target) -> Response:
+        assert isinstance(target, Stream)
         limit = _int_in(request.query_params.get("limit", "100"), 1, config.poll_limit_max)
         if limit is None:
             return _problem(400, f"limit must be an integer from 1 to {config.poll_limit_max}")
-        body = await page(
-            pool, Stream.restaurant(restaurant), request.query_params.get("after"), limit
-        )
+        body = await page(pool, target, request.query_params.get("after"), limit)
         return JSONResponse(body, headers={"Cache-Control": "no-cache"})
 
     async def healthz(_request: Request) -> Response:
@@ -306,13 +307,8 @@ def create_app(
         )
     return Starlette(
         routes=[
-            Route("/v1/restaurants/stream", restaurants_stream),
-            Route("/v1/restaurants/{restaurant_id}/stream", restaurant_stream),
-            Route("/v1/orders/{order_id}/stream", order_stream),
-            Route("/v1/restaurants/{restaurant_id}/finance/stream", finance_stream),
-            Route("/v1/admin/stream", admin_stream),
-            Route("/v1/coupons/{coupon_id}/stream", coupon_stream),
-            Route("/v1/restaurants/{restaurant_id}/events", restaurant_events),
+            *(Route(path, guarded(access, open_stream)) for path, access in streams.items()),
+            Route("/v1/restaurants/{restaurant_id}/events", guarded(staff, poll)),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

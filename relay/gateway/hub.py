@@ -26,6 +26,7 @@ from relay.db import aconnect
 from relay.dispatcher import PARTITIONS, BatchResult, LogEvent
 from relay.dispatcher.listener import _KEEPALIVE, Listener
 from relay.errors import DatabaseUnavailable
+from relay.gateway import frames
 from relay.metrics import M
 
 __all__ = ["FanIn", "Hub", "Subscriber", "frame"]
@@ -37,10 +38,9 @@ log = logging.getLogger("relay.hub")
 
 
 def frame(event: LogEvent) -> bytes:
-    """The SSE frame of one event: id, event name, one-line JSON data."""
-    return (
-        f"id: {event.partition}-{event.position}\nevent: {event.sse_event}\ndata: {event.data}\n\n"
-    ).encode()
+    """The SSE frame of one event, shared by every single-partition stream on its
+    channels: its ``{partition}-{position}`` cursor as the id."""
+    return frames.event(f"{event.partition}-{event.position}", event.sse_event, event.data)
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:

@@ -250,6 +250,20 @@ CROSS JOIN LATERAL (
 ORDER BY e.partition, e.position
 LIMIT %(limit)s
 
+-- name: replay_channel_customer
+-- Replay one customer's order events after a vector cursor {partition:
+-- position}: the events routed to customer:{id}, which are exactly the
+-- events with an order channel and this customer_id (so events retained from
+-- before the customer channel existed are found too). One range scan of
+-- relay_events_customer_idx (customer_id, partition, position).
+SELECT partition, position, sse_event, channels, data::text
+FROM relay_events
+WHERE customer_id = %(customer_id)s AND order_id IS NOT NULL
+  AND 'order:' || restaurant_id::text || ':' || order_id::text = ANY (channels)
+  AND position > coalesce((%(after)s::jsonb ->> partition::text)::bigint, 0)
+ORDER BY partition, position
+LIMIT %(limit)s
+
 -- name: order_owner
 -- Who may follow order:{id}: its restaurant's staff and the customer who placed
 -- it. Deterministic whatever a producer writes later: the restaurant of the

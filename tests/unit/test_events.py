@@ -142,7 +142,7 @@ def test_phase1_events_round_trip_to_the_contract(
     result = render(envelope(event_type, payload))
     assert result.sse_event == sse
     assert result.data == {**expected, **COMMON}
-    assert result.channels == (f"restaurant:{R}", f"order:{R}:{ORDER}")
+    assert result.channels == (f"restaurant:{R}", f"order:{R}:{ORDER}", f"customer:{C}")
     assert sorted(result.dropped_fields) == sorted(pascal(PII) if keys == "pascal" else PII)
     for leaked in ("customerName", "deliveryAddress", "phone"):
         assert leaked not in result.data
@@ -353,7 +353,7 @@ def test_finance_events_never_reach_the_kitchen_channel(event_type: str) -> None
     assert result.sse_event == event_type
 
 
-def test_delay_alert_routes_to_restaurant_and_order() -> None:
+def test_delay_alert_routes_to_restaurant_order_and_customer() -> None:
     result = render(
         envelope(
             "OrderDelayAlert",
@@ -367,5 +367,11 @@ def test_delay_alert_routes_to_restaurant_and_order() -> None:
             derived=True,
         )
     )
-    assert result.channels == (f"restaurant:{R}", f"order:{R}:{ORDER}")
+    assert result.channels == (f"restaurant:{R}", f"order:{R}:{ORDER}", f"customer:{C}")
     assert result.sse_event == "OrderDelayAlert"
+
+
+def test_an_order_event_without_a_customer_goes_to_no_customer_stream() -> None:
+    payment = dict(CASES[0][1])
+    result = render(envelope("OrderPaymentSucceeded", payment, customer_id=None))
+    assert result.channels == (f"restaurant:{R}", f"order:{R}:{ORDER}")
