@@ -28,6 +28,7 @@ __all__ = [
     "GLOBAL",
     "Cursor",
     "Stream",
+    "customer_scope",
     "encode_vector",
     "heads",
     "parse_vector",
@@ -100,6 +101,12 @@ def restaurant_set_scope(restaurants: Iterable[UUID]) -> str:
     """
     joined = ",".join(sorted(str(r) for r in restaurants))
     return hashlib.sha256(joined.encode()).hexdigest()[:8]
+
+
+def customer_scope(customer: UUID) -> str:
+    """The fingerprint in the cursors of one customer's orders stream: another
+    stream's vector cursor offered to it is reset, not half-honoured."""
+    return hashlib.sha256(f"customer:{customer}".encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,6 @@ sent" is an exact dedupe at the seam between replay and live.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -38,6 +37,7 @@ from relay.log import (
     GLOBAL,
     Cursor,
     Stream,
+    customer_scope,
     encode_vector,
     parse_vector,
     restaurant_set_scope,
@@ -233,9 +233,9 @@ def _customer_plan(customer: UUID) -> _Plan:
     async def read(conn: psycopg.AsyncConnection[Any], after: Vector) -> list[LogEvent]:
         return await event_log.replay_customer(conn, customer, after, _REPLAY_PAGE)
 
-    scope = hashlib.sha256(f"customer:{customer}".encode()).hexdigest()[:8]
     return _Plan(
-        ((f"customer:{customer}", GLOBAL),), range(PARTITIONS), read, scope=scope,
+        ((f"customer:{customer}", GLOBAL),), range(PARTITIONS), read,
+        scope=customer_scope(customer),
         owners=_Owners(customer),
     )  # fmt: skip
 
