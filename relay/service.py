@@ -26,6 +26,7 @@ from relay.gateway.app import GatewayConfig, create_app
 from relay.gateway.auth import AuthConfig, TokenVerifier
 from relay.gateway.connections import AbortableHttp
 from relay.gateway.hub import Hub
+from relay.gateway.sse import OpenStreams
 from relay.gateway.streams import StreamOptions
 from relay.maintenance import Maintenance
 from relay.metrics import M
@@ -153,6 +154,7 @@ async def serve(
     for name, start in extra:
         tasks.append(asyncio.create_task(start(stop), name=name))
     server: _Server | None = None
+    open_streams: OpenStreams | None = None
     pool: AsyncConnectionPool[Any] | None = None
     if hub is not None:
         tasks.append(asyncio.create_task(hub.run(stop), name="hub"))
@@ -198,6 +200,7 @@ async def serve(
             ),
             readiness=readiness,
         )
+        open_streams = app.state.open_streams
         server = _Server(
             uvicorn.Config(
                 app,
@@ -219,7 +222,11 @@ async def serve(
         log.info("received %s: draining", signame)
         stop.set()
         if hub is not None:
-            hub.close_all("shutdown")
+            hub.close_all("shutdown")  # every stream ends with a last `retry:`
+        if open_streams is not None:
+            # ...but a write stuck on a client that stopped reading would
+            # outlast the grace: such connections are dropped halfway through it.
+            open_streams.hurry(max(0.5, settings.shutdown_grace.total_seconds() / 2))
         if server is not None:
             server.should_exit = True
 
@@ -240,8 +247,11 @@ async def serve(
                 raise task.exception()  # type: ignore[misc]
         if not stop.is_set():
             drain("exit")
+        # The HTTP server runs its own grace (timeout_graceful_shutdown, from
+        # when it notices should_exit): it gets a moment longer than the rest,
+        # so its requests are never cancelled under it by ours.
         grace = settings.shutdown_grace.total_seconds()
-        _, late = await asyncio.wait(tasks, timeout=grace)
+        _, late = await asyncio.wait(tasks, timeout=grace + (1.0 if server is not None else 0.0))
         for task in late:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

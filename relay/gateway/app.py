@@ -27,7 +27,7 @@ from starlette.routing import Route
 from relay.errors import AuthError
 from relay.gateway.auth import Principal, TokenVerifier, authenticate
 from relay.gateway.hub import Hub
-from relay.gateway.sse import EventStream
+from relay.gateway.sse import EventStream, OpenStreams
 from relay.gateway.streams import (
     DATABASE_TROUBLE,
     CustomerOrders,
@@ -187,6 +187,7 @@ def create_app(
     readiness: Readiness,
 ) -> Starlette:
     open_per_subject: Tally[str] = Tally()
+    open_streams = OpenStreams()
 
     async def order_owner(who: Principal, order: UUID) -> Target:
         owner = await resolve_order(pool, order)
@@ -264,6 +265,7 @@ def create_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             send_timeout=config.stream.send_timeout,
             on_close=release,
+            registry=open_streams,
         )
 
     async def poll(request: Request, _who: Principal, target: Target) -> Response:
@@ -305,7 +307,7 @@ def create_app(
                 allow_headers=["Authorization", "Last-Event-ID"],
             )
         )
-    return Starlette(
+    app = Starlette(
         routes=[
             *(Route(path, guarded(access, open_stream)) for path, access in streams.items()),
             Route("/v1/restaurants/{restaurant_id}/events", guarded(staff, poll)),
@@ -317,6 +319,8 @@ def create_app(
         middleware=middleware,
         exception_handlers=dict.fromkeys(DATABASE_TROUBLE, _log_unavailable),
     )
+    app.state.open_streams = open_streams  # for shutdown: see OpenStreams.hurry
+    return app
 
 
 async def _log_unavailable(_request: Request, exc: Exception) -> Response:

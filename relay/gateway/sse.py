@@ -28,13 +28,51 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["ABORT_EXTENSION", "EventStream"]
+__all__ = ["ABORT_EXTENSION", "EventStream", "OpenStreams"]
 
 # scope["extensions"][ABORT_EXTENSION]["abort"]: a callable that drops the
 # connection at once (an RST; unsent bytes discarded), offered by the server.
 ABORT_EXTENSION = "relay.abort"
 
 log = logging.getLogger("relay.gateway")
+
+
+class OpenStreams:
+    """The streams of one application, so shutdown can end them in time.
+
+    At shutdown the streams end themselves (the hub closes every subscriber
+    and each sends a last ``retry:``), except a write stuck on a client that
+    stopped reading: it would wait out its send timeout, longer than the
+    shutdown grace, and then be cancelled by the server mid-write. ``hurry``
+    brings every pending write's deadline forward instead.
+    """
+
+    def __init__(self) -> None:
+        self._writes: set[asyncio.Timeout] = set()
+        self._hurry: float | None = None
+
+    def hurry(self, within: float) -> None:
+        """From now on no write waits more than ``within`` seconds."""
+        self._hurry = within
+        deadline = asyncio.get_running_loop().time() + within
+        for write in self._writes:
+            when = write.when()
+            if when is None or when > deadline:
+                write.reschedule(deadline)
+
+    def bound(self, timeout: float) -> float:
+        """``timeout``, or less once ``hurry`` was called."""
+        return timeout if self._hurry is None else min(timeout, self._hurry)
+
+    @contextlib.asynccontextmanager
+    async def write(self, timeout: float) -> AsyncIterator[None]:
+        """A bounded write that ``hurry`` can cut short."""
+        async with asyncio.timeout(self.bound(timeout)) as bound:
+            self._writes.add(bound)
+            try:
+                yield
+            finally:
+                self._writes.discard(bound)
 
 
 class EventStream(Response):
@@ -49,6 +87,7 @@ class EventStream(Response):
         headers: Mapping[str, str],
         send_timeout: float,
         on_close: Callable[[], None] = lambda: None,
+        registry: OpenStreams | None = None,
     ) -> None:
         # Response.__init__ would render a body; a stream has none up front.
         self.status_code = 200
@@ -56,6 +95,7 @@ class EventStream(Response):
         self._body = body
         self._send_timeout = send_timeout
         self._on_close = on_close  # runs once, however the stream ends (HEAD included)
+        self._registry = registry or OpenStreams()
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -88,11 +128,19 @@ class EventStream(Response):
                 "closing a stream whose client stopped reading",
                 extra={"send_timeout_s": self._send_timeout},
             )
-            await _abort(scope, watch, self._send_timeout)
+            await _abort(scope, watch, self._registry.bound(self._send_timeout))
         except asyncio.CancelledError:
-            if not watch.done() or watch.cancelled():
-                raise  # cancelled from outside (server shutdown): not ours to swallow
-            task.uncancel()  # the client left: a normal end of the stream
+            if watch.done() and not watch.cancelled():
+                task.uncancel()  # the client left: a normal end of the stream
+            else:
+                # Cancelled by the server: its shutdown grace ran out before
+                # this stream ended. Drop the connection (the client resumes
+                # by Last-Event-ID) and end like any stream, rather than as
+                # an "Exception in ASGI application" with a traceback.
+                streaming = False
+                log.warning("dropping a stream still open when the shutdown grace ran out")
+                task.uncancel()
+                await _abort(scope, watch, 0.5)
         finally:
             streaming = False
             watch.cancel()
@@ -101,7 +149,7 @@ class EventStream(Response):
     async def _write(self, send: Send, body: bytes, *, more_body: bool) -> bool:
         """False if the write stalled for the send timeout: the client stopped reading."""
         try:
-            async with asyncio.timeout(self._send_timeout):
+            async with self._registry.write(self._send_timeout):
                 await send({"type": "http.response.body", "body": body, "more_body": more_body})
         except TimeoutError:
             return False

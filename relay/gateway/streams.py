@@ -346,8 +346,12 @@ async def _reading(
         result.append(task.result())
     finally:
         if not task.done():
+            # Cancelling a query waits for the server to confirm; a stream
+            # being shut down waits a moment for that, never its whole grace.
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait({task}, timeout=1.0)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: it ended while being cancelled
 
 
 async def sse(

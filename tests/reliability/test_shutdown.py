@@ -1,0 +1,152 @@
+"""SIGTERM ends every stream cleanly, whatever it is doing.
+
+A stream can be live and idle, replaying the log, waiting for a pooled
+connection, or writing to a client that stopped reading when the relay is
+told to stop. Each must end within the shutdown grace: the readable ones with
+a last ``retry:`` hint (so clients come back, spread out, to another
+replica), the stalled one with its connection dropped, and the process must
+exit 0 with no traceback (an ASGI task cancelled under the server used to log
+``Exception in ASGI application … CancelledError``).
+
+Black-box: a dispatcher and a gateway as real processes, raw sockets as
+clients, and a table lock held by the test to keep streams inside their
+database reads at the moment of the signal.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+
+import psycopg
+
+from relay.dispatcher import partition_of
+from relay.gateway.auth import mint_token
+from tests.helpers.relay_process import SECRET, RelayProcess
+from tests.helpers.sse import bulk_accepted
+from tests.reliability.test_dead_sockets import FLOOD, _dropped, _open_stalled
+
+GRACE = 4.0
+POOL = 8  # the gateway pool's max_size: streams beyond it wait for a connection
+
+
+class Reader(threading.Thread):
+    """A client that reads its stream to the end and keeps every byte."""
+
+    def __init__(self, port: int, path: str, token: str, last_id: str | None = None) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        resume = f"Last-Event-ID: {last_id}\r\n" if last_id else ""
+        self.sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {token}\r\n"
+                f"{resume}Accept: text/event-stream\r\nConnection: close\r\n\r\n"
+            ).encode()
+        )
+        self.received = b""
+        self.reset = False
+
+    def run(self) -> None:
+        try:
+            while chunk := self.sock.recv(65536):
+                self.received += chunk
+        except OSError:
+            self.reset = True
+        finally:
+            self.sock.close()
+
+    @property
+    def body(self) -> str:
+        """The response body, its chunked transfer encoding undone."""
+        rest = self.received.partition(b"\r\n\r\n")[2]
+        body = b""
+        while rest:
+            size, _crlf, rest = rest.partition(b"\r\n")
+            length = int(size, 16) if size.strip() else 0
+            if length == 0:
+                break
+            body += rest[:length]
+            rest = rest[length + 2 :]
+        return body.decode(errors="replace")
+
+
+def _published(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM relay_outbox").fetchone()
+    return row is not None and row[0] == 0
+
+
+def test_sigterm_ends_streams_in_every_state(database_url: str) -> None:
+    busy, quiet = uuid.uuid4(), uuid.uuid4()
+    token = mint_token(SECRET, subject="staff", restaurant_ids=[busy, quiet])
+    bulk_accepted(database_url, busy, FLOOD)
+    env = {"RELAY_HEARTBEAT_SECONDS": "1", "RELAY_SHUTDOWN_GRACE": f"{GRACE:.0f}s"}
+    with (
+        RelayProcess(database_url, args=("--dispatcher-only",)),
+        RelayProcess(database_url, args=("--gateway-only",), env=env) as gateway,
+    ):
+        deadline = time.monotonic() + 60
+        while not _published(database_url):
+            assert time.monotonic() < deadline, "the backlog was not published"
+            time.sleep(0.2)
+
+        live = Reader(gateway.port, f"/v1/restaurants/{quiet}/stream", token)
+        live_set = Reader(gateway.port, f"/v1/restaurants/stream?restaurant={quiet}", token)
+        # Replays the whole backlog to a client that reads nothing: its writes stall.
+        stalled, status = _open_stalled(gateway.port, token, busy)
+        assert status == 200
+        for reader in (live, live_set):
+            reader.start()
+        time.sleep(1.5)  # the stalled stream fills its buffers; the live ones are idle
+
+        with psycopg.connect(database_url) as locker:
+            # Every read of the log's heads now waits: these streams are inside
+            # their opening read, and those beyond the pool wait for a connection.
+            locker.execute("LOCK TABLE relay_partitions IN ACCESS EXCLUSIVE MODE")
+            resume = f"{partition_of(busy)}-1"
+            replaying = [
+                Reader(gateway.port, f"/v1/restaurants/{busy}/stream", token, resume)
+                for _ in range(POOL + 3)
+            ]
+            for reader in replaying:
+                reader.start()
+            time.sleep(2.5)  # heartbeats flow while they wait
+            assert all(": heartbeat" in r.body for r in replaying), "streams not waiting"
+
+            started = time.monotonic()
+            code = gateway.stop(timeout=GRACE + 10)
+            took = time.monotonic() - started
+            locker.rollback()
+
+        for reader in (live, live_set, *replaying):
+            reader.join(5)
+        output = gateway.output()
+
+    assert code == 0, output[-3000:]
+    assert took < GRACE + 2, f"shutdown took {took:.1f}s\n{output[-4000:]}"
+    for reader in (live, live_set, *replaying):
+        assert not reader.is_alive(), "a stream outlived the shutdown"
+        last = reader.body.rstrip("\n").rsplit("\n\n", 1)[-1]
+        assert last.startswith("retry: "), (reader.reset, reader.body[-300:])
+        assert "shutting down" in last
+    for sign in ("Traceback", "Exception in ASGI application", "CancelledError"):
+        assert sign not in output, output[-3000:]
+    # No replay page was ever sent to the streams held in their opening read.
+    assert all("event: " not in r.body for r in replaying)
+    assert _dropped(stalled) or _closed(stalled)
+    stalled.close()
+
+
+def _closed(sock: socket.socket) -> bool:
+    """The relay ended the connection: reading what is left reaches EOF or a reset."""
+    sock.settimeout(5)
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except TimeoutError:
+        return False  # still open: the relay kept it
+    except OSError:
+        return True
+    return True
