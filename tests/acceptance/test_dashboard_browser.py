@@ -380,3 +380,286 @@ def test_board_survives_a_reload_and_rebuilds_after_a_reset(page: Any, database_
         assert stats(page)["resets"] == 1
         assert stats(page)["applied"] == kitchen.committed
         assert wait_for_state(page, "live") == "live"
+
+
+# ---- several restaurants on one page, one stream ---------------------------------------
+
+# Records every EventSource the page constructs, to count those still open.
+COUNT_STREAMS = """
+window.__streams = [];
+const NativeEventSource = window.EventSource;
+window.EventSource = class extends NativeEventSource {
+    constructor(url, init) { super(url, init); window.__streams.push(this); }
+};
+"""
+
+
+def sharing_partition_with(restaurant: uuid.UUID) -> uuid.UUID:
+    """Another restaurant whose events share ``restaurant``'s partition (and positions)."""
+    while True:
+        other = uuid.uuid4()
+        if partition_of(other) == partition_of(restaurant):
+            return other
+
+
+def elsewhere(restaurant: uuid.UUID) -> uuid.UUID:
+    """A restaurant in another partition than ``restaurant``'s."""
+    while True:
+        other = uuid.uuid4()
+        if partition_of(other) != partition_of(restaurant):
+            return other
+
+
+def boards_url(relay: RelayProcess, kitchens: list[Kitchen], token: str) -> str:
+    listed = "".join(f"restaurant={k.restaurant}&" for k in kitchens)
+    return f"{relay.url}/dashboard?{listed}access_token={token}"
+
+
+def staff_token(*restaurants: uuid.UUID) -> str:
+    return mint_token(
+        SECRET, subject="manager-1", restaurant_ids=list(restaurants), ttl_seconds=600
+    )
+
+
+def expected(kitchens: list[Kitchen]) -> dict[str, list[str]]:
+    """Where each card belongs: [restaurant, column]."""
+    return {
+        order: [str(k.restaurant), column] for k in kitchens for order, column in k.columns.items()
+    }
+
+
+def board_cards(page: Any) -> dict[str, list[str]]:
+    found: list[list[str]] = page.evaluate(
+        """() => [...document.querySelectorAll('.card')].map((c) => [
+               c.dataset.orderId,
+               c.closest('[data-restaurant]').dataset.restaurant,
+               c.closest('.column').dataset.column])"""
+    )
+    assert len(found) == len({order for order, *_ in found}), f"a card is duplicated: {found}"
+    return {order: place for order, *place in found}
+
+
+def wait_for_boards(page: Any, kitchens: list[Kitchen]) -> None:
+    """Wait until the DOM holds exactly the expected cards, each in its restaurant's board
+    and its column."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    want = expected(kitchens)
+    with contextlib.suppress(PlaywrightTimeout):  # then show the difference
+        page.wait_for_function(
+            """(want) => {
+                const cards = [...document.querySelectorAll('.card')];
+                return cards.length === Object.keys(want).length && cards.every((c) => {
+                    const place = want[c.dataset.orderId];
+                    const board = c.closest('[data-restaurant]');
+                    return place && board && place[0] === board.dataset.restaurant
+                        && place[1] === c.closest('.column').dataset.column;
+                });
+            }""",
+            arg=want,
+            timeout=TIMEOUT_MS,
+        )
+    assert board_cards(page) == want
+
+
+def open_streams(page: Any) -> list[str]:
+    """The URLs of the page's EventSources that are not closed."""
+    urls: list[str] = page.evaluate(
+        "() => window.__streams.filter((s) => s.readyState !== EventSource.CLOSED)"
+        ".map((s) => s.url)"
+    )
+    return urls
+
+
+def subscribers(relay: RelayProcess) -> float:
+    """The relay's gauge of open SSE streams."""
+    for line in httpx.get(f"{relay.url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("relay_subscribers "):
+            return float(line.split()[1])
+    raise AssertionError("no relay_subscribers in /metrics")
+
+
+def assert_one_stream(page: Any, relay: RelayProcess, kitchens: list[Kitchen]) -> None:
+    """The page follows all its restaurants on exactly one stream, seen from both ends."""
+    deadline = datetime.now(UTC) + timedelta(milliseconds=TIMEOUT_MS)
+    while subscribers(relay) != 1 and datetime.now(UTC) < deadline:
+        page.wait_for_timeout(100)  # a replaced stream's close may still be on its way
+    assert subscribers(relay) == 1
+    [url] = open_streams(page)
+    assert url.split("?")[0] == f"{relay.url}/v1/restaurants/stream"
+    assert sorted(v for k, v in httpx.URL(url).params.multi_items() if k == "restaurant") == sorted(
+        str(k.restaurant) for k in kitchens
+    )
+
+
+def test_several_restaurants_share_one_stream_and_survive_a_relay_crash(
+    browser: Any, database_url: str
+) -> None:
+    """Three restaurants on one page (two sharing a partition): one board each, one
+    EventSource; a fourth restaurant the token also grants, in the same partition,
+    never shows up; a relay crash is caught up without duplicates."""
+    north = Kitchen(database_url)
+    south = Kitchen(database_url, restaurant=sharing_partition_with(north.restaurant))
+    east = Kitchen(database_url, restaurant=elsewhere(north.restaurant))
+    hidden = Kitchen(database_url, restaurant=sharing_partition_with(north.restaurant))
+    shown = [north, south, east]
+    token = staff_token(*(k.restaurant for k in [*shown, hidden]))
+    # Before the page opens: each board is built from its polling endpoint.
+    pizza = north.order("N-101", "31.40")
+    north.commit(pizza, "OrderAccepted")
+    sushi = south.order("S-201", "44.00")
+    east.commit(uuid.uuid4(), "OrderPaymentFailed")
+    hidden.order("H-901")
+
+    context = browser.new_context(viewport={"width": 1440, "height": 1400})
+    try:
+        page = context.new_page()
+        page.add_init_script(COUNT_STREAMS)
+        first = RelayProcess(database_url).start()
+        try:
+            page.goto(boards_url(first, shown, token))
+            assert wait_for_state(page, "live") == "live"
+            wait_for_boards(page, shown)
+            assert "access_token" not in page.url
+            for kitchen in shown:
+                label = page.inner_text(f'[data-restaurant="{kitchen.restaurant}"] header')
+                assert f"Restaurant {str(kitchen.restaurant)[:8]}" in label
+            assert_one_stream(page, first, shown)
+
+            # Live, interleaved across the restaurants (and the hidden one).
+            north.commit(pizza, "OrderPreparing")
+            hidden.commit(hidden.order("H-902"), "OrderAccepted")
+            south.commit(sushi, "OrderAccepted")
+            noodles = east.order("E-301", "12.90")
+            east.commit(noodles, "OrderAccepted")
+            salad = south.order("S-202", "9.80")
+            south.commit(salad, "OrderRejected")
+            north.commit(pizza, "OrderReadyForDelivery")
+            east.alert(noodles)
+            hidden.order("H-903")
+            wait_for_boards(page, shown)
+            page.wait_for_selector(
+                f'[data-restaurant="{east.restaurant}"] [data-order-id="{noodles}"] .alert',
+                timeout=TIMEOUT_MS,
+            )
+            seen = stats(page)
+            assert seen["duplicates"] == 0
+            assert seen["applied"] == sum(k.committed for k in shown)
+            assert_one_stream(page, first, shown)
+            port = first.port
+        finally:
+            first.kill()  # SIGKILL: no goodbye to the browser
+
+        assert wait_for_state(page, "reconnecting", "polling") in ("reconnecting", "polling")
+        # Committed while no relay runs: delivered once the relay is back.
+        north.commit(pizza, "OrderDelivered")
+        south.commit(sushi, "OrderPreparing")
+        hidden.commit(hidden.order("H-904"), "OrderPreparing")
+        east.commit(noodles, "OrderPreparing")
+        burger = north.order("N-102", "18.20")
+        with RelayProcess(database_url, port=port) as second:
+            wait_for_boards(page, shown)
+            assert wait_for_state(page, "live") == "live"
+            # Live again after the catch-up.
+            south.commit(sushi, "OrderReadyForDelivery")
+            north.commit(burger, "OrderAccepted")
+            hidden.order("H-905")
+            east.commit(east.order("E-302"), "OrderCancelled")
+            wait_for_boards(page, shown)
+            seen = stats(page)
+            assert seen["duplicates"] == 0
+            assert seen["applied"] == sum(k.committed for k in shown)  # each once, none missing
+            assert seen["ignored"] == 0  # the server never sent the hidden restaurant's
+            assert_one_stream(page, second, shown)
+            assert str(hidden.restaurant) not in page.content()
+            text = page.inner_text("body")
+            assert "H-9" not in text
+            assert "Ada Lovelace" not in text  # no PII
+            assert "N-101" in page.inner_text(
+                f'[data-restaurant="{north.restaurant}"] [data-column="delivered"]'
+            )
+            second.kill()
+
+        # Down long enough for the page to poll: the missed events come from the
+        # polling endpoint first, then the stream resumes from the page's cursor
+        # and replays them too; the page skips them by position, none twice.
+        page.wait_for_function("() => window.relayBoard.mode === 'polling'", timeout=TIMEOUT_MS)
+        before = stats(page)
+        missed = sum(k.committed for k in shown)
+        north.commit(burger, "OrderPreparing")
+        hidden.order("H-906")
+        south.commit(south.order("S-203"), "OrderAccepted")
+        east.commit(noodles, "OrderReadyForDelivery")
+        missed = sum(k.committed for k in shown) - missed
+        with RelayProcess(database_url, ("--dispatcher-only",)):
+            wait_for_log(database_url, [*shown, hidden])
+        with RelayProcess(database_url, port=port) as third:
+            wait_for_boards(page, shown)
+            assert wait_for_state(page, "live") == "live"
+            north.commit(burger, "OrderReadyForDelivery")
+            wait_for_boards(page, shown)
+            seen = stats(page)
+            assert seen["skipped"] - before["skipped"] == missed
+            assert seen["duplicates"] == 0
+            assert seen["applied"] == sum(k.committed for k in shown)
+            assert_one_stream(page, third, shown)
+    finally:
+        context.close()
+
+
+def wait_for_log(url: str, kitchens: list[Kitchen]) -> None:
+    """Wait until every event the kitchens committed is in the relay's event log."""
+    deadline = datetime.now(UTC) + timedelta(milliseconds=TIMEOUT_MS)
+    want = sum(k.committed for k in kitchens)
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FROM relay_events WHERE restaurant_id = ANY(%s)",
+                ([k.restaurant for k in kitchens],),
+            ).fetchone()
+            if (row[0] if row else 0) >= want or datetime.now(UTC) > deadline:
+                break
+            conn.execute("SELECT pg_sleep(0.1)")
+    assert row is not None and row[0] == want
+
+
+def test_without_restaurants_the_tokens_grants_are_followed(page: Any, database_url: str) -> None:
+    """No ?restaurant=: the boards are the token's restaurant_ids, on one stream;
+    a reload resumes from the saved boards without replaying anything."""
+    page.add_init_script(COUNT_STREAMS)
+    left, right = Kitchen(database_url), Kitchen(database_url)
+    kitchens = [left, right]
+    stranger = Kitchen(database_url)  # not granted
+    tea = left.order("L-1")
+    right.commit(right.order("R-1"), "OrderAccepted")
+    stranger.order("X-1")
+    with RelayProcess(database_url) as relay:
+        page.goto(
+            f"{relay.url}/dashboard?access_token={staff_token(left.restaurant, right.restaurant)}"
+        )
+        assert wait_for_state(page, "live") == "live"
+        wait_for_boards(page, kitchens)
+        assert_one_stream(page, relay, kitchens)
+        left.commit(tea, "OrderAccepted")
+        right.commit(right.order("R-2"), "OrderPaymentFailed")
+        stranger.order("X-2")
+        wait_for_boards(page, kitchens)
+        page.wait_for_function(
+            f"() => JSON.parse(sessionStorage.getItem('relay-board:{right.restaurant}') || "
+            "'{}').orders?.length === 2",
+            timeout=TIMEOUT_MS,
+        )
+
+        page.reload()
+        assert wait_for_state(page, "live") == "live"
+        assert board_cards(page) == expected(kitchens)
+        left.commit(tea, "OrderPreparing")
+        wait_for_boards(page, kitchens)
+        after_reload = stats(page)
+        assert (after_reload["applied"], after_reload["duplicates"], after_reload["resets"]) == (
+            1,
+            0,
+            0,
+        )
+        assert_one_stream(page, relay, kitchens)
+        assert str(stranger.restaurant) not in page.content()
