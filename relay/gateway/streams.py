@@ -401,14 +401,8 @@ async def sse(
         # Also after a reset: what committed between reading the heads and
         # now is read back, whether or not the hub had loaded it.
         while replaying:
-            chunks = []
-            for e in read:
-                if e.position > sent.get(e.partition, 0):
-                    sent[e.partition] = e.position  # passed over if not admitted
-                    if plan.admits(e):
-                        chunks.append(plan.render(e, None, sent))
-            if chunks:
-                yield b"".join(chunks)
+            if chunk := _above(plan, sent, ((e, None) for e in read)):
+                yield chunk
             replaying = len(read) >= _REPLAY_PAGE
             if replaying:
                 paged: list[list[LogEvent]] = []
@@ -470,14 +464,19 @@ async def _tail(
             learn = partial(owners.learn, channels=missing)
             async for beat in _reading(pool, sub, options.heartbeat, learn, learnt):
                 yield beat
-        chunks = []
-        for e, data in fresh:
-            if e.position > sent.get(e.partition, 0):
-                sent[e.partition] = e.position  # passed over if not admitted
-                if plan.admits(e):
-                    chunks.append(plan.render(e, data, sent))
-        if chunks:
-            yield b"".join(chunks)
+        if chunk := _above(plan, sent, fresh):
+            yield chunk
+
+
+def _above(plan: _Plan, sent: Vector, events: Iterable[tuple[LogEvent, bytes | None]]) -> bytes:
+    """The frames of the events above ``sent`` (advanced past each, admitted or not)."""
+    chunks = []
+    for e, shared in events:
+        if e.position > sent.get(e.partition, 0):
+            sent[e.partition] = e.position
+            if plan.admits(e):
+                chunks.append(plan.render(e, shared, sent))
+    return b"".join(chunks)
 
 
 def _ended(sub: Subscriber, options: StreamOptions) -> bytes:
