@@ -19,9 +19,9 @@ from typing import Any
 import psycopg
 
 from relay import log as event_log
-from relay.db import aconnect, sleep_or_stop
-from relay.errors import DatabaseUnavailable
+from relay.db import sleep_or_stop
 from relay.metrics import M
+from relay.sessions import LOST, hold_session
 from relay.sql import query
 
 __all__ = ["Maintenance"]
@@ -58,24 +58,26 @@ class Maintenance:
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + 1.0
         next_vacuum = loop.time() + self._vacuum_every
-        while not stop.is_set():
-            try:
-                async with await aconnect(self._url, autocommit=True, role="maintenance") as conn:
-                    while not stop.is_set():
-                        # Bounded, so a half-open connection is noticed and replaced.
-                        await asyncio.wait_for(self._heartbeat(conn), _IO_TIMEOUT)
-                        now = loop.time()
-                        if now >= next_prune:
-                            await asyncio.wait_for(self._exclusive(conn, self._prune), 600)
-                            next_prune = now + self._prune_every
-                        if now >= next_vacuum:
-                            await asyncio.wait_for(self._exclusive(conn, self._vacuum), 600)
-                            next_vacuum = now + self._vacuum_every
-                        await sleep_or_stop(stop, self._heartbeat_every)
-                    await conn.execute(query("leave"), {"replica_id": self.replica_id})
-            except (psycopg.Error, DatabaseUnavailable, OSError) as exc:
-                log.debug("maintenance paused: %s", exc)
-                await sleep_or_stop(stop, 2.0)
+
+        async def upkeep(conn: psycopg.AsyncConnection[Any]) -> None:
+            nonlocal next_prune, next_vacuum
+            while not stop.is_set():
+                # Bounded, so a half-open connection is noticed and replaced.
+                await asyncio.wait_for(self._heartbeat(conn), _IO_TIMEOUT)
+                now = loop.time()
+                if now >= next_prune:
+                    await asyncio.wait_for(self._exclusive(conn, self._prune), 600)
+                    next_prune = now + self._prune_every
+                if now >= next_vacuum:
+                    await asyncio.wait_for(self._exclusive(conn, self._vacuum), 600)
+                    next_vacuum = now + self._vacuum_every
+                await sleep_or_stop(stop, self._heartbeat_every)
+            await conn.execute(query("leave"), {"replica_id": self.replica_id})
+
+        await hold_session(
+            self._url, stop, upkeep, label="maintenance", logger=log,
+            lost=(psycopg.Error, *LOST), pause=2.0,
+        )  # fmt: skip
 
     async def _heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> None:
         cur = await conn.execute(

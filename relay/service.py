@@ -20,18 +20,19 @@ import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
 from relay.db import prepare_session, role_params
-from relay.dispatcher import BatchResult, Dispatcher, DispatcherConfig
-from relay.dispatcher.listener import _KEEPALIVE
+from relay.dispatcher import Dispatcher, DispatcherConfig
 from relay.gateway.app import GatewayConfig, create_app
 from relay.gateway.auth import AuthConfig, TokenVerifier
 from relay.gateway.connections import AbortableHttp
 from relay.gateway.hub import Hub
 from relay.gateway.sse import OpenStreams
 from relay.gateway.streams import StreamOptions
+from relay.log import BatchResult
 from relay.maintenance import Maintenance
 from relay.metrics import M
 from relay.migrate import schema_problem
 from relay.publishers import Follower, broker_for, parse_publishers, run_followers
+from relay.sessions import KEEPALIVE
 from relay.settings import Settings
 from relay.sla import SlaConfig, SlaWatcher
 
@@ -163,7 +164,7 @@ async def serve(
             min_size=1,
             max_size=8,
             open=False,
-            kwargs={"autocommit": True, **_KEEPALIVE, **role_params(url, "gateway pool")},
+            kwargs={"autocommit": True, **KEEPALIVE, **role_params(url, "gateway pool")},
             configure=prepare_session,
             timeout=5,
         )

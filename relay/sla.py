@@ -15,7 +15,6 @@ Timers live in the database, so they survive restarts and replica changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,9 +22,8 @@ from typing import Any
 
 import psycopg
 
-from relay.db import aconnect_retrying
-from relay.dispatcher.listener import _KEEPALIVE
-from relay.errors import DatabaseUnavailable
+from relay.db import sleep_or_stop
+from relay.sessions import hold_session
 from relay.sql import query
 
 __all__ = ["SlaConfig", "SlaWatcher"]
@@ -51,22 +49,12 @@ class SlaWatcher:
         self.raised = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            conn = await aconnect_retrying(
-                self._url, stop, label="sla", logger=log, autocommit=True, **_KEEPALIVE
-            )
-            if conn is None:
-                return
-            try:
-                while not stop.is_set():
-                    await asyncio.wait_for(self.step(conn), 60)  # half-open: reconnect
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self.config.scan_every)
-            except (psycopg.OperationalError, DatabaseUnavailable, OSError) as exc:
-                log.warning("sla watcher lost its connection (%s)", str(exc).splitlines()[:1])
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+        async def follow(conn: psycopg.AsyncConnection[Any]) -> None:
+            while not stop.is_set():
+                await asyncio.wait_for(self.step(conn), 60)  # half-open: reconnect
+                await sleep_or_stop(stop, self.config.scan_every)
+
+        await hold_session(self._url, stop, follow, label="sla", logger=log)
 
     async def step(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Apply new log events, then raise what is due; returns alerts raised."""

@@ -17,7 +17,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from relay.bench import snapshot
 from relay.bench.env import BackendCpu, Bench, RelayServer, Worker
-from relay.dispatcher import DispatcherConfig, partition_of
+from relay.dispatcher import DispatcherConfig
+from relay.log import partition_of
 from relay.sql import query
 
 __all__ = ["SCENARIOS", "Sizes"]

@@ -26,9 +26,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 from uuid import UUID
 
 import psycopg
@@ -37,40 +36,12 @@ from psycopg.pq import Escaping, TransactionStatus
 from relay.errors import ConfigError, ContractError, clip
 from relay.events import render
 from relay.events.stored import MAX_REASON, envelope_from_row
+from relay.log import BatchResult, LogEvent, notify
 from relay.sql import query
 
-__all__ = ["BatchResult", "LogEvent", "claim_and_publish"]
+__all__ = ["claim_and_publish"]
 
 log = logging.getLogger("relay.dispatcher")
-
-
-class LogEvent(NamedTuple):
-    """One published event as readers see it: a position and a pre-encoded object.
-
-    A named tuple: immutable, and cheap to build for every event published or read.
-    """
-
-    partition: int
-    position: int
-    sse_event: str
-    channels: tuple[str, ...]
-    data: str  # the whitelisted JSON object, encoded once
-    event_id: UUID
-    event_type: str
-    restaurant_id: UUID
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    claimed: int
-    events: tuple[LogEvent, ...]  # in (partition, position) order
-    dead_lettered: int
-    dropped_fields: int
-    heads: dict[int, tuple[int, int]]  # partition -> (first, last) position published
-    enqueued_at: tuple[datetime, ...]  # of the published events, for the lag metric
-    seconds: float
-    more: bool = False  # the batch hit a limit: more rows are probably pending now
-    stale: int = 0  # partitions locked but left alone: published by another replica meanwhile
 
 
 _CLAIM = query("claim")
@@ -305,10 +276,8 @@ class _Plan:
         return {p: (first, self.next_position[p] - 1) for p, first in self.first_position.items()}
 
     def notice(self) -> str:
-        """``partition:first:last,…`` for ``NOTIFY relay_events``."""
-        return ",".join(
-            f"{p}:{first}:{last}" for p, (first, last) in self.published_heads().items()
-        )
+        """What ``NOTIFY relay_events`` tells every relay process of this batch."""
+        return notify.encode(self.published_heads())
 
     def publish_and_commit(self, conn: psycopg.AsyncConnection[Any]) -> bytes:
         """The publish and COMMIT as one simple query (one round trip).

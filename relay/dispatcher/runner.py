@@ -21,18 +21,17 @@ notification or a missed bump only delays an event, never strands it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import psycopg
 
-from relay.db import aconnect_retrying
-from relay.dispatcher.batch import BatchResult, claim_and_publish
-from relay.dispatcher.listener import _KEEPALIVE, Listener
-from relay.errors import DatabaseUnavailable
+from relay.dispatcher.batch import claim_and_publish
+from relay.log import BatchResult
+from relay.sessions import Listener, hold_session
 from relay.sql import query
 
 __all__ = ["Dispatcher", "DispatcherConfig"]
@@ -117,25 +116,21 @@ class Dispatcher:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run_connected(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            conn = await aconnect_retrying(
-                self._url, stop, label="dispatcher", logger=log, autocommit=True, **_KEEPALIVE
-            )
-            if conn is None:
-                break
-            try:
-                for name, value in self.config.session_settings.items():
-                    await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
-                await self._converge_wakeup(conn)
-                self.backend_pid = conn.info.backend_pid
-                self.running = True
-                await self._loop(conn, stop)
-            except (psycopg.OperationalError, DatabaseUnavailable, OSError) as exc:
-                log.warning("dispatcher lost its database connection (%s)", _short(exc))
-            finally:
-                self.running = False
-                self.backend_pid = None
-                await _close_quietly(conn)
+        await hold_session(
+            self._url, stop, partial(self._serve, stop=stop), label="dispatcher", logger=log
+        )
+
+    async def _serve(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
+        try:
+            for name, value in self.config.session_settings.items():
+                await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+            await self._converge_wakeup(conn)
+            self.backend_pid = conn.info.backend_pid
+            self.running = True
+            await self._loop(conn, stop)
+        finally:
+            self.running = False
+            self.backend_pid = None
 
     async def _converge_wakeup(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Attach the NOTIFY trigger in notify mode, remove it in poll mode."""
@@ -237,13 +232,3 @@ class Dispatcher:
                 self._on_batch(result)
             except Exception:
                 log.exception("error handing a published batch to the gateway")
-
-
-def _short(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(conn.close(), 1.0)

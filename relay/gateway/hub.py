@@ -14,7 +14,6 @@ bytes go to every subscriber of its channels.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,12 +21,10 @@ from typing import Any
 import psycopg
 
 from relay import log as event_log
-from relay.db import aconnect
-from relay.dispatcher import PARTITIONS, BatchResult, LogEvent
-from relay.dispatcher.listener import _KEEPALIVE, Listener
-from relay.errors import DatabaseUnavailable
 from relay.gateway import frames
+from relay.log import PARTITIONS, BatchResult, LogEvent, notify
 from relay.metrics import M
+from relay.sessions import LOST, Listener, hold_session
 
 __all__ = ["FanIn", "Hub", "Subscriber", "frame"]
 
@@ -237,20 +234,19 @@ class Hub:
     def _notified(self, _channel: str, payload: str, sender: int) -> None:
         if sender == self._local_publisher():
             return  # handed over in memory by ``published``; a later batch's gap check backs it up
-        for part in payload.split(","):
-            try:
-                p, _first, last = part.split(":")
-                partition, through = int(p), int(last)
-            except ValueError:
-                log.warning("ignoring malformed notification %r", payload[:80])
-                return
-            if 0 <= partition < PARTITIONS and through > self.delivered[partition]:
+        try:
+            reached = notify.decode(payload)
+        except ValueError:
+            log.warning("ignoring malformed notification %r", payload[:80])
+            return
+        for partition, through in reached:
+            if through > self.delivered[partition]:
                 self._work.put_nowait((partition, through, ()))
 
     # -- running -------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._listener = Listener(self._url, ["relay_events"], self._notified)
+        self._listener = Listener(self._url, [notify.CHANNEL], self._notified)
         tasks = [
             asyncio.create_task(self._listener.run(stop), name="hub-listener"),
             asyncio.create_task(self._follow(stop), name="hub-follow"),
@@ -265,27 +261,19 @@ class Hub:
 
     async def _follow(self, stop: asyncio.Event) -> None:
         """Apply work items in order, reading from the log what is not in hand."""
-        first = True
-        while not stop.is_set():
-            conn: psycopg.AsyncConnection[Any] | None = None
-            try:
-                conn = await aconnect(self._url, autocommit=True, role="gateway", **_KEEPALIVE)
-                if first:
-                    for p, (last, _pruned) in (await event_log.heads(conn)).items():
-                        self.delivered[p] = last
-                    first = False
-                    self.ready.set()
-                else:
-                    await self._sweep(conn)  # catch up on whatever passed while down
-                await self._apply_forever(conn, stop)
-            except (psycopg.Error, DatabaseUnavailable, OSError) as exc:
-                log.warning("hub lost the database (%s); retrying", str(exc).splitlines()[0:1])
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 1.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+
+        async def follow(conn: psycopg.AsyncConnection[Any]) -> None:
+            if not self.ready.is_set():
+                for p, (last, _pruned) in (await event_log.heads(conn)).items():
+                    self.delivered[p] = last
+                self.ready.set()
+            else:
+                await self._sweep(conn)  # catch up on whatever passed while down
+            await self._apply_forever(conn, stop)
+
+        await hold_session(
+            self._url, stop, follow, label="gateway", logger=log, lost=(psycopg.Error, *LOST)
+        )
 
     async def _apply_forever(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

@@ -29,20 +29,21 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from relay import log as event_log
-from relay.dispatcher import PARTITIONS, LogEvent, partition_of
 from relay.errors import InvalidCursor
 from relay.gateway import frames
 from relay.gateway.hub import Hub, Subscriber, frame
 from relay.log import (
     GLOBAL,
+    PARTITIONS,
     Cursor,
+    LogEvent,
     Stream,
     customer_scope,
     encode_vector,
     parse_vector,
+    partition_of,
     restaurant_set_scope,
 )
-from relay.sql import query
 
 __all__ = [
     "DATABASE_TROUBLE",
@@ -106,15 +107,7 @@ async def resolve_order(
 ) -> tuple[UUID, UUID | None] | None:
     """(restaurant_id, customer_id) of an order, or None if the relay never saw it."""
     async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
-        return await _order_owner(conn, order_id)
-
-
-async def _order_owner(
-    conn: psycopg.AsyncConnection[Any], order_id: UUID
-) -> tuple[UUID, UUID | None] | None:
-    cur = await conn.execute(query("order_owner"), {"order_id": order_id})
-    row = await cur.fetchone()
-    return (row[0], row[1]) if row else None
+        return await event_log.order_owner(conn, order_id)
 
 
 # -- plans: what each stream kind listens on and reads --------------------------
@@ -139,7 +132,7 @@ class _Owners:
     async def learn(self, conn: psycopg.AsyncConnection[Any], channels: list[str]) -> None:
         for channel in channels:
             _kind, restaurant, order = channel.split(":")
-            owner = await _order_owner(conn, UUID(order))
+            owner = await event_log.order_owner(conn, UUID(order))
             self._known[channel] = owner == (UUID(restaurant), self._customer)
 
     def admits(self, event: LogEvent) -> bool:

@@ -20,10 +20,11 @@ from typing import Any, Literal
 import psycopg
 import tenacity
 
-from relay.db import aconnect_retrying, sleep_or_stop
+from relay.db import sleep_or_stop
 from relay.metrics import M
 from relay.publishers.base import Broker, Message, Outcome
 from relay.publishers.config import PublisherConfig
+from relay.sessions import LOST, hold_session
 from relay.sql import query
 
 __all__ = ["Follower", "PublisherState"]
@@ -77,27 +78,20 @@ class Follower:
         self._outage_started: float | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        async def publish(conn: psycopg.AsyncConnection[Any]) -> None:
+            if await self._lead(conn, stop):
+                await self._follow(conn, stop)
+
+        def lost(_exc: BaseException) -> None:
+            self.status.state = "database unavailable"
+
         try:
-            while not stop.is_set():
-                conn = await aconnect_retrying(
-                    self.database_url, stop, label=f"publisher {self.config.name}", logger=log,
-                    autocommit=True,
-                )  # fmt: skip
-                if conn is None:
-                    return
-                try:
-                    if await self._lead(conn, stop):
-                        await self._follow(conn, stop)
-                except (psycopg.Error, TimeoutError) as exc:
-                    self.status.state = "database unavailable"
-                    log.warning("publisher %s: database connection lost (%s); reconnecting",
-                                self.config.name, str(exc).splitlines()[0] if str(exc) else
-                                type(exc).__name__)  # fmt: skip
-                except _Stopped:
-                    return
-                finally:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 1.0)
+            await hold_session(
+                self.database_url, stop, publish, label=f"publisher {self.config.name}",
+                logger=log, lost=(psycopg.Error, *LOST), on_lost=lost,
+            )  # fmt: skip
+        except _Stopped:
+            return
         finally:
             await self.broker.close()
 

@@ -18,9 +18,8 @@ import httpx
 import psycopg
 import pytest
 
-from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
-from relay.log import customer_scope, encode_vector, parse_vector
+from relay.log import customer_scope, encode_vector, parse_vector, partition_of
 from relay.outbox import OutboxEvent, enqueue
 from tests.helpers.orders import CHAIN, event
 from tests.helpers.relay_process import SECRET, RelayProcess

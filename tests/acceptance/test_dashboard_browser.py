@@ -23,8 +23,8 @@ import httpx
 import psycopg
 import pytest
 
-from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
+from relay.log import partition_of
 from relay.outbox import enqueue
 from tests.helpers.orders import event, iso
 from tests.helpers.relay_process import SECRET, RelayProcess

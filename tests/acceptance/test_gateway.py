@@ -18,8 +18,8 @@ import psycopg
 import pytest
 
 from relay import log as event_log
-from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
+from relay.log import partition_of
 from relay.outbox import OutboxEvent, enqueue
 from tests.helpers.orders import CHAIN, STATUS_OF, event
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames

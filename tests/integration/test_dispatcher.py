@@ -12,9 +12,9 @@ import psycopg
 import pytest
 
 from relay import log as event_log
-from relay.dispatcher import batch, claim_and_publish, partition_of
+from relay.dispatcher import batch, claim_and_publish
 from relay.errors import ConfigError
-from relay.log import Stream
+from relay.log import LogEvent, Stream, partition_of
 from relay.outbox import enqueue
 from relay.sql import query
 from tests.helpers.orders import CHAIN, INSERT_SQL, event, payload
@@ -333,7 +333,7 @@ async def test_small_batches_keep_order(database_url: str, batch_size: int) -> N
         for kind in CHAIN:
             enqueue(conn, event(kind, restaurant_id=restaurant, order_id=order))
     aconn = await _conn(database_url)
-    published: list[batch.LogEvent] = []
+    published: list[LogEvent] = []
     while (result := await claim_and_publish(aconn, batch_size=batch_size)).claimed:
         published.extend(result.events)
     await aconn.close()

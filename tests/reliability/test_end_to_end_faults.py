@@ -22,8 +22,8 @@ import httpx
 import psycopg
 import pytest
 
-from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
+from relay.log import partition_of
 from relay.pgserver import ThrowawayPostgres
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
 from tests.reliability.ledger import Ledger, revive, settle, stop_all, write_orders

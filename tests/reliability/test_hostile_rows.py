@@ -25,8 +25,8 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
+from relay.log import partition_of
 from tests.helpers.db import Databases
 from tests.helpers.orders import payload
 from tests.helpers.relay_process import SECRET, RelayProcess

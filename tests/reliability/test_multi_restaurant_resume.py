@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 import httpx
 import psycopg
 
-from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
-from relay.log import encode_vector, parse_vector, restaurant_set_scope
+from relay.log import encode_vector, parse_vector, partition_of, restaurant_set_scope
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
 from tests.reliability.ledger import Ledger, revive, settle, stop_all, write_orders
 

@@ -22,8 +22,8 @@ import uuid
 
 import psycopg
 
-from relay.dispatcher import partition_of
 from relay.gateway.auth import mint_token
+from relay.log import partition_of
 from tests.helpers.relay_process import SECRET, RelayProcess
 from tests.helpers.sse import bulk_accepted
 from tests.reliability.test_dead_sockets import FLOOD, _dropped, _open_stalled

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from relay.dispatcher import LogEvent, partition_of
 from relay.gateway.hub import Hub
+from relay.log import LogEvent, partition_of
 from tests.helpers.orders import event
 
 
