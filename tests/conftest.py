@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay.pgserver import ThrowawayPostgres
+from relay.tools.pgserver import ThrowawayPostgres
 from tests.helpers.db import Databases, own_cluster, server
 
 

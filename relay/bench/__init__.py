@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         url = settings.database_url
         if not url:
-            from relay.pgserver import ThrowawayPostgres
+            from relay.tools.pgserver import ThrowawayPostgres
 
             cluster = ThrowawayPostgres(durable=True, settings={"max_connections": "200"})
             print("bench: starting a throwaway PostgreSQL (fsync on)…", file=sys.stderr)

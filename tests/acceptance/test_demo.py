@@ -23,9 +23,9 @@ import jwt
 import psycopg
 import pytest
 
-from relay.cli import main
 from relay.gateway.auth import AuthConfig, TokenVerifier
-from relay.pgserver import find_binaries
+from relay.tools.cli import main
+from relay.tools.pgserver import find_binaries
 from tests.helpers.relay_process import SECRET, free_port, parse_frames
 
 ORDER_EVENTS = {"OrderPaymentSucceeded", "OrderPaymentFailed", "OrderStatusChanged"}
@@ -279,9 +279,9 @@ def test_demo_uses_database_url_and_stops_on_sigterm(database_url: str) -> None:
 
 def test_demo_without_postgres_binaries_names_what_to_install() -> None:
     script = (
-        "import sys, relay.pgserver as pg\n"
+        "import sys, relay.tools.pgserver as pg\n"
         "pg.find_binaries = lambda *a, **k: None\n"
-        "from relay.cli import main\n"
+        "from relay.tools.cli import main\n"
         "sys.exit(main(['demo']))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}

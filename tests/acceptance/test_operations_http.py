@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.gateway.auth import mint_token
 from relay.outbox import enqueue
-from relay.pgserver import ThrowawayPostgres
+from relay.tools.pgserver import ThrowawayPostgres
 from tests.helpers.orders import INSERT_SQL, event, payload
 from tests.helpers.relay_process import SECRET, RelayProcess, free_port
 

@@ -18,7 +18,7 @@ import pytest
 
 from relay.gateway.auth import mint_token
 from relay.outbox import OutboxEvent, enqueue
-from relay.status import collect
+from relay.tools.status import collect
 from tests.helpers.brokers import (
     NATS,
     RABBIT,

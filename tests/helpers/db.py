@@ -22,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relay.errors import ConfigError
 from relay.migrate import migrate
-from relay.pgserver import ThrowawayPostgres, find_binaries
+from relay.tools.pgserver import ThrowawayPostgres, find_binaries
 
 
 def with_database(url: str, dbname: str) -> str:

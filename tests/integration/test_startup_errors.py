@@ -68,7 +68,7 @@ def test_a_schema_migrated_by_a_newer_relay_says_upgrade(database_url: str) -> N
 _WITHOUT_AIO_PIKA = """
 import sys
 sys.modules["aio_pika"] = None
-from relay.cli import main
+from relay.tools.cli import main
 sys.exit(main(["run"]))
 """
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from relay.pgserver import ThrowawayPostgres
+from relay.tools.pgserver import ThrowawayPostgres
 from tests.helpers.relay_process import RelayProcess
 from tests.reliability.ledger import Ledger, LogReader, check, write_orders
 

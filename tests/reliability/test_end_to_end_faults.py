@@ -24,7 +24,7 @@ import pytest
 
 from relay.gateway.auth import mint_token
 from relay.log import partition_of
-from relay.pgserver import ThrowawayPostgres
+from relay.tools.pgserver import ThrowawayPostgres
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
 from tests.reliability.ledger import Ledger, revive, settle, stop_all, write_orders
 

@@ -13,7 +13,7 @@ import glob, shutil, warnings
 warnings.simplefilter("error")
 glob.glob = lambda *a, **k: []      # no /usr/lib/postgresql/*/bin
 shutil.which = lambda *a, **k: None  # no pg_ctl on PATH
-from relay.pgserver import find_binaries
+from relay.tools.pgserver import find_binaries
 found = find_binaries()
 print(found.source if found else "none")
 """

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         url = settings.database_url
         where = f"DATABASE_URL {describe(url)}" if url else ""
         if not url:
-            from relay.pgserver import ThrowawayPostgres
+            from relay.tools.pgserver import ThrowawayPostgres
 
             cluster = ThrowawayPostgres(durable=False)
             found = cluster.binaries  # ConfigError naming what to install, if none
@@ -141,7 +141,7 @@ async def _main(
     settings: Settings, restaurants: tuple[uuid.UUID, ...], rate: float, where: str
 ) -> None:
     from relay.service import serve
-    from relay.simulator import Simulator, SimulatorConfig
+    from relay.tools.simulator import Simulator, SimulatorConfig
 
     assert settings.database_url is not None and settings.jwt_secret is not None
     simulator = Simulator(settings.database_url, SimulatorConfig(restaurants, rate=rate))

@@ -114,10 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_run)
 
     for name, module, text in (
-        ("demo", "demo", "embedded PostgreSQL, simulated orders and the dashboard"),
-        ("status", "status", "backlog, lag, dead letters, replicas and publishers"),
-        ("dead-letters", "deadletters", "list or retry dead-lettered events"),
-        ("token", "token", "mint a development token"),
+        ("demo", "tools.demo", "embedded PostgreSQL, simulated orders and the dashboard"),
+        ("status", "tools.status", "backlog, lag, dead letters, replicas and publishers"),
+        ("dead-letters", "tools.deadletters", "list or retry dead-lettered events"),
+        ("token", "tools.token", "mint a development token"),
         ("bench", "bench", "benchmark the whole path against its ceilings"),
     ):
         p = sub.add_parser(name, help=text)
