@@ -24,7 +24,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from relay.errors import AuthError
+from relay.errors import AuthError, UnknownEventType
+from relay.events.schemas import contract_for, contracts
 from relay.gateway.auth import Principal, TokenVerifier, authenticate
 from relay.gateway.hub import Hub
 from relay.gateway.sse import EventStream, OpenStreams
@@ -290,6 +291,28 @@ def create_app(
     async def metrics(_request: Request) -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    async def schema_index(_request: Request) -> Response:
+        """The event contracts other teams consume: public, no PII, no token."""
+        listed = [
+            {"eventType": c.event_type, "schemaVersion": c.schema_version,
+             "id": c.schema_id, "url": f"/v1/schemas/{c.path}"}
+            for c in contracts()
+        ]  # fmt: skip
+        return JSONResponse({"schemas": listed}, headers={"Cache-Control": "public, max-age=300"})
+
+    async def schema(request: Request) -> Response:
+        try:
+            contract = contract_for(
+                request.path_params["event_type"], request.path_params["version"]
+            )
+        except UnknownEventType as exc:
+            return _problem(404, str(exc))
+        return Response(
+            contract.schema_text,
+            media_type="application/schema+json",
+            headers={"Cache-Control": "public, max-age=300"},
+        )
+
     async def dashboard(_request: Request) -> Response:
         html = Path(__file__).with_name("dashboard.html")
         if not html.exists():
@@ -314,6 +337,8 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            Route("/v1/schemas", schema_index),
+            Route("/v1/schemas/{event_type}/{version:int}.json", schema),
             Route("/dashboard", dashboard),
         ],
         middleware=middleware,
