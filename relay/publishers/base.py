@@ -9,7 +9,20 @@ from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
-__all__ = ["Broker", "Message", "Outcome", "PermanentRejection", "in_order_per_restaurant"]
+from relay.events.schemas import cloudevents_type, dataschema
+from relay.publishers.config import CloudEvents
+
+__all__ = [
+    "JSON",
+    "Broker",
+    "Message",
+    "Outcome",
+    "PermanentRejection",
+    "cloudevent_attributes",
+    "in_order_per_restaurant",
+]
+
+JSON = "application/json"  # every body: the same JSON object SSE clients get
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +41,21 @@ class Message:
     @property
     def occurred_on_text(self) -> str:
         return self.occurred_on_utc.isoformat().replace("+00:00", "Z")
+
+
+def cloudevent_attributes(message: Message, options: CloudEvents) -> dict[str, str]:
+    """The message's CloudEvents 1.0 context attributes as canonical strings; each
+    adapter puts them in its protocol binding's headers (binary content mode)."""
+    return {
+        "specversion": "1.0",
+        "id": str(message.event_id),
+        "source": options.source,
+        "type": cloudevents_type(message.event_type, message.schema_version, options.type_prefix),
+        "subject": str(message.restaurant_id),
+        "time": message.occurred_on_text,
+        "dataschema": dataschema(message.event_type, message.schema_version, options.schemas),
+        "datacontenttype": JSON,
+    }
 
 
 class PermanentRejection(Exception):

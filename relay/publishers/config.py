@@ -2,9 +2,12 @@
 
     amqp://guest:guest@rabbit:5672/?exchange=relay.events&events=RevenueRecorded
     nats://nats:4222?stream=RELAY&prefix=relay&create=true&name=analytics
+    nats://nats:4222?format=cloudevents&source=/orders&schemas=https://relay.example/v1/schemas
 
 A publisher's ``name`` keys its durable offsets; by default it is the URL
 without credentials or options, so moving a password never resets delivery.
+``format=cloudevents`` (opt-in; the body stays the same JSON) adds the
+CloudEvents attributes as headers, in each broker's protocol binding.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from relay.errors import ConfigError
 from relay.events.registry import known_event_types
 
-__all__ = ["PublisherConfig", "parse_publisher_url", "parse_publishers"]
+__all__ = ["CloudEvents", "PublisherConfig", "parse_publisher_url", "parse_publishers"]
 
 Kind = Literal["amqp", "nats"]
 _KINDS: dict[str, Kind] = {"amqp": "amqp", "amqps": "amqp", "nats": "nats", "tls": "nats"}
@@ -25,7 +28,20 @@ _OPTIONS: dict[Kind, dict[str, str]] = {
     "amqp": {"exchange": "relay.events", "max_bytes": str(16 * 1024 * 1024)},
     "nats": {"stream": "RELAY", "prefix": "relay", "create": "true"},
 }
-_COMMON = {"name", "events"}
+# format=cloudevents only: the event's source, the public base URL of the
+# relay's /v1/schemas (for dataschema), and a reverse-DNS prefix for type.
+_CLOUDEVENTS = {"source", "schemas", "type_prefix"}
+_COMMON = {"name", "events", "format", *_CLOUDEVENTS}
+DEFAULT_SOURCE = "/relay"
+
+
+@dataclass(frozen=True)
+class CloudEvents:
+    """How a ``format=cloudevents`` publisher names its events (see ``cloudevent_attributes``)."""
+
+    source: str = DEFAULT_SOURCE
+    schemas: str | None = None  # None: dataschema is the schema's $id (urn:relay:schema:…)
+    type_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,7 @@ class PublisherConfig:
     name: str
     events: frozenset[str] | None = None  # None: every event type
     options: dict[str, str] = field(default_factory=dict)
+    cloudevents: CloudEvents | None = None  # None: plain JSON messages, as before
 
     def accepts(self, event_type: str) -> bool:
         return self.events is None or event_type in self.events
@@ -87,7 +104,45 @@ def parse_publisher_url(url: str) -> PublisherConfig:
     broker_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     target = options.get("exchange") or options.get("stream")
     name = query.get("name") or f"{_public(url)}#{target}"
-    return PublisherConfig(kind=kind, url=broker_url, name=name, events=events, options=options)
+    cloudevents = _cloudevents(query, _public(url))
+    return PublisherConfig(
+        kind=kind, url=broker_url, name=name, events=events, options=options,
+        cloudevents=cloudevents,
+    )  # fmt: skip
+
+
+def _cloudevents(query: dict[str, str], shown: str) -> CloudEvents | None:
+    """``format=`` and the CloudEvents options, checked: each value becomes a header."""
+    form = query.get("format", "json")
+    if form not in ("json", "cloudevents"):
+        raise ConfigError(
+            f"RELAY_PUBLISHERS: format must be json or cloudevents, not {form!r}, in {shown!r}"
+        )
+    given = sorted(_CLOUDEVENTS & set(query))
+    if form == "json":
+        if given:
+            raise ConfigError(
+                f"RELAY_PUBLISHERS: {', '.join(given)} only apply with format=cloudevents "
+                f"in {shown!r}"
+            )
+        return None
+    for option in given:
+        value = query[option]
+        if not value or any(c.isspace() or not c.isprintable() for c in value):
+            raise ConfigError(
+                f"RELAY_PUBLISHERS: {option} must be non-empty, without spaces, in {shown!r}"
+            )
+    schemas = query.get("schemas")
+    if schemas is not None and not (urlsplit(schemas).scheme and urlsplit(schemas).netloc):
+        raise ConfigError(
+            f"RELAY_PUBLISHERS: schemas must be an absolute URL (where consumers reach the "
+            f"relay's /v1/schemas), in {shown!r}"
+        )
+    return CloudEvents(
+        source=query.get("source", DEFAULT_SOURCE),
+        schemas=schemas,
+        type_prefix=query.get("type_prefix", ""),
+    )
 
 
 # The client library each kind needs: optional, installed with the brokers extra.

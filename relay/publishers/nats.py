@@ -6,15 +6,51 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 import nats
 import nats.js.errors
 from nats.js.api import StreamConfig
 
-from relay.publishers.base import Message, Outcome, PermanentRejection, in_order_per_restaurant
-from relay.publishers.config import PublisherConfig
+from relay.publishers.base import (
+    JSON,
+    Message,
+    Outcome,
+    PermanentRejection,
+    cloudevent_attributes,
+    in_order_per_restaurant,
+)
+from relay.publishers.config import CloudEvents, PublisherConfig
 
-__all__ = ["JetStreamBroker"]
+__all__ = ["JetStreamBroker", "nats_headers"]
+
+# CloudEvents NATS protocol binding, binary content mode: every attribute,
+# datacontenttype included, is a header named "ce-" + its name (§3.1.3.1),
+# valued by its canonical string percent-encoded (§3.1.3.2): printable ASCII
+# stays as it is, except space, double quote and percent; anything else is its
+# UTF-8 bytes as %XY. (Content-Type stays application/json: only
+# application/cloudevents there would mean structured mode, §3.)
+CLOUDEVENTS_PREFIX = "ce-"
+_VERBATIM = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+
+
+def nats_headers(message: Message, cloudevents: CloudEvents | None) -> dict[str, str]:
+    """One message's headers: message id for JetStream's dedupe, the relay's own
+    headers always, the CloudEvents ones when asked for."""
+    headers = {
+        "Nats-Msg-Id": str(message.event_id),
+        "Relay-Schema-Version": str(message.schema_version),
+        "Relay-Occurred-On-Utc": message.occurred_on_text,
+        "Content-Type": JSON,
+    }
+    if cloudevents is not None:
+        attributes = cloudevent_attributes(message, cloudevents)
+        headers.update(
+            {CLOUDEVENTS_PREFIX + name: quote(value, safe=_VERBATIM)
+             for name, value in attributes.items()}
+        )  # fmt: skip
+    return headers
+
 
 # JetStream errors that concern the message itself (retrying cannot help):
 # 10054 message larger than the stream allows, 10077 too many messages per subject
@@ -72,12 +108,7 @@ class JetStreamBroker:
             await self._js.publish(
                 f"{self.prefix}.{message.event_type}.{message.restaurant_id}",
                 message.body,
-                headers={
-                    "Nats-Msg-Id": str(message.event_id),
-                    "Relay-Schema-Version": str(message.schema_version),
-                    "Relay-Occurred-On-Utc": message.occurred_on_text,
-                    "Content-Type": "application/json",
-                },
+                headers=nats_headers(message, self.config.cloudevents),
                 stream=self.stream,
             )
         except nats.js.errors.APIError as exc:

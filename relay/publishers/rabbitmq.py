@@ -10,10 +10,42 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from relay.publishers.base import Message, Outcome, PermanentRejection, in_order_per_restaurant
-from relay.publishers.config import PublisherConfig
+from relay.publishers.base import (
+    JSON,
+    Message,
+    Outcome,
+    PermanentRejection,
+    cloudevent_attributes,
+    in_order_per_restaurant,
+)
+from relay.publishers.config import CloudEvents, PublisherConfig
 
-__all__ = ["RabbitMqBroker"]
+__all__ = ["RabbitMqBroker", "amqp_properties"]
+
+# CloudEvents AMQP protocol binding, binary content mode: every attribute but
+# datacontenttype is an application property (RabbitMQ: a message header) named
+# with the prefix "cloudEvents_" (§3.1.3.1; "_" rather than ":" so JMS clients
+# and selectors can read it), valued by its canonical string (§3.1.3.2; a native
+# AMQP 0-9-1 timestamp would lose the sub-second part); datacontenttype is the
+# message's content-type property (§3.1.1).
+CLOUDEVENTS_PREFIX = "cloudEvents_"
+
+
+def amqp_properties(
+    message: Message, cloudevents: CloudEvents | None
+) -> tuple[str, dict[str, Any]]:
+    """The content type and headers of one message: the relay's own headers always
+    (a consumer of plain JSON keeps working), the CloudEvents ones when asked for."""
+    headers: dict[str, Any] = {
+        "schemaVersion": message.schema_version,
+        "occurredOnUtc": message.occurred_on_text,
+    }
+    if cloudevents is None:
+        return JSON, headers
+    attributes = cloudevent_attributes(message, cloudevents)
+    content_type = attributes.pop("datacontenttype")
+    headers.update({CLOUDEVENTS_PREFIX + name: value for name, value in attributes.items()})
+    return content_type, headers
 
 
 class RabbitMqBroker:
@@ -48,17 +80,15 @@ class RabbitMqBroker:
             raise PermanentRejection(
                 f"message of {len(message.body)} bytes exceeds max_bytes={self.max_bytes}"
             )
+        content_type, headers = amqp_properties(message, self.config.cloudevents)
         await self._exchange.publish(
             aio_pika.Message(
                 message.body,
                 message_id=str(message.event_id),
-                content_type="application/json",
+                content_type=content_type,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 type=message.event_type,
-                headers={
-                    "schemaVersion": message.schema_version,
-                    "occurredOnUtc": message.occurred_on_text,
-                },
+                headers=headers,
             ),
             routing_key=f"{message.event_type}.{message.restaurant_id}",
             timeout=self.timeout,
