@@ -63,6 +63,26 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _schema(args: argparse.Namespace, _settings: Settings) -> int:
+    """The event contracts, generated from the models (relay.events.schemas)."""
+    from pathlib import Path
+
+    from relay.events.schemas import json_schema_files, write_json_schemas
+
+    if args.json_schema is None:
+        print("relay schema: nothing to write; give --json-schema DIR", file=sys.stderr)
+        return 2
+    directory = Path(args.json_schema)
+    try:
+        changed = write_json_schemas(directory)
+    except OSError as exc:
+        print(f"relay schema: cannot write {directory}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"{directory}: {len(json_schema_files())} JSON Schema file(s), {len(changed)} changed"
+          + "".join(f"\n  {path}" for path in changed))  # fmt: skip
+    return 0
+
+
 def _delegate(module: str) -> Handler:
     """Commands living in their own module expose ``run(args, settings) -> int``."""
 
@@ -123,6 +143,14 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _arguments(module, p)
         p.set_defaults(handler=_delegate(module))
+
+    p = sub.add_parser("schema", help="write the event contracts generated from the models")
+    p.add_argument(
+        "--json-schema",
+        metavar="DIR",
+        help="one JSON Schema per event type and version: DIR/{eventType}/{version}.json",
+    )
+    p.set_defaults(handler=_schema)
 
     p = sub.add_parser("config", help="print the effective configuration, secrets masked")
     p.add_argument("--json", action="store_true")

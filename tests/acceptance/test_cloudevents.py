@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -227,3 +229,21 @@ async def test_every_frame_of_a_drain_validates_against_its_served_schema(
     assert unknown.status_code == 404
     for url, text in served.items():  # the served schemas are the committed ones
         assert text == (COMMITTED / url.removeprefix("/v1/schemas/")).read_text(), url
+
+
+def test_relay_schema_writes_the_committed_schemas(tmp_path: Path) -> None:
+    def schema_command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relay", "schema", *args],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+
+    first = schema_command("--json-schema", str(tmp_path))
+    again = schema_command("--json-schema", str(tmp_path))
+    nothing = schema_command()
+
+    committed = {p.relative_to(COMMITTED): p.read_text() for p in COMMITTED.glob("*/*.json")}
+    written = {p.relative_to(tmp_path): p.read_text() for p in tmp_path.glob("*/*.json")}
+    assert first.returncode == 0, first.stderr
+    assert written == committed
+    assert f"{len(committed)} JSON Schema file(s), {len(committed)} changed" in first.stdout
+    assert again.stdout.strip() == f"{tmp_path}: {len(committed)} JSON Schema file(s), 0 changed"
+    assert nothing.returncode == 2 and "give --json-schema DIR" in nothing.stderr
