@@ -204,7 +204,8 @@ def render(envelope: Envelope) -> Broadcast:
                 f"{envelope.event_type}, got {_shown(status)}",
                 field="newStatus",
             )
-        accepted.setdefault("occurredOnUtc", envelope.occurred_on_utc)
+        if accepted.get("occurredOnUtc") is None:  # absent or null: the row's column (SPEC §1)
+            accepted["occurredOnUtc"] = envelope.occurred_on_utc
     try:
         model = spec.model.model_validate(accepted)
     except ValidationError as exc:

@@ -375,3 +375,11 @@ def test_an_order_event_without_a_customer_goes_to_no_customer_stream() -> None:
     payment = dict(CASES[0][1])
     result = render(envelope("OrderPaymentSucceeded", payment, customer_id=None))
     assert result.channels == (f"restaurant:{R}", f"order:{R}:{ORDER}")
+
+
+def test_a_null_occurred_on_utc_in_a_status_payload_takes_the_rows_time() -> None:
+    given = {**dict(CASES[2][1]), "occurredOnUtc": None}
+    row_time = datetime(2026, 11, 25, 12, 7, 30, tzinfo=UTC)
+    result = render(envelope(CASES[2][0], given, occurred_on_utc=row_time))
+    assert CASES[2][0] == "OrderAccepted"
+    assert result.data["occurredOnUtc"] == "2026-11-25T12:07:30Z"
