@@ -157,7 +157,8 @@ def test_listener_down_events_still_flow_by_polling(database_url: str) -> None:
             while not stop.is_set():
                 conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE query ILIKE 'LISTEN%%' OR query ILIKE 'SELECT 1%%'"
+                    " WHERE datname = current_database()"
+                    " AND (query ILIKE 'LISTEN%%' OR query ILIKE 'SELECT 1%%')"
                 )
                 time.sleep(0.05)
 
