@@ -466,29 +466,70 @@ def fanout(bench: Bench, sizes: Sizes) -> dict[str, Any]:
 
 
 def connections(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    """Idle subscribers held by one relay, on restaurant streams and on
+    multi-restaurant streams (``multi_restaurant``), each in a relay of its own."""
     ids = _restaurants(100)
-    count = sizes.connections
+    streams = _streams([ids[i % 100] for i in range(sizes.connections)], 1, from_start=False)
+    # Each dashboard carries its own restaurant's token, as staff tokens do.
+    tokens = {str(r): bench.token([r]) for r in ids}
+    for stream in streams:
+        stream["token"] = tokens[stream["path"].split("/")[3]]
+    return {
+        **_held(bench, streams, ids),
+        "multi_restaurant": multi_restaurant_connections(bench, sizes.connections),
+    }
+
+
+def multi_restaurant_connections(
+    bench: Bench, count: int, *, managers: int = 100, each: int = 10
+) -> dict[str, Any]:
+    """``count`` idle streams of ``/v1/restaurants/stream``, each covering the
+    ``each`` restaurants its token grants: ``managers`` disjoint sets of random
+    restaurants (so a set spreads over partitions as real ones do), each
+    followed by ``count / managers`` dashboards, as in the single-restaurant case."""
+    ids = _restaurants(managers * each)
+    sets = [ids[m * each : (m + 1) * each] for m in range(managers)]
+    tokens = [bench.token(chosen) for chosen in sets]
+    streams = [
+        {"path": "/v1/restaurants/stream", "expect": each, "token": tokens[i % managers]}
+        for i in range(count)
+    ]
+    spread = [len({partition_of(r) for r in chosen}) for chosen in sets]
+    return {
+        **_held(bench, streams, ids),
+        "restaurants_per_stream": each,
+        "partitions_per_stream": round(statistics.mean(spread), 2),
+    }
+
+
+def _held(
+    bench: Bench, streams: list[dict[str, Any]], restaurants: list[uuid.UUID]
+) -> dict[str, Any]:
+    """``streams`` held idle by one relay (heartbeat 2 s): its RSS per stream,
+    then one event per restaurant of ``restaurants``, counted at every stream
+    (each expects the events of the restaurants it covers)."""
+    count = len(streams)
     with bench.database() as url, RelayServer(bench, url, RELAY_HEARTBEAT_SECONDS="2") as server:
         server.wait_ready()
         time.sleep(1)
         before = server.rss_kb()
         parts = max(1, min(4, count // 500))
-        streams = _streams([ids[i % 100] for i in range(count)], 0, from_start=False)
-        # Each dashboard carries its own restaurant's token, as staff tokens do.
-        tokens = {str(r): bench.token([r]) for r in ids}
-        for stream in streams:
-            stream["token"] = tokens[stream["path"].split("/")[3]]
         workers = [
-            _subscriber(bench, server.port, ids, streams[i::parts], hold=7, timeout=60)
+            _subscriber(bench, server.port, [], streams[i::parts], hold=7, timeout=120)
             for i in range(parts)
         ]
         for worker in workers:
             worker.wait_ready()
         time.sleep(3)
         after = server.rss_kb()
+        began = time.monotonic()
+        _fill(url, restaurants, len(restaurants))
         results = [w.result() for w in workers]
     held = sum(r["ok"] for r in results)
     beats = [b for r in results for b in r["heartbeats"]]
+    completed = [r["completed"] for r in results]
+    delivered = sum(sum(r["events"]) for r in results)
+    seconds = max(completed) - began if None not in completed else None
     return {
         "held": held,
         "requested": count,
@@ -497,6 +538,12 @@ def connections(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         "rss_kb_per_conn": round((after - before) / max(1, held), 2),
         "heartbeat_healthy": sum(1 for b in beats if b >= 2),
         "heartbeats_median": statistics.median(beats) if beats else 0,
+        # One event per restaurant after the RSS reading: every stream gets
+        # those of its restaurants, from the moment the events are written.
+        "deliveries": delivered,
+        "deliveries_expected": sum(int(s["expect"]) for s in streams),
+        "delivery_seconds": None if seconds is None else round(seconds, 3),
+        "deliveries_per_s": None if not seconds else round(delivered / seconds),
     }
 
 

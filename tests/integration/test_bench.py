@@ -55,8 +55,19 @@ def test_quick_bench_runs_every_scenario_and_prints_the_json(database_url: str) 
     assert figures["drain"]["complete"] and figures["drain"]["delivered"] == 5000
     assert figures["live"]["received"] == figures["live"]["events"] > 0
     assert figures["fanout"]["delivered"] == 200 * 200
-    assert figures["connections"]["held"] == 500
-    assert figures["connections"]["heartbeat_healthy"] == 500
+    connections = figures["connections"]
+    assert connections["held"] == 500
+    assert connections["heartbeat_healthy"] == 500
+    assert connections["deliveries"] == connections["deliveries_expected"] == 500
+    # The multi-restaurant stream, 10 restaurants a stream over several partitions:
+    # every stream held, with its memory measured, and one event per restaurant
+    # reaching every stream that covers it.
+    multi = connections["multi_restaurant"]
+    assert multi["held"] == multi["heartbeat_healthy"] == 500
+    assert multi["restaurants_per_stream"] == 10 and multi["partitions_per_stream"] > 1
+    assert 0 < multi["rss_kb_per_conn"] < 200
+    assert multi["deliveries"] == multi["deliveries_expected"] == 500 * 10
+    assert multi["delivery_seconds"] > 0
     producer = figures["producer"]
     assert producer["without_rows_per_s"] > 0 and producer["with_rows_per_s"] > 0
     # The test database is local: the relay's CPU and its sessions' are measured,
