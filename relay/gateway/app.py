@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from relay.errors import AuthError, UnknownEventType
 from relay.events.schemas import contract_for, contracts
+from relay.gateway.asyncapi import asyncapi_document
 from relay.gateway.auth import Principal, TokenVerifier, authenticate
 from relay.gateway.hub import Hub
 from relay.gateway.sse import EventStream, OpenStreams
@@ -313,6 +314,12 @@ def create_app(
             headers={"Cache-Control": "public, max-age=300"},
         )
 
+    async def asyncapi(request: Request) -> Response:
+        """Every stream and bus channel as AsyncAPI 3.0, its gateway server where
+        this request reached it (a proxy's Host header when it passes one)."""
+        document = asyncapi_document(gateway=request.url.netloc, protocol=request.url.scheme)
+        return JSONResponse(document, headers={"Cache-Control": "public, max-age=300"})
+
     async def dashboard(_request: Request) -> Response:
         html = Path(__file__).with_name("dashboard.html")
         if not html.exists():
@@ -339,6 +346,7 @@ def create_app(
             Route("/metrics", metrics),
             Route("/v1/schemas", schema_index),
             Route("/v1/schemas/{event_type}/{version:int}.json", schema),
+            Route("/asyncapi.json", asyncapi),
             Route("/dashboard", dashboard),
         ],
         middleware=middleware,

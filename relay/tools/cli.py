@@ -64,22 +64,49 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _schema(args: argparse.Namespace, _settings: Settings) -> int:
-    """The event contracts, generated from the models (relay.events.schemas)."""
+    """The event contracts, generated from the models (relay.events.schemas) and
+    the routing table (relay.gateway.asyncapi)."""
     from pathlib import Path
 
     from relay.events.schemas import json_schema_files, write_json_schemas
 
-    if args.json_schema is None:
-        print("relay schema: nothing to write; give --json-schema DIR", file=sys.stderr)
+    if args.json_schema is None and args.asyncapi is None:
+        print("relay schema: nothing to write; give --json-schema DIR and/or --asyncapi FILE",
+              file=sys.stderr)  # fmt: skip
         return 2
-    directory = Path(args.json_schema)
+    if args.json_schema is not None:
+        directory = Path(args.json_schema)
+        try:
+            changed = write_json_schemas(directory)
+        except OSError as exc:
+            print(f"relay schema: cannot write {directory}: {exc.strerror or exc}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"{directory}: {len(json_schema_files())} JSON Schema file(s), {len(changed)} "
+              "changed" + "".join(f"\n  {path}" for path in changed))  # fmt: skip
+    if args.asyncapi is not None:
+        return _write_asyncapi(args.asyncapi)
+    return 0
+
+
+def _write_asyncapi(target: str) -> int:
+    """The AsyncAPI document to ``target`` (``-``: standard output)."""
+    from pathlib import Path
+
+    from relay.gateway.asyncapi import asyncapi_text
+
+    text = asyncapi_text()
+    if target == "-":
+        sys.stdout.write(text)
+        return 0
     try:
-        changed = write_json_schemas(directory)
+        Path(target).write_text(text, encoding="utf-8")
     except OSError as exc:
-        print(f"relay schema: cannot write {directory}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"relay schema: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    print(f"{directory}: {len(json_schema_files())} JSON Schema file(s), {len(changed)} changed"
-          + "".join(f"\n  {path}" for path in changed))  # fmt: skip
+    document = json.loads(text)
+    print(f"{target}: AsyncAPI {document['asyncapi']}, {len(document['channels'])} channels, "
+          f"{len(document['components']['messages'])} messages")  # fmt: skip
     return 0
 
 
@@ -149,6 +176,11 @@ def _parser() -> argparse.ArgumentParser:
         "--json-schema",
         metavar="DIR",
         help="one JSON Schema per event type and version: DIR/{eventType}/{version}.json",
+    )
+    p.add_argument(
+        "--asyncapi",
+        metavar="FILE",
+        help="the AsyncAPI 3.0 document of every SSE stream and bus channel (- for stdout)",
     )
     p.set_defaults(handler=_schema)
 

@@ -33,6 +33,7 @@ from relay.events.schemas import (
 )
 from relay.events.types import Money
 from relay.gateway.app import GatewayConfig, create_app
+from relay.gateway.asyncapi import asyncapi_document
 
 COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 REGENERATE = "run `relay schema --json-schema docs/schemas` and commit the result"
@@ -195,12 +196,22 @@ async def test_a_new_type_is_one_registry_entry_plus_its_model(
         served = await http.get("/v1/schemas/TipAdded/1.json")
         index = (await http.get("/v1/schemas")).json()["schemas"]
         assert (await http.get("/v1/schemas/TipAdded/2.json")).status_code == 404
+        asyncapi = (await http.get("/asyncapi.json")).json()
     assert served.status_code == 200
     assert served.headers["content-type"] == "application/schema+json"
     assert served.json() == schema
     assert {"eventType": "TipAdded", "schemaVersion": 1, "id": schema["$id"],
             "url": "/v1/schemas/TipAdded/1.json"} in index  # fmt: skip
     assert len(index) == len(REGISTRY)
+
+    # Its AsyncAPI message, on the streams its route reaches and on both buses.
+    assert asyncapi == asyncapi_document(gateway="relay")
+    assert asyncapi["components"]["schemas"]["TipAdded_v1"]["$id"] == schema["$id"]
+    message = asyncapi["components"]["messages"]["TipAdded_v1"]
+    assert message["payload"] == {"$ref": "#/components/schemas/TipAdded_v1"}
+    assert "CloudEvents type `TipAdded.v1`" in message["summary"]
+    carrying = {key for key, c in asyncapi["channels"].items() if "TipAdded_v1" in c["messages"]}
+    assert carrying == {"restaurant", "restaurants", "rabbitmq-TipAdded", "nats-TipAdded"}
 
 
 def test_write_json_schemas_removes_a_type_no_longer_registered(
@@ -230,6 +241,7 @@ def test_a_v2_beside_v1_leaves_v1_consumers_unaffected(monkeypatch: pytest.Monke
     v2 = EventSpec("OrderAccepted", 2, OrderAcceptedV2, v1.sse_event, v1.route,
                    expected_status="Accepted")  # fmt: skip
     before = contract_for("OrderAccepted", 1).schema_text
+    document_before = asyncapi_document()
     monkeypatch.setitem(cast(dict[tuple[str, int], EventSpec], REGISTRY), ("OrderAccepted", 2), v2)
 
     files = json_schema_files()
@@ -253,3 +265,17 @@ def test_a_v2_beside_v1_leaves_v1_consumers_unaffected(monkeypatch: pytest.Monke
     assert [c.schema_id for c in contracts() if c.event_type == "OrderAccepted"] == [
         schema_id("OrderAccepted", 1), schema_id("OrderAccepted", 2)
     ]  # fmt: skip
+
+    # Two AsyncAPI messages, v1's as it was; the bus channels carry both versions.
+    document = asyncapi_document()
+    components, old_components = document["components"], document_before["components"]
+    assert [k for k in components["messages"] if k.startswith("OrderAccepted_")] == [
+        "OrderAccepted_v1", "OrderAccepted_v2"
+    ]  # fmt: skip
+    for part in ("messages", "schemas"):
+        assert components[part]["OrderAccepted_v1"] == old_components[part]["OrderAccepted_v1"]
+    assert components["schemas"]["OrderAccepted_v2"]["$id"] == second["$id"]
+    for channel in ("rabbitmq-OrderAccepted", "nats-OrderAccepted", "restaurant"):
+        assert {"OrderAccepted_v1", "OrderAccepted_v2"} <= set(
+            document["channels"][channel]["messages"]
+        )
