@@ -166,7 +166,10 @@ class Hub:
 
         Each event reaches it once: an event is on one restaurant's channel.
         """
-        unique = tuple(dict.fromkeys(routes))
+        given = tuple(routes)
+        unique = tuple(dict.fromkeys(given))
+        if unique == given:
+            unique = given  # the caller's tuple (a shared plan's), not a copy per stream
         if not unique:
             raise ValueError("subscribe_many needs at least one channel")
         return self._register(FanIn(unique, limit, subject))
@@ -289,12 +292,34 @@ class Hub:
                 await asyncio.wait_for(self._sweep(conn), _IO_TIMEOUT)
                 next_sweep = loop.time() + self._sweep_every
                 continue
-            partition, through, events = pending
-            try:
-                await asyncio.wait_for(self._advance(conn, partition, through, events), _IO_TIMEOUT)
-            except BaseException:
-                self._work.put_nowait(pending)  # not lost: retried after reconnecting
-                raise
+            # Everything queued is applied before any stream runs again: a
+            # batch spanning partitions reaches a stream over several of them
+            # as one wake-up and one write, not one per partition.
+            while pending is not None:
+                partition, through, events = pending
+                try:
+                    if not self._in_hand(partition, through, events):
+                        await asyncio.wait_for(
+                            self._advance(conn, partition, through, events), _IO_TIMEOUT
+                        )
+                except BaseException:
+                    self._work.put_nowait(pending)  # not lost: retried after reconnecting
+                    raise
+                try:
+                    pending = self._work.get_nowait()
+                except asyncio.QueueEmpty:
+                    pending = None
+
+    def _in_hand(self, partition: int, through: int, events: tuple[LogEvent, ...]) -> bool:
+        """Apply a work item that needs no read (nothing new, or its events follow
+        on from what was delivered); False if the log must be read first."""
+        delivered = self.delivered[partition]
+        if through <= delivered:
+            return True
+        if events and events[0].position <= delivered + 1:
+            self._deliver(e for e in events if e.position > delivered)
+            return True
+        return False
 
     async def _sweep(self, conn: psycopg.AsyncConnection[Any]) -> None:
         for p, (last, _pruned) in (await event_log.heads(conn)).items():

@@ -15,6 +15,7 @@ sent" is an exact dedupe at the seam between replay and live.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -144,7 +145,7 @@ def _order_of(event: LogEvent) -> str:
     return next((c for c in event.channels if c.startswith("order:")), "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Plan:
     """One stream kind: its hub routes, the partitions its cursor spans, its
     cursor codec and its replay page.
@@ -193,6 +194,15 @@ class _Plan:
 
 
 def _plan(target: Target) -> _Plan:
+    """The plan of a stream kind; shared by every stream of the same target
+    (plans hold no per-stream state, except a customer's owned orders)."""
+    if isinstance(target, CustomerOrders):
+        return _customer_plan(target.customer)
+    return _shared_plan(target)
+
+
+@functools.lru_cache(maxsize=16384)
+def _shared_plan(target: Stream | RestaurantSet) -> _Plan:
     if isinstance(target, RestaurantSet):
         ordered = sorted(target.restaurants)
 
@@ -203,8 +213,6 @@ def _plan(target: Target) -> _Plan:
         return _Plan(
             routes, sorted({p for _c, p in routes}), read_set, scope=restaurant_set_scope(ordered)
         )
-    if isinstance(target, CustomerOrders):
-        return _customer_plan(target.customer)
     stream = target
     if stream.partition == GLOBAL:
 
@@ -359,8 +367,14 @@ async def sse(
 ) -> AsyncIterator[bytes]:
     """Yield SSE bytes for one subscriber until it is closed, slow, or its token
     expires; every way it ends leaves the client a way back (a retry hint or a
-    comment saying why)."""
+    comment saying why).
+
+    A process holds ten thousand of these generators, so the live tail runs in
+    this frame and keeps only what it needs: the catch-up (cursor, replay
+    pages) runs in a generator of its own that is gone once it is done.
+    """
     plan = _plan(target)
+    del target  # the plan holds an equal one, shared by every stream of the same target
     if len(plan.routes) == 1:
         channel, partition = plan.routes[0]
         sub = hub.subscribe(channel, partition, options.buffer, subject)
@@ -368,43 +382,37 @@ async def sse(
         sub = hub.subscribe_many(plan.routes, options.buffer, subject)
     try:
         sent = _joins_live(hub, plan, cursor_text)
-        replaying = sent is None
-        read: list[LogEvent] = []
         if sent is None:
-            # Resolve the cursor and read the first page on one pooled
-            # connection (a storm of resuming dashboards queues half as often).
-            opened: list[tuple[_Start, list[LogEvent]]] = []
-
-            async def opening(conn: psycopg.AsyncConnection[Any]) -> tuple[_Start, list[LogEvent]]:
-                start = await _resolve(conn, plan, cursor_text)
-                return start, await _replay_page(conn, plan, start.vector)
-
-            async for beat in _reading(pool, sub, options.heartbeat, opening, opened):
-                yield beat
-            start, read = opened[0]
-            sent = dict(start.vector)
-            if start.reset is not None:
-                yield frames.reset(options.retry_ms, start.reset, plan.cursor(sent))
-            else:
-                yield frames.opening(options.retry_ms, plan.cursor(sent))
+            sent = {}
+            async for chunk in _catch_up(pool, sub, plan, cursor_text, options, sent):
+                yield chunk
         else:
             # Nothing to replay: no query, so a thousand dashboards (re)opening
             # at once cost the pool nothing.
             yield frames.opening(options.retry_ms, plan.cursor(sent))
-        # Also after a reset: what committed between reading the heads and
-        # now is read back, whether or not the hub had loaded it.
-        while replaying:
-            if chunk := _above(plan, sent, ((e, None) for e in read)):
-                yield chunk
-            replaying = len(read) >= _REPLAY_PAGE
-            if replaying:
-                paged: list[list[LogEvent]] = []
-                next_page = partial(_replay_page, plan=plan, after=dict(sent))
-                async for beat in _reading(pool, sub, options.heartbeat, next_page, paged):
+        cadence = _Beat(options.heartbeat)
+        while True:
+            remaining = (expires_at - datetime.now(UTC)).total_seconds()
+            if remaining <= 0:
+                yield frames.comment("token expired; reconnect with a fresh token")
+                return
+            if cadence.due():
+                yield frames.HEARTBEAT
+            if not await sub.wait(min(remaining, cadence.left())):
+                continue
+            if sub.closed:
+                yield _ended(sub, options)
+                return
+            fresh = sub.take()
+            owners = plan.owners
+            if owners is not None and (missing := owners.unknown(e for e, _data in fresh)):
+                learnt: list[None] = []
+                learn = partial(owners.learn, channels=missing)
+                async for beat in _reading(pool, sub, options.heartbeat, learn, learnt):
                     yield beat
-                read = paged[0]
-        async for chunk in _tail(hub, pool, sub, plan, sent, options, expires_at):
-            yield chunk
+            if chunk := _above(plan, sent, fresh):
+                yield chunk
+            del fresh
     except _Closed:
         yield _ended(sub, options)
     except DATABASE_TROUBLE as exc:
@@ -417,6 +425,46 @@ async def sse(
         hub.unsubscribe(sub)
 
 
+async def _catch_up(
+    pool: AsyncConnectionPool[Any],
+    sub: Subscriber,
+    plan: _Plan,
+    cursor_text: str | None,
+    options: StreamOptions,
+    sent: Vector,
+) -> AsyncIterator[bytes]:
+    """Resolve the cursor and replay the log after it, leaving in ``sent``
+    where the live tail takes over."""
+
+    async def opening(conn: psycopg.AsyncConnection[Any]) -> tuple[_Start, list[LogEvent]]:
+        # The cursor and the first page on one pooled connection (a storm of
+        # resuming dashboards queues for the pool half as often).
+        start = await _resolve(conn, plan, cursor_text)
+        return start, await _replay_page(conn, plan, start.vector)
+
+    opened: list[tuple[_Start, list[LogEvent]]] = []
+    async for beat in _reading(pool, sub, options.heartbeat, opening, opened):
+        yield beat
+    start, read = opened[0]
+    sent.update(start.vector)
+    if start.reset is not None:
+        yield frames.reset(options.retry_ms, start.reset, plan.cursor(sent))
+    else:
+        yield frames.opening(options.retry_ms, plan.cursor(sent))
+    # Also after a reset: what committed between reading the heads and now is
+    # read back, whether or not the hub had loaded it.
+    while True:
+        if chunk := _above(plan, sent, ((e, None) for e in read)):
+            yield chunk
+        if len(read) < _REPLAY_PAGE:
+            return
+        paged: list[list[LogEvent]] = []
+        next_page = partial(_replay_page, plan=plan, after=dict(sent))
+        async for beat in _reading(pool, sub, options.heartbeat, next_page, paged):
+            yield beat
+        read = paged[0]
+
+
 async def _replay_page(
     conn: psycopg.AsyncConnection[Any], plan: _Plan, after: Vector
 ) -> list[LogEvent]:
@@ -425,40 +473,6 @@ async def _replay_page(
     if plan.owners is not None:
         await plan.owners.learn(conn, plan.owners.unknown(read))
     return read
-
-
-async def _tail(
-    hub: Hub,
-    pool: AsyncConnectionPool[Any],
-    sub: Subscriber,
-    plan: _Plan,
-    sent: Vector,
-    options: StreamOptions,
-    expires_at: datetime,
-) -> AsyncIterator[bytes]:
-    """The live tail of every stream kind: the hub's frames above ``sent``."""
-    cadence = _Beat(options.heartbeat)
-    while True:
-        remaining = (expires_at - datetime.now(UTC)).total_seconds()
-        if remaining <= 0:
-            yield frames.comment("token expired; reconnect with a fresh token")
-            return
-        if cadence.due():
-            yield frames.HEARTBEAT
-        if not await sub.wait(min(remaining, cadence.left())):
-            continue
-        if sub.closed:
-            yield _ended(sub, options)
-            return
-        fresh = sub.take()
-        owners = plan.owners
-        if owners is not None and (missing := owners.unknown(e for e, _data in fresh)):
-            learnt: list[None] = []
-            learn = partial(owners.learn, channels=missing)
-            async for beat in _reading(pool, sub, options.heartbeat, learn, learnt):
-                yield beat
-        if chunk := _above(plan, sent, fresh):
-            yield chunk
 
 
 def _above(plan: _Plan, sent: Vector, events: Iterable[tuple[LogEvent, bytes | None]]) -> bytes:
