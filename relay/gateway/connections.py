@@ -6,7 +6,8 @@ stayed open, its megabytes of buffers with it, for as long as the client kept
 it, uncounted by the connection caps. Two remedies, per connection:
 
 - the ``relay.abort`` ASGI extension (``relay.gateway.sse``): a stream whose
-  writes stall drops its connection at once;
+  writes stall drops its connection at once (``abort``), and learns that its
+  client left from the connection itself (``on_lost``), with no task of its own;
 - a close uvicorn makes itself (``Connection: close``, keep-alive expiry,
   shutdown) that has not flushed within ``CLOSE_LINGER`` is aborted.
 
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -42,16 +44,17 @@ CLOSE_LINGER = 10.0
 class _Abortable:
     """One connection's abort hook and its bounded close."""
 
-    __slots__ = ("_deadline", "_lost", "_protocol")
+    __slots__ = ("_deadline", "_lost", "_on_lost", "_protocol")
 
     def __init__(self, protocol: Any) -> None:
         self._protocol = protocol  # uvicorn's protocol: .transport, .loop
         self._lost = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._on_lost: Callable[[], None] | None = None
 
     def wrap(self, app: ASGI3Application) -> ASGI3Application:
         """``app`` with the abort hook in each request's scope."""
-        hook: dict[object, object] = {"abort": self.abort}
+        hook: dict[object, object] = {"abort": self.abort, "on_lost": self.on_lost}
 
         async def offering_abort(
             scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -81,10 +84,20 @@ class _Abortable:
         if transport.is_closing():
             self._deadline = self._protocol.loop.call_later(CLOSE_LINGER, self.abort)
 
+    def on_lost(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` when the connection is gone (None: no longer);
+        a stream learns of its client leaving without a task of its own."""
+        self._on_lost = callback
+        if callback is not None and self._lost:
+            callback()
+
     def lost(self) -> None:
         self._lost = True
         if self._deadline is not None:
             self._deadline.cancel()
+        callback, self._on_lost = self._on_lost, None
+        if callback is not None:
+            callback()
 
 
 class _AbortableMixin:
