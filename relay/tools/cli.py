@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
         ("status", "tools.status", "backlog, lag, dead letters, replicas and publishers"),
         ("dead-letters", "tools.deadletters", "list or retry dead-lettered events"),
         ("token", "tools.token", "mint a development token"),
-        ("bench", "bench", "benchmark the whole path against its ceilings"),
+        ("bench", "tools.bench", "benchmark the whole path against its ceilings"),
     ):
         p = sub.add_parser(name, help=text)
         _arguments(module, p)

@@ -100,7 +100,7 @@ def test_unknown_scenario_is_refused(database_url: str) -> None:
 async def test_bench_subscriber_resumes_by_cursor_when_the_server_ends_a_stream() -> None:
     """A stream the server closes (slow-reader overflow, restart) is resumed with
     Last-Event-ID, as EventSource does: the scenario completes instead of hanging."""
-    from relay.bench.workers import subscribe
+    from relay.tools.bench.workers import subscribe
 
     asked: list[str | None] = []
 
@@ -137,7 +137,7 @@ async def test_bench_subscriber_resumes_by_cursor_when_the_server_ends_a_stream(
 def test_producers_beside_a_failing_session_fail_with_its_cause(database_url: str) -> None:
     """A design floor's session that dies must fail the figure, naming why:
     producers measured beside nothing would flatter the floor."""
-    from relay.bench.scenarios import Sizes, _producers_beside
+    from relay.tools.bench.scenarios import Sizes, _producers_beside
 
     def broken(conn: psycopg.Connection[Any]) -> Callable[[], int]:
         return lambda: len(conn.execute("SELECT 1 / 0").fetchall())

@@ -1,4 +1,4 @@
-"""The bench's floor for publishing without moving rows (relay/bench/snapshot.py).
+"""The bench's floor for publishing without moving rows (relay/tools/bench/snapshot.py).
 
 Its figures only mean something if its reader is correct: every committed row
 exactly once, in an order no late commit can break, rolled-back rows never.
@@ -11,8 +11,8 @@ import uuid
 
 import psycopg
 
-from relay.bench.snapshot import WindowReader, install
 from relay.outbox import enqueue
+from relay.tools.bench.snapshot import WindowReader, install
 from tests.helpers.orders import event
 
 

@@ -1,6 +1,6 @@
 """Bench client processes: SSE subscribers and outbox writers.
 
-They run as separate processes (``python -m relay.bench.workers MODE``, the
+They run as separate processes (``python -m relay.tools.bench.workers MODE``, the
 spec as one JSON line on stdin) so clients never share the relay's core
 budget or its GIL. Each prints
 ``ready`` once set up, then one JSON line with its results. Clocks are

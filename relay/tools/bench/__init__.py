@@ -52,8 +52,8 @@ def _terminated(signum: int, _frame: object) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from relay.bench.env import Bench, stop_children
-    from relay.bench.scenarios import SCENARIOS, Sizes
+    from relay.tools.bench.env import Bench, stop_children
+    from relay.tools.bench.scenarios import SCENARIOS, Sizes
 
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(SCENARIOS)
     unknown = [s for s in chosen if s not in SCENARIOS]

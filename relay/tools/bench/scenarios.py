@@ -15,11 +15,11 @@ from typing import Any, NamedTuple, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from relay.bench import snapshot
-from relay.bench.env import BackendCpu, Bench, RelayServer, Worker
 from relay.dispatcher import DispatcherConfig
 from relay.log import partition_of
 from relay.sql import query
+from relay.tools.bench import snapshot
+from relay.tools.bench.env import BackendCpu, Bench, RelayServer, Worker
 
 __all__ = ["SCENARIOS", "Sizes"]
 
@@ -157,7 +157,7 @@ def ceiling(
 
 
 def snapshot_floor(bench: Bench, events: int, restaurants: int) -> Rate:
-    """The same data read in place by snapshot windows (relay/bench/snapshot.py):
+    """The same data read in place by snapshot windows (relay/tools/bench/snapshot.py):
     rows/s, payload decoded, one connection; nothing deleted or copied."""
     with bench.database() as url:
         with psycopg.connect(url, autocommit=True) as conn:

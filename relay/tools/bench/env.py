@@ -21,9 +21,9 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from relay.bench.workers import raise_fd_limit
 from relay.gateway.auth import mint_token
 from relay.migrate import migrate
+from relay.tools.bench.workers import raise_fd_limit
 
 __all__ = ["BackendCpu", "Bench", "RelayServer", "Worker", "stop_children"]
 
@@ -218,11 +218,11 @@ class RelayServer:
 
 
 class Worker:
-    """A ``relay.bench.workers`` process: started, waited for ``ready``, then its result."""
+    """A ``relay.tools.bench.workers`` process: started, waited for ``ready``, then its result."""
 
     def __init__(self, mode: str, spec: dict[str, Any]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.bench.workers", mode],
+            [sys.executable, "-m", "relay.tools.bench.workers", mode],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
