@@ -27,6 +27,7 @@ from relay.gateway.auth import AuthConfig, TokenVerifier
 from relay.tools.cli import main
 from relay.tools.pgserver import find_binaries
 from tests.helpers.relay_process import SECRET, free_port, parse_frames
+from tests.helpers.sockets import Reader
 
 ORDER_EVENTS = {"OrderPaymentSucceeded", "OrderPaymentFailed", "OrderStatusChanged"}
 PII = ("customerName", "deliveryAddress", "customerPhone")
@@ -273,8 +274,19 @@ def test_demo_uses_database_url_and_stops_on_sigterm(database_url: str) -> None:
         assert leaked == (0,)  # the simulator writes PII; the relay drops it
         assert dead == (0,)  # and every simulated payload fits the contract
 
+        # A dashboard is open when the demo is stopped: its stream ends with a
+        # last retry hint, and nothing is logged as an application error.
+        path = shown.stream.removeprefix(running.url).split("?", 1)[0]
+        watching = Reader(running.port, path, shown.token)
+        watching.start()
+        time.sleep(1.0)
         assert running.interrupt(signal.SIGTERM) == 0, running.stderr()
+        watching.join(10)
         assert "demo stopped after" in running.stderr()
+        for sign in ("Traceback", "Exception in ASGI application", "CancelledError"):
+            assert sign not in running.stderr()
+        last = watching.body.rstrip("\n").rsplit("\n\n", 1)[-1]
+        assert last.startswith("retry: ") and "shutting down" in last, watching.body[-300:]
 
 
 def test_demo_without_postgres_binaries_names_what_to_install() -> None:

@@ -15,7 +15,6 @@ holds.
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 import time
@@ -26,6 +25,7 @@ import httpx
 
 from relay.gateway.auth import mint_token
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
+from tests.helpers.sockets import dropped, open_stalled
 from tests.helpers.sse import bulk_accepted
 
 CAP = 2  # RELAY_MAX_CONNECTIONS_PER_SUBJECT
@@ -37,42 +37,6 @@ SEND_TIMEOUT = 10.0
 # buffer, so the relay's writes to a client that stops reading stall.
 FLOOD = 18_000
 _ESTABLISHED = "01"  # st column of /proc/net/tcp
-
-
-def _open_stalled(port: int, token: str, restaurant: uuid.UUID) -> tuple[socket.socket, int]:
-    """A stream request from a client that reads the status line, then nothing.
-
-    A small receive buffer (set before connecting, so the window is small from
-    the handshake) makes the relay's writes stall early; the socket is not
-    read again after the response head.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(5)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(
-        (
-            f"GET /v1/restaurants/{restaurant}/stream HTTP/1.1\r\n"
-            f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
-            "Accept: text/event-stream\r\nConnection: close\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n" not in head:
-        chunk = sock.recv(1024)
-        assert chunk, "the relay closed the connection before answering"
-        head += chunk
-    return sock, int(head.split(b" ", 2)[1])
-
-
-def _dropped(sock: socket.socket) -> bool:
-    """Whether the relay closed the connection, seen by a client that does not read:
-    a reset (POLLERR/POLLHUP) or a FIN (POLLRDHUP) is reported whatever is still unread."""
-    poller = select.poll()
-    poller.register(sock, select.POLLERR | select.POLLHUP | select.POLLRDHUP)
-    return any(
-        mask & (select.POLLERR | select.POLLHUP | select.POLLRDHUP) for _fd, mask in poller.poll(0)
-    )
 
 
 def _held_by_relay(port: int, client_ports: set[int]) -> list[tuple[int, int]]:
@@ -151,7 +115,7 @@ def test_a_client_that_stops_reading_loses_its_socket_not_just_its_stream(
     ports: set[int] = set()
 
     def connect() -> tuple[socket.socket, int]:
-        sock, status = _open_stalled(relay.port, hog, restaurant)
+        sock, status = open_stalled(relay.port, hog, restaurant)
         clients.append(sock)
         ports.add(sock.getsockname()[1])
         return sock, status
@@ -166,10 +130,10 @@ def test_a_client_that_stops_reading_loses_its_socket_not_just_its_stream(
 
         # (1) The relay closes the socket, not only the stream, soon after the send timeout.
         deadline = time.monotonic() + SEND_TIMEOUT + 10
-        while time.monotonic() < deadline and not all(_dropped(s) for s, _ in stalled):
+        while time.monotonic() < deadline and not all(dropped(s) for s, _ in stalled):
             time.sleep(0.1)
         stuck_bytes = sum(q for _p, q in _held_by_relay(relay.port, ports))
-        assert all(_dropped(s) for s, _ in stalled), (
+        assert all(dropped(s) for s, _ in stalled), (
             f"the relay still holds {len(_held_by_relay(relay.port, ports))} sockets of "
             f"closed streams ({stuck_bytes} bytes queued)\n{relay.output()[-3000:]}"
         )

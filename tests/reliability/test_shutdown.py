@@ -16,7 +16,6 @@ database reads at the moment of the signal.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 import uuid
 
@@ -25,51 +24,12 @@ import psycopg
 from relay.gateway.auth import mint_token
 from relay.log import partition_of
 from tests.helpers.relay_process import SECRET, RelayProcess
+from tests.helpers.sockets import Reader, dropped, open_stalled
 from tests.helpers.sse import bulk_accepted
-from tests.reliability.test_dead_sockets import FLOOD, _dropped, _open_stalled
 
 GRACE = 4.0
+FLOOD = 18_000  # more frames than loopback buffers hold: writes to a non-reader stall
 POOL = 8  # the gateway pool's max_size: streams beyond it wait for a connection
-
-
-class Reader(threading.Thread):
-    """A client that reads its stream to the end and keeps every byte."""
-
-    def __init__(self, port: int, path: str, token: str, last_id: str | None = None) -> None:
-        super().__init__(daemon=True)
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        resume = f"Last-Event-ID: {last_id}\r\n" if last_id else ""
-        self.sock.sendall(
-            (
-                f"GET {path} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {token}\r\n"
-                f"{resume}Accept: text/event-stream\r\nConnection: close\r\n\r\n"
-            ).encode()
-        )
-        self.received = b""
-        self.reset = False
-
-    def run(self) -> None:
-        try:
-            while chunk := self.sock.recv(65536):
-                self.received += chunk
-        except OSError:
-            self.reset = True
-        finally:
-            self.sock.close()
-
-    @property
-    def body(self) -> str:
-        """The response body, its chunked transfer encoding undone."""
-        rest = self.received.partition(b"\r\n\r\n")[2]
-        body = b""
-        while rest:
-            size, _crlf, rest = rest.partition(b"\r\n")
-            length = int(size, 16) if size.strip() else 0
-            if length == 0:
-                break
-            body += rest[:length]
-            rest = rest[length + 2 :]
-        return body.decode(errors="replace")
 
 
 def _published(url: str) -> bool:
@@ -95,7 +55,7 @@ def test_sigterm_ends_streams_in_every_state(database_url: str) -> None:
         live = Reader(gateway.port, f"/v1/restaurants/{quiet}/stream", token)
         live_set = Reader(gateway.port, f"/v1/restaurants/stream?restaurant={quiet}", token)
         # Replays the whole backlog to a client that reads nothing: its writes stall.
-        stalled, status = _open_stalled(gateway.port, token, busy)
+        stalled, status = open_stalled(gateway.port, token, busy)
         assert status == 200
         for reader in (live, live_set):
             reader.start()
@@ -135,7 +95,7 @@ def test_sigterm_ends_streams_in_every_state(database_url: str) -> None:
         assert sign not in output, output[-3000:]
     # No replay page was ever sent to the streams held in their opening read.
     assert all("event: " not in r.body for r in replaying)
-    assert _dropped(stalled) or _closed(stalled)
+    assert dropped(stalled) or _closed(stalled)
     stalled.close()
 
 
