@@ -108,3 +108,23 @@ WHERE bench_xid >= pg_snapshot_xmin(%(previous)s::pg_snapshot)
   AND (bench_xid, id) > (%(after_xid)s::xid8, %(after_id)s::bigint)
 ORDER BY bench_xid, id
 LIMIT %(limit)s
+
+------------------------------------------------------------- the peers (job queues) --
+-- pgqueuer and procrastinate drain the same backlog in databases of their own
+-- (relay/tools/bench/peers.py); their schemas are their own, installed by them.
+
+-- name: bench_outbox_payloads
+-- The first pending events' payloads in id order: the peers' jobs carry the same JSON.
+SELECT payload::text FROM relay_outbox ORDER BY id LIMIT %(count)s
+
+-- name: bench_pgqueuer_pending
+-- Is any job queued or running? (pgqueuer deletes a job once done.) Each
+-- half walks one of its partial indexes (the bench's poll session turns
+-- sequential scans off), so polling costs little while 10⁵ jobs wait.
+SELECT EXISTS (SELECT FROM pgqueuer WHERE status = 'queued')
+    OR EXISTS (SELECT FROM pgqueuer WHERE status = 'picked')
+
+-- name: bench_procrastinate_pending
+-- Is any job to do or doing? (Done jobs may stay, as succeeded.) On its
+-- partial index of the jobs in those two states, as above.
+SELECT EXISTS (SELECT FROM procrastinate_jobs WHERE status IN ('todo', 'doing'))

@@ -29,7 +29,9 @@ REQUIRED = [
     "history.ratio", "replicas.ratio", "producer.ratio",
     "drain.move_floor_ratio", "producer.move_floor_ratio",
     "drain.snapshot_floor_ratio", "live.snapshot_floor_p99_ms", "producer.snapshot_floor_ratio",
+    "peers.relay_events_per_s", "peers.ratio_to_best",
 ]  # fmt: skip
+PEER_NAMES = ("pgqueuer", "procrastinate")
 
 
 def bench(database_url: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -89,6 +91,21 @@ def test_quick_bench_runs_every_scenario_and_prints_the_json(database_url: str) 
     assert producer["idle"]["transactions_per_s"] > 0  # the poll probe is counted
     assert set(producer["latency"]) == {"poll", "notify"}
     assert report["machine"]["postgresql"]["fsync"] in ("on", "off")
+    # The peers drained the same backlog, each with the settings its trials chose,
+    # next to the relay's drain; ratios are relay over peer, from that same run.
+    peers = figures["peers"]
+    assert peers["events"] == 5000 and peers["relay_complete"]
+    for name in PEER_NAMES:
+        peer = peers[name]
+        assert "error" not in peer, peer["error"]
+        assert peer["events_per_s"] > 0 and peer["seconds"] > 0
+        assert peer["ratio"] == pytest.approx(
+            peers["relay_events_per_s"] / peer["events_per_s"], rel=0.01
+        )
+        assert peer["settings"] in [t["settings"] for t in peer["trials"]]
+        assert all(t["events_per_s"] > 0 for t in peer["trials"])
+        assert peer["cpu_us_per_event"]["postgres"] > 0 and peer["cpu_us_per_event"]["worker"] > 0
+    assert peers["ratio_to_best"] == peers[peers["best_peer"]]["ratio"]
 
 
 def test_unknown_scenario_is_refused(database_url: str) -> None:
@@ -144,6 +161,28 @@ def test_producers_beside_a_failing_session_fail_with_its_cause(database_url: st
 
     with pytest.raises(RuntimeError, match=r"the test-floor session failed: division by zero"):
         _producers_beside(database_url, Sizes(writers=1), 1.0, "test-floor", broken)
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_that_fails_reports_its_error_and_the_others_still_run(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer whose library is missing (or breaks) is reported in the JSON; the
+    relay's drain and the other peers are measured all the same."""
+    from relay.tools.bench import scenarios
+    from relay.tools.bench.env import Bench
+    from relay.tools.bench.peers import PEERS, Peer
+
+    async def missing(url: str, chunks: object) -> None:
+        raise ModuleNotFoundError("No module named 'absent_queue'")
+
+    absent = Peer("absent", missing, PEERS["pgqueuer"].run, "-", ({},), trial_events=10)
+    monkeypatch.setattr(scenarios, "PEERS", {"absent": absent, "pgqueuer": PEERS["pgqueuer"]})
+    sizes = scenarios.Sizes(drain_events=300, restaurants=3, peer_trial_events=100)
+    report = scenarios.peers(Bench(with_database(database_url, "postgres")), sizes)
+    assert report["absent"] == {"error": "ModuleNotFoundError: No module named 'absent_queue'"}
+    assert report["relay_complete"] and report["pgqueuer"]["events_per_s"] > 0
+    assert report["best_peer"] == "pgqueuer"
 
 
 def _children_running_relay(parent: int) -> list[int]:

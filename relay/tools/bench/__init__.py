@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated scenarios: drain,live,fanout,connections,history,replicas,producer",
+        help="comma-separated scenarios: "
+        "drain,live,fanout,connections,history,replicas,producer,peers",
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON document")
 

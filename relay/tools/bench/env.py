@@ -241,6 +241,15 @@ class Worker:
             _CHILDREN.discard(self.proc)
             raise RuntimeError(f"bench worker failed to start (exit {self.proc.returncode})")
 
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 60) -> dict[str, Any]:
+        """SIGTERM a worker that runs until told (a peer's queue worker), then its result."""
+        if self.running():
+            self.proc.terminate()
+        return self.result(timeout)
+
     def result(self, timeout: float = 600) -> dict[str, Any]:
         assert self.proc.stdout is not None
         # From the buffered stream (wait_ready's readline may have read ahead

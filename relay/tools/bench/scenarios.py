@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import statistics
@@ -20,6 +21,7 @@ from relay.log import partition_of
 from relay.sql import query
 from relay.tools.bench import snapshot
 from relay.tools.bench.env import BackendCpu, Bench, RelayServer, Worker
+from relay.tools.bench.peers import PEERS, Peer, payloads
 
 __all__ = ["SCENARIOS", "Sizes"]
 
@@ -41,6 +43,7 @@ class Sizes:
     producer_seconds: float = 20.0
     mode_seconds: float = 10.0
     writers: int = 4
+    peer_trial_events: int = 20_000  # at most; each peer sizes its own trials
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -56,6 +59,7 @@ class Sizes:
             replica_events=5_000,
             producer_seconds=3,
             mode_seconds=3,
+            peer_trial_events=500,
         )
 
 
@@ -835,6 +839,108 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     }
 
 
+def peer_rate(
+    bench: Bench, source: str, peer: Peer, settings: dict[str, Any], events: int
+) -> dict[str, Any]:
+    """``peer`` drains ``events`` jobs, the first events of ``source``'s outbox as
+    payloads, in a fresh database: jobs/s from its worker's start until the bench
+    sees no job queued or running, and CPU per job (PostgreSQL, the worker)."""
+    with bench.database(migrated=False) as url:
+        asyncio.run(peer.fill(url, payloads(source, events)))
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+            _checkpoint(conn)
+            # The poll walks the queue's partial indexes of waiting jobs: a
+            # sequential scan, planned on the full backlog, would read every
+            # job done so far on each poll and charge that to the peer.
+            conn.execute("SET enable_seqscan = off")
+            worker = Worker("peer", {"peer": peer.name, "database_url": url, **settings})
+            worker.wait_ready()
+            try:
+                began = time.monotonic()
+                server = BackendCpu(url, every_process=True)
+                while conn.execute(query(peer.pending_query)).fetchone()[0]:  # type: ignore[index]
+                    if not worker.running():
+                        raise RuntimeError(f"the {peer.name} worker exited, its queue not empty")
+                    time.sleep(0.02)
+                elapsed = time.monotonic() - began
+                postgres = server.seconds()  # before the worker's sessions end
+            except BaseException:
+                with contextlib.suppress(Exception):  # the first failure is the one to report
+                    worker.stop()
+                raise
+            done = worker.stop()
+    if done["handled"] != events:
+        raise RuntimeError(f"the {peer.name} worker handled {done['handled']} of {events} jobs")
+    return {
+        "events_per_s": round(events / elapsed),
+        "seconds": round(elapsed, 2),
+        "cpu_us_per_event": _cpu_us(events, postgres=postgres, worker=done["cpu_seconds"]),
+    }
+
+
+def _best_settings(bench: Bench, source: str, peer: Peer, events: int) -> dict[str, Any]:
+    """Each of the peer's candidate settings drains ``events`` jobs; the fastest wins."""
+    trials = [
+        {"settings": settings, **peer_rate(bench, source, peer, settings, events)}
+        for settings in peer.candidates
+    ]
+    best = max(trials, key=lambda t: float(t["events_per_s"]))
+    return {
+        "settings": best["settings"],
+        "trial_events": events,
+        "trials": [{"settings": t["settings"], "events_per_s": t["events_per_s"]} for t in trials],
+    }
+
+
+def _failed(exc: Exception) -> dict[str, Any]:
+    return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def peers(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    """The relay's drain to SSE subscribers beside the job queues a user would pick
+    instead, each draining the same backlog of the same events on the same server
+    with a no-op handler and its best settings (relay/tools/bench/peers.py).
+
+    Short trials pick each peer's settings first; then the relay and the peers
+    drain ``drain_events``, one after the other. ``ratio`` is the relay's
+    events/s over the peer's. A peer that cannot be installed or fails reports
+    its error; the others still run."""
+    events = sizes.drain_events
+    report: dict[str, Any] = {"events": events}
+    with bench.database() as source:
+        _fill(source, _restaurants(sizes.restaurants), events)
+        chosen: dict[str, dict[str, Any]] = {}
+        for name, peer in PEERS.items():
+            trial = min(events, peer.trial_events, sizes.peer_trial_events)
+            try:
+                chosen[name] = _best_settings(bench, source, peer, trial)
+            except Exception as exc:  # a missing or broken peer must not lose the others
+                report[name] = _failed(exc)
+        relay = drain_rate(bench, events, sizes.restaurants)
+        report |= {
+            "relay_events_per_s": relay["events_per_s"],
+            "relay_complete": relay["complete"],
+            "relay_cpu_us_per_event": relay["cpu_us_per_event"],
+        }
+        for name, picked in chosen.items():
+            try:
+                measured = peer_rate(bench, source, PEERS[name], picked["settings"], events)
+            except Exception as exc:
+                report[name] = {**_failed(exc), **picked}
+                continue
+            ratio = round(relay["events_per_s"] / measured["events_per_s"], 3)
+            report[name] = {**measured, "ratio": ratio, **picked}
+    measured_rates = {
+        n: r["events_per_s"] for n, r in report.items() if n in PEERS and "ratio" in r
+    }
+    if measured_rates:
+        best = max(measured_rates, key=measured_rates.__getitem__)
+        report["best_peer"] = best
+        report["ratio_to_best"] = report[best]["ratio"]
+    return report
+
+
 SCENARIOS = {
     "drain": drain,
     "live": live,
@@ -843,4 +949,5 @@ SCENARIOS = {
     "history": history,
     "replicas": replicas,
     "producer": producer,
+    "peers": peers,
 }

@@ -248,6 +248,10 @@ def main() -> None:
         result = write(spec)
     elif mode == "burn":
         result = burn(spec)
+    elif mode == "peer":
+        from relay.tools.bench.peers import drain  # only this mode needs the peers
+
+        result = drain(spec)
     else:
         raise SystemExit(f"unknown worker mode {mode!r}")
     print(json.dumps(result), flush=True)
