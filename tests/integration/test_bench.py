@@ -93,6 +93,13 @@ def test_quick_bench_runs_every_scenario_and_prints_the_json(database_url: str) 
     assert report["machine"]["postgresql"]["fsync"] in ("on", "off")
     # The peers drained the same backlog, each with the settings its trials chose,
     # next to the relay's drain; ratios are relay over peer, from that same run.
+    # WAL: the producer's single-row transactions, then the relay's drain of them.
+    wal = figures["wal"]
+    assert wal["events"] == 1000
+    assert wal["producer_wal_bytes_per_event"] > 0 and wal["wal_bytes_per_event"] > 0
+    assert wal["relay_to_producer"] == pytest.approx(
+        wal["wal_bytes_per_event"] / wal["producer_wal_bytes_per_event"], rel=0.01
+    )
     peers = figures["peers"]
     assert peers["events"] == 5000 and peers["relay_complete"]
     for name in PEER_NAMES:

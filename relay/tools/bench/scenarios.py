@@ -22,6 +22,7 @@ from relay.sql import query
 from relay.tools.bench import snapshot
 from relay.tools.bench.env import BackendCpu, Bench, RelayServer, Worker
 from relay.tools.bench.peers import PEERS, Peer, payloads
+from relay.tools.bench.wal import wal as wal_per_event
 
 __all__ = ["SCENARIOS", "Sizes"]
 
@@ -41,6 +42,7 @@ class Sizes:
     history_rows: int = 1_000_000
     replica_events: int = 100_000
     producer_seconds: float = 20.0
+    wal_events: int = 20_000
     mode_seconds: float = 10.0
     writers: int = 4
     peer_trial_events: int = 20_000  # at most; each peer sizes its own trials
@@ -58,6 +60,7 @@ class Sizes:
             history_rows=20_000,
             replica_events=5_000,
             producer_seconds=3,
+            wal_events=1_000,
             mode_seconds=3,
             peer_trial_events=500,
         )
@@ -941,6 +944,11 @@ def peers(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     return report
 
 
+def wal(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    """WAL the relay writes per event against the producer's own (``relay.tools.bench.wal``)."""
+    return wal_per_event(bench, sizes.wal_events, sizes.restaurants)
+
+
 SCENARIOS = {
     "drain": drain,
     "live": live,
@@ -949,5 +957,6 @@ SCENARIOS = {
     "history": history,
     "replicas": replicas,
     "producer": producer,
+    "wal": wal,
     "peers": peers,
 }
