@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from relay.dispatcher import DispatcherConfig
 from relay.log import partition_of
 from relay.sql import query
-from relay.tools.bench import snapshot
+from relay.tools.bench import pinned, snapshot
 from relay.tools.bench.env import BackendCpu, Bench, RelayServer, Worker
 from relay.tools.bench.peers import PEERS, Peer, payloads
 from relay.tools.bench.wal import wal as wal_per_event
@@ -655,6 +655,24 @@ def _relay_rate(
     return rate, cores
 
 
+def _isolated_rate(bench: Bench, sizes: Sizes, seconds: float, *, relay: bool) -> float | None:
+    """Producer rows/s with PostgreSQL and the producers on one core and, when
+    ``relay``, a relay running on the other (None on a machine of one core)."""
+    cpus = pinned.cores()
+    if len(cpus) < 2:
+        return None
+    with bench.database() as url, pinned.pinned(url, cpus[0]) as isolated:
+        if not isolated:
+            return None
+        if not relay:
+            return _write_rate(url, "relay_outbox", sizes.writers, seconds)
+        with RelayServer(bench, url) as server:
+            pinned.move(server.proc.pid, cpus[1])
+            server.wait_ready()
+            pinned.move(server.proc.pid, cpus[1])  # and the threads it started meanwhile
+            return _write_rate(url, "relay_outbox", sizes.writers, seconds)
+
+
 def _beside_burner(url: str, sizes: Sizes, seconds: float, cores: float) -> float:
     burner = Worker("burn", {"cores": cores, "seconds": seconds + 1})
     burner.wait_ready()
@@ -785,8 +803,12 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     rounds = 2
     seconds = sizes.producer_seconds / rounds
     rates: dict[str, list[float]] = {
-        k: [] for k in ("without", "installed", "move", "window", "poll", "notify", "burner")
-    }
+        k: []
+        for k in (
+            "without", "installed", "move", "window", "poll", "notify", "burner",
+            "isolated_without", "isolated_with",
+        )
+    }  # fmt: skip
     relay_cores: list[float] = []
     with bench.database(migrated=False) as plain, bench.database() as installed:
         with psycopg.connect(plain, autocommit=True) as conn:
@@ -810,6 +832,10 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
                 with psycopg.connect(plain, autocommit=True) as conn:
                     conn.execute("TRUNCATE bench_plain")
                 rates["burner"].append(_beside_burner(plain, sizes, seconds, relay_cores[-1]))
+            for relay_on, key in ((False, "isolated_without"), (True, "isolated_with")):
+                isolated = _isolated_rate(bench, sizes, seconds, relay=relay_on)
+                if isolated is not None:
+                    rates[key].append(isolated)
     mid = {k: statistics.median(v) for k, v in rates.items() if v}
     without = mid["without"]
     modes = {
@@ -837,6 +863,16 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         "relay_cpu_cores": None if cores is None else round(cores, 3),
         "relay_cpu_us_per_event": None if cores is None else round(1e6 * cores / mid["poll"], 1),
         "burner_ratio": round(mid["burner"] / without, 3) if "burner" in mid else None,
+        # As a sidecar sits: PostgreSQL and the producers on one core, the
+        # relay on the other, so the ratio is the database's cost of the relay
+        # and not the core it takes (None on one core).
+        "isolated_without_rows_per_s": round(mid["isolated_without"])
+        if "isolated_without" in mid
+        else None,
+        "isolated_with_rows_per_s": round(mid["isolated_with"]) if "isolated_with" in mid else None,
+        "isolated_ratio": round(mid["isolated_with"] / mid["isolated_without"], 3)
+        if "isolated_with" in mid and "isolated_without" in mid
+        else None,
         "idle": idle_cost(bench, min(10.0, sizes.producer_seconds)),
         "latency": {m: {k: v for k, v in r.items() if k.endswith("_ms")} for m, r in modes.items()},
     }
