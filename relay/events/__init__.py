@@ -11,6 +11,7 @@ from relay.events.registry import (
     order_channel,
     render,
     spec_for,
+    status_of,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "order_channel",
     "render",
     "spec_for",
+    "status_of",
 ]

@@ -159,6 +159,11 @@ REGISTRY: Mapping[tuple[str, int], EventSpec] = {
 }
 
 
+def status_of() -> dict[str, str]:
+    """The status each status-change event type carries (``newStatus``)."""
+    return {s.event_type: s.expected_status for s in _SPECS if s.expected_status is not None}
+
+
 def known_event_types() -> frozenset[str]:
     return frozenset(event_type for event_type, _ in REGISTRY)
 

@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 
 from relay.db import aconnect_retrying
+from relay.events import status_of
 from relay.outbox import OutboxEvent, enqueue
 
 __all__ = ["Simulator", "SimulatorConfig"]
@@ -53,14 +54,7 @@ _STREETS = (
     "Lambda Avenue", "Kernel Close", "Spanning Tree Way",
 )  # fmt: skip
 
-_STATUS = {
-    "OrderAccepted": "Accepted",
-    "OrderPreparing": "Preparing",
-    "OrderReadyForDelivery": "ReadyForDelivery",
-    "OrderDelivered": "Delivered",
-    "OrderRejected": "Rejected",
-    "OrderCancelled": "Cancelled",
-}
+_STATUS = status_of()
 # Seconds before each step (low, high): a compressed kitchen day.
 _DELAY = {
     "OrderAccepted": (1.0, 4.0),

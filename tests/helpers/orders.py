@@ -6,16 +6,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from relay.events import status_of
 from relay.outbox import OutboxEvent
 
-STATUS_OF = {
-    "OrderAccepted": "Accepted",
-    "OrderPreparing": "Preparing",
-    "OrderReadyForDelivery": "ReadyForDelivery",
-    "OrderDelivered": "Delivered",
-    "OrderRejected": "Rejected",
-    "OrderCancelled": "Cancelled",
-}
+STATUS_OF = status_of()
 CHAIN = ["OrderAccepted", "OrderPreparing", "OrderReadyForDelivery", "OrderDelivered"]
 
 
