@@ -156,7 +156,7 @@ async def aconnect_retrying(
     failures = 0
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception_type(_TRANSIENT),
-        wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
         stop=lambda _state: stop.is_set(),
         sleep=lambda seconds: sleep_or_stop(stop, seconds),
         reraise=True,

@@ -171,7 +171,7 @@ class Follower:
         """Publish until the broker confirms the batch; back off while it is away."""
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_not_exception_type(_Stopped),
-            wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.5),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5),
             sleep=lambda seconds: sleep_or_stop(stop, seconds),
             reraise=True,
         )
