@@ -65,15 +65,10 @@ class OpenStreams:
         """``timeout``, or less once ``hurry`` was called."""
         return timeout if self._hurry is None else min(timeout, self._hurry)
 
-    @contextlib.asynccontextmanager
-    async def write(self, timeout: float) -> AsyncIterator[None]:
-        """A bounded write that ``hurry`` can cut short."""
-        async with asyncio.timeout(self.bound(timeout)) as bound:
-            self._writes.add(bound)
-            try:
-                yield
-            finally:
-                self._writes.discard(bound)
+    @property
+    def pending(self) -> set[asyncio.Timeout]:
+        """The deadlines of the writes in progress (``hurry`` moves them)."""
+        return self._writes
 
 
 class EventStream(Response):
@@ -141,9 +136,17 @@ class EventStream(Response):
 
     async def _write(self, send: Send, body: bytes, *, more_body: bool) -> bool:
         """False if the write stalled for the send timeout: the client stopped reading."""
+        registry = self._registry
         try:
-            async with self._registry.write(self._send_timeout):
-                await send({"type": "http.response.body", "body": body, "more_body": more_body})
+            # Inline rather than a context-manager helper: this runs for every
+            # write of every stream.
+            async with asyncio.timeout(registry.bound(self._send_timeout)) as deadline:
+                pending = registry.pending
+                pending.add(deadline)
+                try:
+                    await send({"type": "http.response.body", "body": body, "more_body": more_body})
+                finally:
+                    pending.discard(deadline)
         except TimeoutError:
             return False
         return True

@@ -478,6 +478,17 @@ async def _replay_page(
 def _above(plan: _Plan, sent: Vector, events: Iterable[tuple[LogEvent, bytes | None]]) -> bytes:
     """The frames of the events above ``sent`` (advanced past each, admitted or not)."""
     chunks = []
+    if plan.single and plan.owners is None:
+        # The fan-out's inner loop (a thousand dashboards of one restaurant):
+        # one partition, every event sent, the hub's shared frame as it is.
+        partition = plan.partitions[0]
+        last = sent.get(partition, 0)
+        for e, shared in events:
+            if e.position > last:
+                last = e.position
+                chunks.append(shared if shared is not None else frame(e))
+        sent[partition] = last
+        return b"".join(chunks)
     for e, shared in events:
         if e.position > sent.get(e.partition, 0):
             sent[e.partition] = e.position
