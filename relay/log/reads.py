@@ -77,15 +77,19 @@ async def replay(
     return [_event(r) for r in await cur.fetchall()]
 
 
+def _vector_param(after: dict[int, int]) -> str:
+    """A vector cursor as the queries read it: ``{"partition": position}`` JSON."""
+    return json.dumps({str(p): v for p, v in after.items()})
+
+
 async def replay_global(
     conn: psycopg.AsyncConnection[Any], channel: str, after: dict[int, int], limit: int = 1000
 ) -> list[LogEvent]:
     """A cross-partition stream's events after a vector cursor, in position order per partition."""
     cur = await conn.execute(
         query("replay_channel_global"),
-        {"channel": channel, "after": json.dumps({str(p): v for p, v in after.items()}),
-         "limit": limit},
-    )  # fmt: skip
+        {"channel": channel, "after": _vector_param(after), "limit": limit},
+    )
     return [_event(r) for r in await cur.fetchall()]
 
 
@@ -117,9 +121,8 @@ async def replay_customer(
     order per partition (whose orders the customer owns, the gateway decides)."""
     cur = await conn.execute(
         query("replay_channel_customer"),
-        {"customer_id": customer, "after": json.dumps({str(p): v for p, v in after.items()}),
-         "limit": limit},
-    )  # fmt: skip
+        {"customer_id": customer, "after": _vector_param(after), "limit": limit},
+    )
     return [_event(r) for r in await cur.fetchall()]
 
 
