@@ -1,61 +1,55 @@
-"""The event log: published events in gap-free positions per partition.
+"""The event log: the outbox itself, read in place by transaction-snapshot windows.
 
-The package owns the log's vocabulary, so the gateway, the publishers and the
-SLA follower import the log, never the dispatcher that writes it:
+The package owns the log's vocabulary, so the recorder, the gateway, the
+publishers and the SLA follower import the log and nothing of each other:
 
-- ``partitions``: restaurants hashed into 64 ordered partitions;
-- ``records``: ``LogEvent`` (an event as readers see it), ``BatchResult``;
-- ``cursor``: streams, cursors and vector cursors (the SSE ids);
-- ``notify``: the ``NOTIFY relay_events`` codec;
-- ``reads``: every read of the log (heads, replay, tailing, owners, retention).
+- ``cursor``: positions ``(window, xid, id)``, cursors (the SSE ids), streams;
+- ``records``: ``LogEvent`` (an event as readers see it), ``Rejected``, ``Page``;
+- ``rows``: an outbox row validated and rendered, the same on every replica;
+- ``notify``: the ``NOTIFY relay_windows`` codec;
+- ``reads``: every read of the log (head, pages, owners, follower offsets).
 """
 
 from __future__ import annotations
 
 from relay.log import notify
 from relay.log.cursor import (
-    GLOBAL,
-    NIL,
-    Cursor,
+    END,
+    ORIGIN,
+    Position,
+    Selector,
     Stream,
     customer_scope,
-    encode_vector,
-    parse_vector,
     restaurant_set_scope,
 )
-from relay.log.partitions import PARTITIONS, partition_of
 from relay.log.reads import (
-    heads,
+    Head,
+    advance_offset,
+    head,
     order_owner,
-    prune,
-    read_partition,
-    replay,
-    replay_customer,
-    replay_global,
-    replay_restaurants,
+    read,
+    read_offset,
+    take_offset,
 )
-from relay.log.records import BatchResult, LogEvent
+from relay.log.records import LogEvent, Page, Rejected
 
 __all__ = [
-    "GLOBAL",
-    "NIL",
-    "PARTITIONS",
-    "BatchResult",
-    "Cursor",
+    "END",
+    "ORIGIN",
+    "Head",
     "LogEvent",
+    "Page",
+    "Position",
+    "Rejected",
+    "Selector",
     "Stream",
+    "advance_offset",
     "customer_scope",
-    "encode_vector",
-    "heads",
+    "head",
     "notify",
     "order_owner",
-    "parse_vector",
-    "partition_of",
-    "prune",
-    "read_partition",
-    "replay",
-    "replay_customer",
-    "replay_global",
-    "replay_restaurants",
+    "read",
+    "read_offset",
     "restaurant_set_scope",
+    "take_offset",
 ]

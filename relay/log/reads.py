@@ -1,129 +1,164 @@
-"""Every read of the gap-free event log: heads, replay, tailing, order
-ownership, and retention.
+"""Every read of the log: the head, pages of windows, order ownership, offsets.
 
-Readers get ``LogEvent`` records holding only what a frame needs (the
-event's id, type and restaurant stay unread, as the nil id and the SSE name).
+The log is ``relay_outbox`` itself, read by snapshot window (``relay_windows``):
+no reader depends on a write per event. ``read`` is the one way to read
+events: after a position, through a window, optionally narrowed to some
+restaurants, one order or one customer; it validates and renders each row
+(``render_row``) so every reader sees the same events.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Collection
-from datetime import timedelta
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 import psycopg
 
-from relay.log.cursor import NIL, Stream
-from relay.log.partitions import PARTITIONS, partition_of
-from relay.log.records import LogEvent
+from relay.log.cursor import END, Position, Selector
+from relay.log.records import LogEvent, Page, Rejected
+from relay.log.rows import COLUMNS, render_row
 from relay.sql import query
 
-__all__ = [
-    "heads",
-    "order_owner",
-    "prune",
-    "read_partition",
-    "replay",
-    "replay_customer",
-    "replay_global",
-    "replay_restaurants",
-]
+__all__ = ["Head", "advance_offset", "head", "order_owner", "read", "read_offset", "take_offset"]
+
+_PAGE = 1000
+_EVERYTHING = Selector()
 
 
-def _event(row: tuple[Any, ...]) -> LogEvent:
-    """A frame's worth of a log row; readers of the log need nothing more (the
-    event's id, type and restaurant stay unread, as the nil id and the SSE name)."""
-    partition, position, sse_event, channels, data = row
-    return LogEvent(
-        partition=int(partition),
-        position=int(position),
-        sse_event=sse_event,
-        channels=tuple(channels),
-        data=data,
-        event_id=NIL,
-        event_type=sse_event,
-        restaurant_id=NIL,
-    )
+@dataclass(frozen=True, slots=True)
+class Head:
+    window: int  # the newest window recorded
+    pruned_through: int  # windows up to this one lost their rows to retention
+
+    @property
+    def end(self) -> Position:
+        return Position.end_of(self.window)
+
+    @property
+    def oldest(self) -> Position:
+        """The oldest position a reader can resume after."""
+        return Position.end_of(self.pruned_through)
 
 
-async def heads(conn: psycopg.AsyncConnection[Any]) -> dict[int, tuple[int, int]]:
-    """partition -> (last committed position, pruned through)."""
-    cur = await conn.execute(query("partition_heads"))
-    return {int(p): (int(last), int(pruned)) for p, last, pruned in await cur.fetchall()}
+async def head(conn: psycopg.AsyncConnection[Any]) -> Head:
+    cur = await conn.execute(query("log_head"))
+    row = await cur.fetchone()
+    assert row is not None
+    return Head(int(row[0]), int(row[1]))
 
 
-async def read_partition(
-    conn: psycopg.AsyncConnection[Any], partition: int, after: int, through: int, limit: int = 5000
-) -> list[LogEvent]:
-    """Events of one partition with ``after < position <= through``, in order."""
-    cur = await conn.execute(
-        query("read_partition"),
-        {"partition": partition, "after": after, "through": through, "limit": limit},
-    )
-    return [_event(r) for r in await cur.fetchall()]
+def _selected(name: str, selector: Selector) -> tuple[bytes, dict[str, Any]]:
+    """The named read with its ``{selector}`` filled in, and the filter's parameters."""
+    params: dict[str, Any]
+    if selector.order is not None:
+        where, params = (
+            b"o.order_id = %(order_id)s AND o.restaurant_id = %(restaurant_id)s",
+            {"restaurant_id": selector.order[0], "order_id": selector.order[1]},
+        )
+    elif selector.customer is not None:
+        where, params = (
+            b"o.customer_id = %(customer_id)s AND o.order_id IS NOT NULL",
+            {"customer_id": selector.customer},
+        )
+    elif len(selector.restaurants) == 1:
+        where, params = (
+            b"o.restaurant_id = %(restaurant_id)s",
+            {"restaurant_id": selector.restaurants[0]},
+        )
+    elif selector.restaurants:
+        where, params = (
+            b"o.restaurant_id = ANY (%(restaurant_ids)s::uuid[])",
+            {"restaurant_ids": list(selector.restaurants)},
+        )
+    else:
+        where, params = b"true", {}
+    text = query(name).replace(b"{columns}", COLUMNS).replace(b"{selector}", where)
+    return text, params
 
 
-async def replay(
-    conn: psycopg.AsyncConnection[Any], stream: Stream, after: int, limit: int = 1000
-) -> list[LogEvent]:
-    """One stream's events after ``after``, in position order, at most ``limit``."""
-    name = "replay_channel_order" if stream.kind == "order" else "replay_channel_restaurant"
-    key = "order_id" if stream.kind == "order" else "restaurant_id"
-    cur = await conn.execute(
-        query(name), {key: stream.key, "after": after, "channel": stream.channel, "limit": limit}
-    )
-    return [_event(r) for r in await cur.fetchall()]
+def _page(after: Position, rows: list[tuple[Any, ...]], reached: Position) -> Page:
+    events: list[LogEvent] = []
+    rejected: list[Rejected] = []
+    for row in rows:
+        item = render_row(row)
+        if type(item) is LogEvent:
+            events.append(item)
+        else:
+            rejected.append(item)  # type: ignore[arg-type]
+    return Page(after, events, rejected, reached, len(rows))
 
 
-def _vector_param(after: dict[int, int]) -> str:
-    """A vector cursor as the queries read it: ``{"partition": position}`` JSON."""
-    return json.dumps({str(p): v for p, v in after.items()})
-
-
-async def replay_global(
-    conn: psycopg.AsyncConnection[Any], channel: str, after: dict[int, int], limit: int = 1000
-) -> list[LogEvent]:
-    """A cross-partition stream's events after a vector cursor, in position order per partition."""
-    cur = await conn.execute(
-        query("replay_channel_global"),
-        {"channel": channel, "after": _vector_param(after), "limit": limit},
-    )
-    return [_event(r) for r in await cur.fetchall()]
-
-
-async def replay_restaurants(
+async def read(
     conn: psycopg.AsyncConnection[Any],
-    restaurants: Collection[UUID],
-    after: dict[int, int],
-    limit: int = 1000,
-) -> list[LogEvent]:
-    """The kitchen events of several restaurants after a vector cursor, in
-    position order per partition (so per restaurant), at most ``limit``."""
-    ordered = sorted(restaurants)
+    after: Position,
+    through: int,
+    *,
+    selector: Selector = _EVERYTHING,
+    limit: int = _PAGE,
+) -> Page:
+    """The next rows after ``after``, in log order, of windows up to ``through``.
+
+    ``reached`` says how far the page is complete: read again from it until
+    it is ``Position.end_of(through)``. A page holds at most ``limit`` rows;
+    it may hold none and still move ``reached`` on.
+    """
+    if after >= Position.end_of(through):
+        return Page(after, [], [], after, 0)
+    window = after.window if not after.whole else after.window + 1
+    if window == through:
+        return await _read_window(conn, after, window, selector, limit)
+    # Several windows: one ordered read of their rows, each assigned its window.
+    since = after.window if after.whole else after.window - 1
+    text, params = _selected("read_span", selector)
+    cur = await conn.execute(text, {**params, "since": since, "through": through, "limit": limit})
+    rows = await cur.fetchall()
+    if len(rows) < limit:
+        complete = through
+    else:
+        # The limit cut the transactions at the last row's: only windows
+        # entirely below it are complete.
+        cur = await conn.execute(query("span_complete_through"), {"xid": str(rows[-1][1])})
+        found = await cur.fetchone()
+        complete = int(found[0]) if found and found[0] is not None else -1
+    if complete <= after.window:
+        # One window holds more than a page of the selection: read it alone, in order.
+        return await _read_window(conn, after, window, selector, limit)
+    kept = sorted(
+        (r for r in rows if after < (r[0], r[1], r[2]) and r[0] <= complete),
+        key=lambda r: (r[0], r[1], r[2]),
+    )
+    return _page(after, kept, Position.end_of(complete))
+
+
+async def _read_window(
+    conn: psycopg.AsyncConnection[Any],
+    after: Position,
+    window: int,
+    selector: Selector,
+    limit: int,
+) -> Page:
+    """A page of one window, exactly in (xid, id) order."""
+    text, params = _selected("read_window", selector)
+    # From the window's start, or after the position within it.
+    start = (after.xid, after.id) if after.window == window else (0, -1)
     cur = await conn.execute(
-        query("replay_channel_restaurants"),
+        text,
         {
-            "restaurant_ids": ordered,
-            "channels": [f"restaurant:{r}" for r in ordered],
-            "after": [after.get(partition_of(r), 0) for r in ordered],
+            **params,
+            "window": window,
+            "after_xid": str(start[0]),
+            "after_id": start[1],
             "limit": limit,
         },
     )
-    return [_event(r) for r in await cur.fetchall()]
-
-
-async def replay_customer(
-    conn: psycopg.AsyncConnection[Any], customer: UUID, after: dict[int, int], limit: int = 1000
-) -> list[LogEvent]:
-    """The order events naming ``customer`` after a vector cursor, in position
-    order per partition (whose orders the customer owns, the gateway decides)."""
-    cur = await conn.execute(
-        query("replay_channel_customer"),
-        {"customer_id": customer, "after": _vector_param(after), "limit": limit},
-    )
-    return [_event(r) for r in await cur.fetchall()]
+    rows = await cur.fetchall()
+    if len(rows) < limit:
+        reached = Position.end_of(window)
+    else:
+        last = rows[-1]
+        reached = Position(window, int(last[1]), int(last[2]))
+    return _page(after, rows, reached)
 
 
 async def order_owner(
@@ -135,25 +170,35 @@ async def order_owner(
     return (row[0], row[1]) if row else None
 
 
-async def prune(
-    conn: psycopg.AsyncConnection[Any], retention: timedelta, *, batch: int = 1000
-) -> int:
-    """Delete expired events in small per-partition transactions; returns how many.
+async def take_offset(
+    conn: psycopg.AsyncConnection[Any], follower: str, start: Position | None = None
+) -> Position | None:
+    """A follower's offset, locked until the transaction ends (``conn`` must be
+    in one); None if another replica holds it. A new follower starts at
+    ``start``, or at the oldest retained event."""
+    await conn.execute(
+        query("offset_init"),
+        {
+            "follower": follower,
+            "window": None if start is None else start.window,
+            "xid": END if start is None else start.xid,
+            "id": END if start is None else start.id,
+        },
+    )
+    cur = await conn.execute(query("offset_take"), {"follower": follower})
+    row = await cur.fetchone()
+    return None if row is None else Position(int(row[0]), int(row[1]), int(row[2]))
 
-    Each batch is its own short transaction, so retention never holds a lock
-    that claiming would wait on for more than a few milliseconds.
-    """
-    total = 0
-    for partition in range(PARTITIONS):
-        while True:
-            async with conn.transaction():
-                cur = await conn.execute(
-                    query("prune_partition"),
-                    {"partition": partition, "retention": retention, "limit": batch},
-                )
-                row = await cur.fetchone()
-            deleted = int(row[0]) if row else 0
-            total += deleted
-            if deleted < batch:
-                break
-    return total
+
+async def read_offset(conn: psycopg.AsyncConnection[Any], follower: str) -> Position | None:
+    cur = await conn.execute(query("offset_read"), {"follower": follower})
+    row = await cur.fetchone()
+    return None if row is None else Position(int(row[0]), int(row[1]), int(row[2]))
+
+
+async def advance_offset(conn: psycopg.AsyncConnection[Any], follower: str, to: Position) -> None:
+    """Move a follower's offset forward to ``to`` (never back)."""
+    await conn.execute(
+        query("offset_advance"),
+        {"follower": follower, "window": to.window, "xid": to.xid, "id": to.id},
+    )

@@ -1,4 +1,4 @@
-"""The log's records: an event as readers see it, and a batch as published."""
+"""The log's records: an event as readers see it, and a page of the log as read."""
 
 from __future__ import annotations
 
@@ -7,33 +7,51 @@ from datetime import datetime
 from typing import NamedTuple
 from uuid import UUID
 
-__all__ = ["BatchResult", "LogEvent"]
+from relay.log.cursor import Position
+
+__all__ = ["LogEvent", "Page", "Rejected"]
 
 
 class LogEvent(NamedTuple):
-    """One published event as readers see it: a position and a pre-encoded object.
+    """One valid event as readers see it: its position and its pre-encoded object.
 
-    A named tuple: immutable, and cheap to build for every event published or read.
+    A named tuple: immutable, and cheap to build for every event read.
     """
 
-    partition: int
-    position: int
+    at: Position
     sse_event: str
     channels: tuple[str, ...]
     data: str  # the whitelisted JSON object, encoded once
     event_id: UUID
     event_type: str
+    schema_version: int
     restaurant_id: UUID
+    order_id: UUID | None
+    customer_id: UUID | None
+    occurred_on_utc: datetime
+    enqueued_at: datetime
+
+
+class Rejected(NamedTuple):
+    """A row that is not a valid event: every reader skips it; the recorder's
+    check files it as a dead letter, once."""
+
+    at: Position
+    row_id: int
+    event_id: UUID
+    event_type: str
+    schema_version: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
-class BatchResult:
-    claimed: int
-    events: tuple[LogEvent, ...]  # in (partition, position) order
-    dead_lettered: int
-    dropped_fields: int
-    heads: dict[int, tuple[int, int]]  # partition -> (first, last) position published
-    enqueued_at: tuple[datetime, ...]  # of the published events, for the lag metric
-    seconds: float
-    more: bool = False  # the batch hit a limit: more rows are probably pending now
-    stale: int = 0  # partitions locked but left alone: published by another replica meanwhile
+class Page:
+    """What one read of the log returned: the valid events and the rejected
+    rows after ``after``, in log order, and how far the read reached (every
+    row of the selection up to ``reached`` is in this page or an earlier one)."""
+
+    after: Position
+    events: list[LogEvent]
+    rejected: list[Rejected]
+    reached: Position
+    rows: int  # rows read, valid or not (a full page means more may follow)

@@ -1,5 +1,5 @@
 -- Every query relay runs. Sections follow the pipeline:
--- outbox (producer) → dispatcher (claim, publish) → log (replay, retention) → status.
+-- outbox (producer) → recorder (windows, dead letters) → log (reads) → followers.
 -- Parameters are psycopg named placeholders: %(name)s.
 
 ------------------------------------------------------------------ producer --
@@ -14,152 +14,47 @@ VALUES
      CAST(%(payload)s AS jsonb), CAST(%(occurred_on_utc)s AS timestamptz))
 ON CONFLICT (event_id) DO NOTHING
 
----------------------------------------------------------------- dispatcher --
+------------------------------------------------------------------ recorder --
 
--- name: probe_outbox
--- The idle probe: has any producer inserted since we last looked? Reading the
--- identity sequence costs microseconds and nothing on the producer's side.
-SELECT last_value FROM relay_outbox_id_seq
+-- name: recorder_lock
+-- One recorder at a time: a session lock that dies with its connection (a
+-- killed recorder's role is free at once; any replica takes it at its next
+-- tick). Never waits: a replica that does not get it just reads.
+SELECT pg_try_advisory_lock(hashtextextended('relay.recorder', 0))
 
--- name: claim
--- Become the only publisher of the partitions with pending rows, least
--- recently published first, and read their oldest pending rows in insert
--- order, in one round trip.
--- * Sizing: a partition's share of the batch is batch / (partitions with
---   pending rows, at most backlog_partitions). Each counts its pending rows up
---   to its share (a few index entries, never a scan), and partitions are taken
---   until the batch is full. Under live load (a few rows in each) one claim
---   takes every partition; in a wide backlog, backlog_partitions of them, so
---   another replica finds the rest free; a backlog in one partition fills the
---   whole batch from it.
--- * SKIP LOCKED: a partition another replica is publishing is skipped, never
---   waited for (the next free ones are taken instead). The rows themselves
---   need no locks: nobody else can publish these partitions until we commit,
---   and producers only ever insert.
--- * Stale partitions: the rows are read in this statement's snapshot, but the
---   lock is taken on the newest version of the counter row. When another
---   replica published the partition in between (its counter row changed:
---   xmin differs), the snapshot's rows are partly gone; the partition then
---   yields one row with no event (id NULL), and the dispatcher claims again at
---   once with a fresh snapshot instead of validating rows already published.
-WITH active AS (
-    SELECT p.partition, p.published_at, p.xmin AS seen_version
-    FROM relay_partitions AS p
-    -- One index probe per partition (LIMIT keeps the planner from turning
-    -- this into a join that scans the outbox).
-    CROSS JOIN LATERAL (
-        SELECT FROM relay_outbox AS o WHERE o.partition = p.partition LIMIT 1
-    ) AS any_pending
-), sizing AS (
-    SELECT ceil(%(batch_size)s::numeric
-                / least(greatest(count(*), 1), %(backlog_partitions)s))::int AS share
-    FROM active
-), pending AS (
-    SELECT a.partition, n.rows,
-           sum(n.rows) OVER (ORDER BY a.published_at NULLS FIRST, a.partition) AS running
-    FROM active AS a
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS rows
-        FROM (SELECT FROM relay_outbox AS o WHERE o.partition = a.partition
-              LIMIT (SELECT share FROM sizing)) AS r
-    ) AS n
-), held AS MATERIALIZED (
-    SELECT p.partition, p.last_position, p.xmin AS locked_version
-    FROM relay_partitions AS p
-    WHERE p.partition IN (SELECT partition FROM pending)
-    ORDER BY p.published_at NULLS FIRST, p.partition
-    LIMIT (SELECT count(*) FROM pending WHERE running - rows < %(batch_size)s)
-    FOR UPDATE OF p SKIP LOCKED
-)
-SELECT h.last_position, o.id, h.partition, o.event_id, o.event_type, o.schema_version,
-       o.restaurant_id, o.order_id, o.customer_id, o.payload::text,
-       -- A time no client can load (±infinity, year 10000) must not fail the
-       -- batch: it travels as text, and the row becomes a dead letter.
-       CASE WHEN relay_loadable_time(o.occurred_on_utc) THEN o.occurred_on_utc END,
-       CASE WHEN NOT relay_loadable_time(o.occurred_on_utc) THEN o.occurred_on_utc::text END,
-       o.derived, o.enqueued_at, (SELECT share FROM sizing) AS share
-FROM held AS h
-JOIN active AS a ON a.partition = h.partition
-LEFT JOIN LATERAL (
-    SELECT * FROM relay_outbox
-    WHERE partition = h.partition AND h.locked_version = a.seen_version
-    ORDER BY id
-    LIMIT (SELECT share FROM sizing)
-) AS o ON true
-ORDER BY h.partition, o.id
+-- name: window_due
+-- The newest window, and whether a new one would hold anything: a committed
+-- row of a transaction its snapshot did not see (one that started since, or
+-- was in progress then). Two index probes; an idle relay runs only this.
+SELECT w.window_id,
+       EXISTS (SELECT FROM relay_outbox AS o WHERE o.xid >= w.horizon)
+       OR EXISTS (SELECT FROM relay_outbox AS o
+                  WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(w.snapshot))))
+FROM relay_windows AS w
+ORDER BY w.window_id DESC
+LIMIT 1
 
--- name: publish_plan_arrays
--- A batch's plan for `publish`, as binary arrays (large batches: the
--- cheapest to encode and decode).
-SELECT *
-FROM unnest(%(ids)b::bigint[], %(partitions)b::smallint[], %(positions)b::bigint[],
-            %(sse_events)b::text[], %(channels)b::text[], %(data)b::text[],
-            %(reasons)b::text[])
-     AS p(id, partition, position, sse_event, channels, data, reason)
+-- name: record_window
+-- Close the next window at this statement's snapshot: the one write per
+-- window, and a NOTIFY naming it to every relay process. The snapshot is
+-- taken after the newest window committed, so windows never overlap.
+INSERT INTO relay_windows (window_id, snapshot, horizon)
+SELECT max(window_id) + 1, pg_current_snapshot(), pg_snapshot_xmax(pg_current_snapshot())
+FROM relay_windows
+ON CONFLICT (window_id) DO NOTHING
+RETURNING window_id, pg_notify('relay_windows', window_id::text)
 
--- name: publish_plan_json
--- A batch's plan for `publish`, as one JSON text of [id, partition,
--- position, sse_event, channels, data, reason] rows (small batches: with a
--- single text parameter the publish and its COMMIT travel in one simple query).
-SELECT (r->>0)::bigint AS id, (r->>1)::smallint AS partition, (r->>2)::bigint AS position,
-       r->>3 AS sse_event, r->>4 AS channels, r->>5 AS data, r->>6 AS reason
-FROM jsonb_array_elements(%(plan)s::jsonb) AS r
-
--- name: publish
--- Move the batch out of the outbox into the log in one statement: valid rows
--- get their positions (computed by the dispatcher in insert order), invalid
--- ones become dead letters with their reason; then advance the partition
--- counters and tell every relay process. Only the relay-computed columns
--- travel, as one of the two plans above (spliced in as the plan CTE); the
--- rest is copied server-side from the outbox row. DELETE keeps relay_outbox
--- down to the pending set, so the claim never walks published history. A
--- producer re-inserting an already published event_id is dropped by the
--- log's unique key (dedupe).
-WITH plan AS (
-    {plan}
-), moved AS (
-    DELETE FROM relay_outbox AS o
-    USING plan
-    WHERE o.id = plan.id
-    RETURNING o.*, plan.position, plan.sse_event, plan.channels, plan.data, plan.reason
-), appended AS (
-    INSERT INTO relay_events
-        (partition, position, event_id, event_type, schema_version, sse_event, restaurant_id,
-         order_id, customer_id, channels, data, occurred_on_utc, enqueued_at)
-    SELECT m.partition, m.position, m.event_id, m.event_type, m.schema_version, m.sse_event,
-           m.restaurant_id, m.order_id, m.customer_id, string_to_array(m.channels, ' '),
-           m.data::json, m.occurred_on_utc, m.enqueued_at
-    FROM moved AS m
-    WHERE m.reason IS NULL
-    ON CONFLICT (event_id) DO NOTHING
-    RETURNING 1
-), dead AS (
-    INSERT INTO relay_dead_letters
-        (event_id, event_type, schema_version, restaurant_id, order_id, customer_id, payload,
-         occurred_on_utc, enqueued_at, reason)
-    SELECT m.event_id, m.event_type, m.schema_version, m.restaurant_id, m.order_id,
-           m.customer_id, m.payload, m.occurred_on_utc, m.enqueued_at, m.reason
-    FROM moved AS m
-    WHERE m.reason IS NOT NULL
-    RETURNING 1
-), counters AS (
-    -- Every partition of the batch, also one that only dead-lettered: its
-    -- counter row's new version tells a concurrent claim that rows are gone.
-    UPDATE relay_partitions AS p
-    SET last_position = coalesce(c.last_position, p.last_position), published_at = now()
-    -- From the plan, not from the rows moved: the counters must say exactly
-    -- what the NOTIFY and the dispatcher's in-memory hand-over say (a planned
-    -- row already gone leaves a hole, never a position handed out twice).
-    FROM (SELECT pl.partition, max(pl.position) AS last_position
-          FROM plan AS pl
-          GROUP BY pl.partition) AS c
-    WHERE p.partition = c.partition
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM appended) AS appended,
-       (SELECT count(*) FROM dead) AS dead_lettered,
-       (SELECT max(enqueued_at) FROM moved) AS newest_enqueued,
-       CASE WHEN %(notice)s <> '' THEN pg_notify('relay_events', %(notice)s) END AS notified
+-- name: record_dead_letters
+-- Rows every reader rejects, filed once with their reason (a row filed
+-- before, and not retried since, is not filed again).
+INSERT INTO relay_dead_letters
+    (event_id, event_type, schema_version, restaurant_id, order_id, customer_id, payload,
+     occurred_on_utc, enqueued_at, reason)
+SELECT o.event_id, o.event_type, o.schema_version, o.restaurant_id, o.order_id, o.customer_id,
+       o.payload, o.occurred_on_utc, o.enqueued_at, d.reason
+FROM unnest(%(ids)s::bigint[], %(reasons)s::text[]) AS d(id, reason)
+JOIN relay_outbox AS o ON o.id = d.id
+WHERE NOT EXISTS (SELECT FROM relay_dead_letters AS x WHERE x.event_id = o.event_id)
 
 -- name: install_notify_trigger
 -- RELAY_WAKEUP=notify: one NOTIFY per inserting statement (PostgreSQL folds
@@ -193,87 +88,81 @@ DELETE FROM relay_replicas WHERE heartbeat_at < now() - interval '1 hour'
 
 ------------------------------------------------------------------------ log --
 
--- name: partition_heads
--- Where each partition's log ends, and what retention has removed.
-SELECT partition, last_position, pruned_through FROM relay_partitions ORDER BY partition
+-- name: log_head
+-- The newest window, and how far retention has cut (windows <= pruned_through
+-- lost their rows).
+SELECT (SELECT max(window_id) FROM relay_windows), pruned_through FROM relay_log_bounds
 
--- name: partition_head
-SELECT last_position, pruned_through FROM relay_partitions WHERE partition = %(partition)s
-
--- name: read_partition
--- Tail one partition's log (the hub, after a notification or a sweep): only
--- what a frame needs, since every column read back is decoded (this halves
--- the hub's cost per event another replica published).
-SELECT partition, position, sse_event, channels, data::text
-FROM relay_events
-WHERE partition = %(partition)s AND position > %(after)s AND position <= %(through)s
-ORDER BY position
-LIMIT %(limit)s
-
--- name: replay_channel_restaurant
--- Replay one restaurant's kitchen stream after a cursor (resume, polling).
-SELECT partition, position, sse_event, channels, data::text
-FROM relay_events
-WHERE restaurant_id = %(restaurant_id)s AND position > %(after)s
-  AND %(channel)s = ANY (channels)
-ORDER BY position
-LIMIT %(limit)s
-
--- name: replay_channel_order
--- Replay one order's stream after a cursor (its channel names the order's
--- restaurant, so another restaurant's event reusing the order id is not read).
-SELECT partition, position, sse_event, channels, data::text
-FROM relay_events
-WHERE order_id = %(order_id)s AND position > %(after)s
-  AND %(channel)s = ANY (channels)
-ORDER BY position
-LIMIT %(limit)s
-
--- name: replay_channel_restaurants
--- Replay the kitchen streams of several restaurants (one multi-restaurant
--- stream) after a vector cursor: each restaurant comes with its channel and
--- the position its partition's entry says was already sent. One index range
--- scan per restaurant on relay_events_restaurant_idx (restaurant_id,
--- position), each stopping after `limit` rows; the merge keeps the first
--- `limit` in (partition, position) order, which is each restaurant's order.
-SELECT e.partition, e.position, e.sse_event, e.channels, e.data::text
-FROM unnest(%(restaurant_ids)s::uuid[], %(channels)s::text[], %(after)s::bigint[])
-     AS r(restaurant_id, channel, after)
+-- name: read_window
+-- One window's rows after (xid, id), in that order (PgQ's batch query): the
+-- transactions that started since the previous window's snapshot, plus those
+-- in progress then, each kept if this window's snapshot sees it. Two index
+-- ranges on (xid, id) that stop at the limit; history is never walked.
+-- {selector} narrows the rows by the producer's columns.
+SELECT cur.window_id, {columns}
+FROM relay_windows AS cur
+JOIN relay_windows AS prev ON prev.window_id = cur.window_id - 1
 CROSS JOIN LATERAL (
-    SELECT partition, position, sse_event, channels, data
-    FROM relay_events
-    WHERE restaurant_id = r.restaurant_id AND position > r.after
-      AND r.channel = ANY (channels)
-    ORDER BY position
-    LIMIT %(limit)s
-) AS e
-ORDER BY e.partition, e.position
+    (SELECT * FROM relay_outbox AS o
+     WHERE o.xid >= prev.horizon AND o.xid < cur.horizon
+       AND (o.xid, o.id) > (%(after_xid)s::text::xid8, %(after_id)s)
+       AND pg_visible_in_snapshot(o.xid, cur.snapshot) AND {selector}
+     ORDER BY o.xid, o.id
+     LIMIT %(limit)s)
+    UNION ALL
+    (SELECT * FROM relay_outbox AS o
+     WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(prev.snapshot)))
+       AND (o.xid, o.id) > (%(after_xid)s::text::xid8, %(after_id)s)
+       AND pg_visible_in_snapshot(o.xid, cur.snapshot) AND {selector}
+     ORDER BY o.xid, o.id
+     LIMIT %(limit)s)
+) AS o
+WHERE cur.window_id = %(window)s
+ORDER BY o.xid, o.id
 LIMIT %(limit)s
 
--- name: replay_channel_customer
--- Replay one customer's order events after a vector cursor {partition:
--- position}: the events routed to customer:{id}, which are exactly the
--- events with an order channel and this customer_id (so events retained from
--- before the customer channel existed are found too). One range scan of
--- relay_events_customer_idx (customer_id, partition, position).
-SELECT partition, position, sse_event, channels, data::text
-FROM relay_events
-WHERE customer_id = %(customer_id)s AND order_id IS NOT NULL
-  AND 'order:' || restaurant_id::text || ':' || order_id::text = ANY (channels)
-  AND position > coalesce((%(after)s::jsonb ->> partition::text)::bigint, 0)
-ORDER BY partition, position
+-- name: read_span
+-- The rows of windows (since, through], first `limit` in (xid, id) order,
+-- each with the window it belongs to: the first window whose snapshot sees
+-- its transaction (one probe of relay_windows_horizon_idx). Transaction ids
+-- below the limit's last are complete, so the caller keeps the windows whose
+-- horizon is at or below it (see span_complete_through).
+SELECT w.window_id, {columns}
+FROM relay_windows AS since
+JOIN relay_windows AS upto ON upto.window_id = %(through)s
+CROSS JOIN LATERAL (
+    (SELECT * FROM relay_outbox AS o
+     WHERE o.xid >= since.horizon AND o.xid < upto.horizon
+       AND pg_visible_in_snapshot(o.xid, upto.snapshot) AND {selector}
+     ORDER BY o.xid, o.id
+     LIMIT %(limit)s)
+    UNION ALL
+    (SELECT * FROM relay_outbox AS o
+     WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(since.snapshot)))
+       AND pg_visible_in_snapshot(o.xid, upto.snapshot) AND {selector}
+     ORDER BY o.xid, o.id
+     LIMIT %(limit)s)
+) AS o
+CROSS JOIN LATERAL (
+    SELECT w.window_id FROM relay_windows AS w
+    WHERE w.horizon > o.xid AND pg_visible_in_snapshot(o.xid, w.snapshot)
+    ORDER BY w.horizon, w.window_id
+    LIMIT 1
+) AS w
+WHERE since.window_id = %(since)s
+ORDER BY o.xid, o.id
 LIMIT %(limit)s
+
+-- name: span_complete_through
+-- The newest window whose every transaction id is below `xid`.
+SELECT max(window_id) FROM relay_windows WHERE horizon <= %(xid)s::text::xid8
 
 -- name: order_owner
 -- Who may follow order:{id}: its restaurant's staff and the customer who placed
 -- it. Deterministic whatever a producer writes later: the restaurant of the
--- order's first event (published, else pending; by insert time, then event
--- id), and the first customer id among that restaurant's events of the order.
+-- order's first event (by insert time, then event id), and the first customer id among that restaurant's events of the order.
 -- Another restaurant's row that reuses the order id changes neither.
 WITH candidates AS (
-    SELECT restaurant_id, customer_id, enqueued_at, event_id
-    FROM relay_events WHERE order_id = %(order_id)s
-    UNION ALL
     SELECT restaurant_id, customer_id, enqueued_at, event_id
     FROM relay_outbox WHERE order_id = %(order_id)s
 ), owner AS (
@@ -285,39 +174,28 @@ SELECT owner.restaurant_id,
         ORDER BY c.enqueued_at, c.event_id LIMIT 1)
 FROM owner
 
--- name: prune_partition
--- Retention: delete one small batch of a partition's oldest expired events and
--- record how far the log was cut, so a resume from below it gets `reset`.
--- The oldest positions are the oldest events, so this reads only the head of
--- the partition's primary key.
-WITH oldest AS (
-    SELECT position, published_at FROM relay_events
-    WHERE partition = %(partition)s
-    ORDER BY position
-    LIMIT %(limit)s
-), doomed AS (
-    SELECT position FROM oldest WHERE published_at < now() - %(retention)s::interval
-), deleted AS (
-    DELETE FROM relay_events AS e
-    USING doomed
-    WHERE e.partition = %(partition)s AND e.position = doomed.position
-    RETURNING e.position
-), mark AS (
-    UPDATE relay_partitions
-    SET pruned_through = greatest(pruned_through, (SELECT max(position) FROM deleted))
-    WHERE partition = %(partition)s AND EXISTS (SELECT FROM deleted)
-    RETURNING 1
-)
-SELECT count(*) FROM deleted
+-------------------------------------------------------------------- offsets --
 
--- name: replay_channel_global
--- Replay a stream that spans partitions (admin, coupon:{id}) after a vector
--- cursor {partition: position}. Only off-kitchen events can be on such
--- channels; the predicate matches relay_events_off_kitchen_idx.
-SELECT partition, position, sse_event, channels, data::text
-FROM relay_events
-WHERE NOT (channels @> ARRAY['restaurant:' || restaurant_id::text])
-  AND %(channel)s = ANY (channels)
-  AND position > coalesce((%(after)s::jsonb ->> partition::text)::bigint, 0)
-ORDER BY partition, position
-LIMIT %(limit)s
+-- name: offset_init
+-- A new follower starts at the oldest retained event (it delivers the whole
+-- retained history once), unless told where.
+INSERT INTO relay_offsets (follower, window_id, xid, id)
+SELECT %(follower)s, coalesce(%(window)s, b.pruned_through), %(xid)s, %(id)s
+FROM relay_log_bounds AS b
+ON CONFLICT (follower) DO NOTHING
+
+-- name: offset_take
+-- A follower's offset, locked for this transaction; another replica running
+-- the same follower skips it (never waits) and tries again later.
+SELECT window_id, xid, id FROM relay_offsets
+WHERE follower = %(follower)s
+FOR UPDATE SKIP LOCKED
+
+-- name: offset_read
+SELECT window_id, xid, id FROM relay_offsets WHERE follower = %(follower)s
+
+-- name: offset_advance
+-- Only forward: a late writer (a deposed follower) never moves an offset back.
+UPDATE relay_offsets
+SET window_id = %(window)s, xid = %(xid)s, id = %(id)s, updated_at = now()
+WHERE follower = %(follower)s AND (window_id, xid, id) < (%(window)s, %(xid)s, %(id)s)

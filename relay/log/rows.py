@@ -1,0 +1,72 @@
+"""From an outbox row to what readers see: a ``LogEvent``, or a ``Rejected`` row.
+
+Every reader validates and renders the rows it reads with this one function,
+so every replica, publisher and follower gets the same bytes and rejects the
+same rows (validation is deterministic: it depends on the row alone).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from relay.errors import ContractError, clip
+from relay.events import render
+from relay.events.stored import MAX_REASON, envelope_from_row
+from relay.log.cursor import Position
+from relay.log.records import LogEvent, Rejected
+
+__all__ = ["COLUMNS", "render_row"]
+
+log = logging.getLogger("relay.log")
+
+# What every read of the log selects from relay_outbox AS o (after the
+# window id): a time no client can load (±infinity, year 10000) must not fail
+# the read, so it travels as text and the row is rejected.
+COLUMNS = b"""o.xid::text::bigint, o.id, o.event_id, o.event_type, o.schema_version,
+       o.restaurant_id, o.order_id, o.customer_id, o.payload::text,
+       CASE WHEN relay_loadable_time(o.occurred_on_utc) THEN o.occurred_on_utc END,
+       CASE WHEN NOT relay_loadable_time(o.occurred_on_utc) THEN o.occurred_on_utc::text END,
+       o.derived, o.enqueued_at"""
+
+
+def render_row(row: tuple[Any, ...]) -> LogEvent | Rejected:
+    """``(window, *COLUMNS)`` as an event, or as a rejected row with its reason."""
+    (window, xid, row_id, event_id, event_type, version, restaurant_id, order_id, customer_id,
+     payload_text, occurred, unloadable_time, derived, enqueued) = row  # fmt: skip
+    at = Position(window, xid, row_id)
+    try:
+        broadcast = render(
+            envelope_from_row(
+                event_id,
+                event_type,
+                version,
+                restaurant_id,
+                order_id,
+                customer_id,
+                payload_text,
+                occurred,
+                unloadable_time,
+                derived=derived,
+            )
+        )
+    except ContractError as exc:
+        return Rejected(at, row_id, event_id, event_type, version, clip(str(exc), MAX_REASON))
+    except Exception as exc:  # a bug must not stop the log: the row is parked for retry
+        log.exception("unexpected error validating event %s", event_id)
+        reason = f"internal error: {type(exc).__name__}: {clip(str(exc), 200)}"
+        return Rejected(at, row_id, event_id, event_type, version, reason)
+    return LogEvent(
+        at,
+        broadcast.sse_event,
+        broadcast.channels,
+        broadcast.json,
+        event_id,
+        event_type,
+        version,
+        restaurant_id,
+        order_id,
+        customer_id,
+        occurred,
+        enqueued,
+    )
