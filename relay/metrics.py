@@ -18,9 +18,12 @@ _LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.
 class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.claimed = Counter("relay_claimed_events", "Outbox rows claimed", registry=r)
+        self.checked = Counter(
+            "relay_checked_rows", "Outbox rows the recorder read in new windows", registry=r
+        )
+        self.windows = Counter("relay_windows_recorded", "Snapshot windows recorded", registry=r)
         self.published = Counter(
-            "relay_published_events", "Events appended to the log", ["event_type"], registry=r
+            "relay_published_events", "Valid events in new windows", ["event_type"], registry=r
         )
         self.dead_lettered = Counter(
             "relay_dead_lettered_events", "Rows moved to dead letters", registry=r
@@ -41,20 +44,8 @@ class _Metrics:
         )
         self.hub_read_back = Counter(
             "relay_hub_read_back_events",
-            "Events the hub read from the log instead of having them in hand (published "
-            "by another replica); partitions no local stream follows are not read",
-            registry=r,
-        )
-        self.stale_partitions = Counter(
-            "relay_claim_stale_partitions",
-            "Partitions a claim locked but left alone because another replica published "
-            "them after its snapshot (claimed again at once)",
-            registry=r,
-        )
-        self.claim_seconds = Histogram(
-            "relay_claim_batch_seconds",
-            "Claim+publish transaction time",
-            buckets=_LATENCY,
+            "Events the hub read from the log instead of having them in hand (recorded "
+            "by another replica); nothing is read while no local stream is open",
             registry=r,
         )
         self.publish_lag = Histogram(

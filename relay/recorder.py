@@ -40,6 +40,7 @@ import psycopg
 from relay import log as event_log
 from relay.errors import clip
 from relay.log import Page, Position
+from relay.metrics import M
 from relay.sessions import Listener, hold_session
 from relay.sql import query
 
@@ -186,6 +187,7 @@ class Recorder:
                 check.saw(head)
                 if due and (recorded := await _record(conn)) is not None:
                     self.windows += 1
+                    M.windows.inc()
                     check.saw(recorded)
                     # Read the new window at once: its frames are due now.
                     rows += await check.catch_up(self._handed)

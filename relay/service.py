@@ -1,8 +1,9 @@
-"""``relay run``: the dispatcher and the HTTP gateway in one sidecar process.
+"""``relay run``: the dispatcher (the window recorder) and the HTTP gateway in
+one sidecar process.
 
-SIGTERM drains: the dispatcher finishes its current batch (or the batch rolls
-back and returns to the outbox), every stream is closed cleanly so clients
-reconnect elsewhere with their cursor, and the process exits 0.
+SIGTERM drains: the recorder stops between windows (a window is one
+statement; nothing is half-recorded), every stream is closed cleanly so
+clients reconnect elsewhere with their cursor, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -21,18 +22,18 @@ import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
 from relay.db import prepare_session, role_params
-from relay.dispatcher import Dispatcher, DispatcherConfig
 from relay.gateway.app import GatewayConfig, create_app
 from relay.gateway.auth import AuthConfig, TokenVerifier
 from relay.gateway.connections import AbortableHttp
 from relay.gateway.hub import Hub
 from relay.gateway.sse import OpenStreams
 from relay.gateway.streams import StreamOptions
-from relay.log import BatchResult
+from relay.log import Page
 from relay.maintenance import Maintenance
 from relay.metrics import M
 from relay.migrate import schema_problem
 from relay.publishers import Follower, broker_for, parse_publishers, run_followers
+from relay.recorder import Recorder, RecorderConfig
 from relay.sessions import KEEPALIVE
 from relay.settings import Settings
 from relay.sla import SlaConfig, SlaWatcher
@@ -74,16 +75,17 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _observe(batch: BatchResult) -> None:
-    M.claimed.inc(batch.claimed)
-    M.stale_partitions.inc(batch.stale)
-    M.dead_lettered.inc(batch.dead_lettered)
-    M.pii_dropped.inc(batch.dropped_fields)
-    M.claim_seconds.observe(batch.seconds)
-    now = datetime.now(UTC)
-    for enqueued in batch.enqueued_at:
-        M.publish_lag.observe(max(0.0, (now - enqueued).total_seconds()))
-    for event_type, count in Counter(e.event_type for e in batch.events).items():
+def _observe(page: Page) -> None:
+    M.checked.inc(page.rows)
+    M.dead_lettered.inc(len(page.rejected))
+    M.pii_dropped.inc(page.dropped_fields)
+    if not page.events:
+        return
+    # One lag observation per page (its newest event): a histogram
+    # observation per event would cost more than the event's frame.
+    lag = (datetime.now(UTC) - page.events[-1].enqueued_at).total_seconds()
+    M.publish_lag.observe(max(0.0, lag))
+    for event_type, count in Counter(e.event_type for e in page.events).items():
         M.published.labels(event_type=event_type).inc(count)
 
 
@@ -109,7 +111,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     roles = [r for r, on in (("dispatcher", dispatcher), ("gateway", gateway)) if on]
     hub = (
-        Hub(url, local_publisher=lambda: worker.backend_pid if worker is not None else None)
+        Hub(url, local_recorder=lambda: worker.backend_pid if worker is not None else None)
         if gateway
         else None
     )
@@ -120,15 +122,15 @@ async def serve(
         for config in parse_publishers(settings.publisher_urls)
     ] if dispatcher else []  # fmt: skip
 
-    def on_batch(batch: BatchResult) -> None:
-        _observe(batch)
+    def on_page(page: Page) -> None:
+        _observe(page)
         if hub is not None:
-            hub.published(batch)
+            hub.handed(page)
 
     worker = (
-        Dispatcher(
+        Recorder(
             url,
-            DispatcherConfig(
+            RecorderConfig(
                 batch_size=settings.batch_size,
                 wakeup=settings.wakeup,
                 poll_idle=settings.poll_idle.total_seconds(),
@@ -136,7 +138,7 @@ async def serve(
                 safety_sweep=settings.safety_sweep.total_seconds(),
                 query_timeout=settings.query_timeout.total_seconds(),
             ),
-            on_batch=on_batch,
+            on_page=on_page,
         )
         if dispatcher
         else None

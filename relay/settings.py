@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         description="a full claim at least this often, whatever the probe says",
     )
     batch_size: int = Field(
-        500, alias="RELAY_BATCH_SIZE", ge=1, le=10000, description="rows per claim"
+        5000, alias="RELAY_BATCH_SIZE", ge=1, le=10000, description="rows per read of a window"
     )
     subscriber_buffer: int = Field(
         1000,

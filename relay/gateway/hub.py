@@ -1,14 +1,14 @@
 """One hub per process: follows the event log and fans frames out to subscribers.
 
-The hub keeps, per partition, the last position it has fanned out. Work
-arrives as "partition p now reaches position q", from three sources: batches
-this process just published (events in hand), ``NOTIFY relay_events`` from
-any replica, and a periodic sweep of the partition heads (covers a dead
-listener or a lost notification). One worker applies them in order; whatever
-it does not hold in hand it reads from the log, so every subscriber sees each
-partition's events in position order with no gap, whichever replica
-published them. Each event is encoded into one SSE frame, once, and the same
-bytes go to every subscriber of its channels.
+The hub keeps the last position it has fanned out. Work arrives as "the log
+now reaches position p", from three sources: pages this process's recorder
+just read (events in hand), ``NOTIFY relay_windows`` from the recording
+replica, and a periodic sweep of the log's head (covers a dead listener or a
+lost notification). One worker applies them in order; whatever it does not
+hold in hand it reads from the log, so every subscriber sees the events in
+log order with no gap, whichever replica recorded them. Each event is
+encoded into one SSE frame, once, and the same bytes go to every subscriber
+of its channels.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import psycopg
 
 from relay import log as event_log
 from relay.gateway import frames
-from relay.log import PARTITIONS, BatchResult, LogEvent, notify
+from relay.log import LogEvent, Page, Position, notify
 from relay.metrics import M
 from relay.sessions import LOST, Listener, hold_session
 
@@ -35,9 +35,9 @@ log = logging.getLogger("relay.hub")
 
 
 def frame(event: LogEvent) -> bytes:
-    """The SSE frame of one event, shared by every single-partition stream on its
-    channels: its ``{partition}-{position}`` cursor as the id."""
-    return frames.event(f"{event.partition}-{event.position}", event.sse_event, event.data)
+    """The SSE frame of one event, shared by every stream on its channels that
+    needs no fingerprint in its cursors: the event's position as the id."""
+    return frames.event(event.at.encode(), event.sse_event, event.data)
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:
@@ -52,11 +52,10 @@ class Subscriber:
     Event): a process holds ten thousand of these.
     """
 
-    __slots__ = ("_waiter", "channel", "closed", "frames", "limit", "partition", "subject")
+    __slots__ = ("_waiter", "channel", "closed", "frames", "limit", "subject")
 
-    def __init__(self, channel: str, partition: int, limit: int, subject: str = "") -> None:
+    def __init__(self, channel: str, limit: int, subject: str = "") -> None:
         self.channel = channel
-        self.partition = partition
         self.limit = limit
         self.subject = subject
         self.frames: list[tuple[LogEvent, bytes]] = []
@@ -108,9 +107,9 @@ class Subscriber:
         taken, self.frames = self.frames, []
         return taken
 
-    def routes(self) -> tuple[tuple[str, int], ...]:
-        """The (channel, partition) pairs this subscriber is registered under."""
-        return ((self.channel, self.partition),)
+    def routes(self) -> tuple[str, ...]:
+        """The channels this subscriber is registered under."""
+        return (self.channel,)
 
 
 class FanIn(Subscriber):
@@ -123,11 +122,11 @@ class FanIn(Subscriber):
 
     __slots__ = ("_routes",)
 
-    def __init__(self, routes: tuple[tuple[str, int], ...], limit: int, subject: str) -> None:
-        super().__init__(routes[0][0], routes[0][1], limit, subject)
+    def __init__(self, routes: tuple[str, ...], limit: int, subject: str) -> None:
+        super().__init__(routes[0], limit, subject)
         self._routes = routes
 
-    def routes(self) -> tuple[tuple[str, int], ...]:
+    def routes(self) -> tuple[str, ...]:
         return self._routes
 
 
@@ -139,37 +138,34 @@ class Hub:
         database_url: str,
         *,
         sweep_every: float = 1.0,
-        local_publisher: Callable[[], int | None] = lambda: None,
+        local_recorder: Callable[[], int | None] = lambda: None,
     ) -> None:
         self._url = database_url
-        # The backend pid of this process's dispatcher: its batches arrive in
-        # hand (``published``), so its NOTIFYs need no read-back from the log.
-        self._local_publisher = local_publisher
+        # The backend pid of this process's recorder: its windows arrive in
+        # hand (``handed``), so its NOTIFYs need no read of the log.
+        self._local_recorder = local_recorder
         self._sweep_every = sweep_every
         self._channels: dict[str, set[Subscriber]] = {}
-        # Subscribers per partition, and of streams spanning every partition:
-        # a partition nobody here follows is advanced without reading the log.
-        self._followers: list[int] = [0] * PARTITIONS
-        self._spanning = 0
-        self.delivered: list[int] = [0] * PARTITIONS
-        self._work: asyncio.Queue[tuple[int, int, tuple[LogEvent, ...]]] = asyncio.Queue()
+        self.delivered = Position.end_of(-1)
+        # (read after, reaches, events in hand): "the log reaches here".
+        self._work: asyncio.Queue[tuple[Position, Position, tuple[LogEvent, ...]]] = (
+            asyncio.Queue()
+        )
         self._listener: Listener | None = None
         self.ready = asyncio.Event()
         self.subscriber_count = 0
 
     # -- subscribers ---------------------------------------------------------
 
-    def subscribe(self, channel: str, partition: int, limit: int, subject: str = "") -> Subscriber:
-        return self._register(Subscriber(channel, partition, limit, subject))
+    def subscribe(self, channel: str, limit: int, subject: str = "") -> Subscriber:
+        return self._register(Subscriber(channel, limit, subject))
 
-    def subscribe_many(
-        self, routes: Iterable[tuple[str, int]], limit: int, subject: str = ""
-    ) -> Subscriber:
-        """One subscriber, one buffer, for several (channel, partition) pairs.
+    def subscribe_many(self, channels: Iterable[str], limit: int, subject: str = "") -> Subscriber:
+        """One subscriber, one buffer, for several channels.
 
         Each event reaches it once: an event is on one restaurant's channel.
         """
-        given = tuple(routes)
+        given = tuple(channels)
         unique = tuple(dict.fromkeys(given))
         if unique == given:
             unique = given  # the caller's tuple (a shared plan's), not a copy per stream
@@ -178,45 +174,34 @@ class Hub:
         return self._register(FanIn(unique, limit, subject))
 
     def _register(self, sub: Subscriber) -> Subscriber:
-        for channel, partition in sub.routes():
+        for channel in sub.routes():
             self._channels.setdefault(channel, set()).add(sub)
-            self._follow_count(partition, +1)
         self.subscriber_count += 1
         M.subscribers.inc()
         return sub
 
-    def live_position(self, partition: int) -> int | None:
+    def live_position(self) -> Position | None:
         """Where a stream subscribed just now starts live, without reading the log.
 
         Every event above ``delivered`` will still be offered to a subscriber
-        registered before this call (the hub fans out in position order), so
-        a stream that starts here (fresh, or resuming from exactly here) has
-        no gap and needs no replay. None until the hub has loaded the heads.
+        registered before this call (the hub fans out in log order), so a
+        stream that starts here (fresh, or resuming from exactly here) has no
+        gap and needs no replay. None until the hub has loaded the head.
         """
-        return self.delivered[partition] if self.ready.is_set() else None
+        return self.delivered if self.ready.is_set() else None
 
     def unsubscribe(self, sub: Subscriber) -> None:
         removed = False
-        for channel, partition in sub.routes():
+        for channel in sub.routes():
             subs = self._channels.get(channel)
             if subs is not None and sub in subs:
                 subs.discard(sub)
                 if not subs:
                     del self._channels[channel]
-                self._follow_count(partition, -1)
                 removed = True
         if removed:
             self.subscriber_count -= 1
             M.subscribers.dec()
-
-    def _follow_count(self, partition: int, change: int) -> None:
-        if 0 <= partition < PARTITIONS:
-            self._followers[partition] += change
-        else:
-            self._spanning += change
-
-    def _followed(self, partition: int) -> bool:
-        return self._spanning > 0 or self._followers[partition] > 0
 
     def close_all(self, reason: str) -> None:
         for subs in list(self._channels.values()):
@@ -229,25 +214,21 @@ class Hub:
 
     # -- inputs --------------------------------------------------------------
 
-    def published(self, batch: BatchResult) -> None:
-        """A batch this process committed: fan it out without reading it back."""
-        by_partition: dict[int, list[LogEvent]] = {}
-        for event in batch.events:
-            by_partition.setdefault(event.partition, []).append(event)
-        for partition, events in by_partition.items():
-            self._work.put_nowait((partition, events[-1].position, tuple(events)))
+    def handed(self, page: Page) -> None:
+        """A page this process's recorder read: fan it out without reading it again."""
+        self._work.put_nowait((page.after, page.reached, tuple(page.events)))
 
     def _notified(self, _channel: str, payload: str, sender: int) -> None:
-        if sender == self._local_publisher():
-            return  # handed over in memory by ``published``; a later batch's gap check backs it up
+        if sender == self._local_recorder():
+            return  # its pages are handed over in memory; a later gap check backs that up
         try:
-            reached = notify.decode(payload)
+            window = notify.decode(payload)
         except ValueError:
             log.warning("ignoring malformed notification %r", payload[:80])
             return
-        for partition, through in reached:
-            if through > self.delivered[partition]:
-                self._work.put_nowait((partition, through, ()))
+        reached = Position.end_of(window)
+        if reached > self.delivered:
+            self._work.put_nowait((reached, reached, ()))
 
     # -- running -------------------------------------------------------------
 
@@ -270,8 +251,7 @@ class Hub:
 
         async def follow(conn: psycopg.AsyncConnection[Any]) -> None:
             if not self.ready.is_set():
-                for p, (last, _pruned) in (await event_log.heads(conn)).items():
-                    self.delivered[p] = last
+                self.delivered = (await event_log.head(conn)).end
                 self.ready.set()
             else:
                 await self._sweep(conn)  # catch up on whatever passed while down
@@ -284,7 +264,7 @@ class Hub:
     async def _apply_forever(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         next_sweep = loop.time() + self._sweep_every
-        pending: tuple[int, int, tuple[LogEvent, ...]] | None = None
+        pending: tuple[Position, Position, tuple[LogEvent, ...]] | None = None
         while not stop.is_set():
             timeout = max(0.0, next_sweep - loop.time())
             try:
@@ -296,15 +276,12 @@ class Hub:
                 next_sweep = loop.time() + self._sweep_every
                 continue
             # Everything queued is applied before any stream runs again: a
-            # batch spanning partitions reaches a stream over several of them
-            # as one wake-up and one write, not one per partition.
+            # burst of pages reaches a stream as one wake-up and one write.
             while pending is not None:
-                partition, through, events = pending
+                after, reached, events = pending
                 try:
-                    if not self._in_hand(partition, through, events):
-                        await asyncio.wait_for(
-                            self._advance(conn, partition, through, events), _IO_TIMEOUT
-                        )
+                    if not self._in_hand(after, reached, events):
+                        await asyncio.wait_for(self._advance(conn, reached), _IO_TIMEOUT)
                 except BaseException:
                     self._work.put_nowait(pending)  # not lost: retried after reconnecting
                     raise
@@ -313,56 +290,38 @@ class Hub:
                 except asyncio.QueueEmpty:
                     pending = None
 
-    def _in_hand(self, partition: int, through: int, events: tuple[LogEvent, ...]) -> bool:
-        """Apply a work item that needs no read (nothing new, or its events follow
-        on from what was delivered); False if the log must be read first."""
-        delivered = self.delivered[partition]
-        if through <= delivered:
+    def _in_hand(self, after: Position, reached: Position, events: tuple[LogEvent, ...]) -> bool:
+        """Apply a work item that needs no read (nothing new, or a page that
+        follows on from what was delivered); False if the log must be read first."""
+        delivered = self.delivered
+        if reached <= delivered:
             return True
-        if events and events[0].position <= delivered + 1:
-            self._deliver(e for e in events if e.position > delivered)
+        if after <= delivered:
+            self._deliver(e for e in events if e.at > delivered)
+            self.delivered = reached
             return True
         return False
 
     async def _sweep(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        for p, (last, _pruned) in (await event_log.heads(conn)).items():
-            if last > self.delivered[p]:
-                await self._advance(conn, p, last, ())
+        reached = (await event_log.head(conn)).end
+        if reached > self.delivered:
+            await self._advance(conn, reached)
 
-    async def _advance(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        partition: int,
-        through: int,
-        events: tuple[LogEvent, ...],
-    ) -> None:
-        delivered = self.delivered[partition]
-        if through <= delivered:
-            return
-        if events and events[0].position <= delivered + 1:
-            self._deliver(e for e in events if e.position > delivered)
-            return
-        # A gap (another replica published in between, or no events in hand):
-        # read it from the log, in order, before anything above it.
-        gap_end = events[0].position - 1 if events else through
-        if not self._followed(partition):
-            # Nobody here follows this partition: nothing to read. A stream
-            # that subscribes later replays from the log or starts live above
+    async def _advance(self, conn: psycopg.AsyncConnection[Any], reached: Position) -> None:
+        """Read the log from ``delivered`` until ``reached`` (a gap: another
+        replica recorded, or nothing was in hand)."""
+        if not self._channels:
+            # Nobody here follows anything: nothing to read. A stream that
+            # subscribes later replays from the log or starts live above
             # ``delivered`` (no await between this check and the jump, so no
             # subscriber can register in between).
-            self.delivered[partition] = gap_end
-        while self.delivered[partition] < gap_end:
-            chunk = await event_log.read_partition(
-                conn, partition, self.delivered[partition], gap_end, limit=_READ_LIMIT
-            )
-            M.hub_read_back.inc(len(chunk))
-            self._deliver(chunk)
-            if len(chunk) < _READ_LIMIT:
-                # Positions up to gap_end are committed; any still missing are
-                # holes (dropped duplicates), not late arrivals.
-                self.delivered[partition] = gap_end
-        if events:
-            self._deliver(e for e in events if e.position > self.delivered[partition])
+            self.delivered = max(self.delivered, reached)
+            return
+        while self.delivered < reached:
+            page = await event_log.read(conn, self.delivered, reached.window, limit=_READ_LIMIT)
+            M.hub_read_back.inc(len(page.events))
+            self._deliver(page.events)
+            self.delivered = page.reached
 
     def _deliver(self, events: Iterable[LogEvent]) -> None:
         channels = self._channels
@@ -377,6 +336,5 @@ class Hub:
                     for sub in subs:
                         sub.offer(item)
                     count += len(subs)
-            self.delivered[event.partition] = event.position
         if count:
             M.deliveries.inc(count)

@@ -80,13 +80,15 @@ def _selected(name: str, selector: Selector) -> tuple[bytes, dict[str, Any]]:
 def _page(after: Position, rows: list[tuple[Any, ...]], reached: Position) -> Page:
     events: list[LogEvent] = []
     rejected: list[Rejected] = []
+    dropped = 0
     for row in rows:
-        item = render_row(row)
+        item, fields = render_row(row)
         if type(item) is LogEvent:
             events.append(item)
+            dropped += fields
         else:
             rejected.append(item)  # type: ignore[arg-type]
-    return Page(after, events, rejected, reached, len(rows))
+    return Page(after, events, rejected, reached, len(rows), dropped)
 
 
 async def read(

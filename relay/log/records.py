@@ -55,3 +55,4 @@ class Page:
     rejected: list[Rejected]
     reached: Position
     rows: int  # rows read, valid or not (a full page means more may follow)
+    dropped_fields: int = 0  # payload fields the contract's whitelist dropped

@@ -30,8 +30,9 @@ COLUMNS = b"""o.xid::text::bigint, o.id, o.event_id, o.event_type, o.schema_vers
        o.derived, o.enqueued_at"""
 
 
-def render_row(row: tuple[Any, ...]) -> LogEvent | Rejected:
-    """``(window, *COLUMNS)`` as an event, or as a rejected row with its reason."""
+def render_row(row: tuple[Any, ...]) -> tuple[LogEvent | Rejected, int]:
+    """``(window, *COLUMNS)`` as an event, or as a rejected row with its reason;
+    and how many payload fields the contract's whitelist dropped."""
     (window, xid, row_id, event_id, event_type, version, restaurant_id, order_id, customer_id,
      payload_text, occurred, unloadable_time, derived, enqueued) = row  # fmt: skip
     at = Position(window, xid, row_id)
@@ -51,12 +52,13 @@ def render_row(row: tuple[Any, ...]) -> LogEvent | Rejected:
             )
         )
     except ContractError as exc:
-        return Rejected(at, row_id, event_id, event_type, version, clip(str(exc), MAX_REASON))
+        reason = clip(str(exc), MAX_REASON)
+        return Rejected(at, row_id, event_id, event_type, version, reason), 0
     except Exception as exc:  # a bug must not stop the log: the row is parked for retry
         log.exception("unexpected error validating event %s", event_id)
         reason = f"internal error: {type(exc).__name__}: {clip(str(exc), 200)}"
-        return Rejected(at, row_id, event_id, event_type, version, reason)
-    return LogEvent(
+        return Rejected(at, row_id, event_id, event_type, version, reason), 0
+    event = LogEvent(
         at,
         broadcast.sse_event,
         broadcast.channels,
@@ -70,3 +72,4 @@ def render_row(row: tuple[Any, ...]) -> LogEvent | Rejected:
         occurred,
         enqueued,
     )
+    return event, len(broadcast.dropped_fields)
