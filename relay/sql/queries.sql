@@ -96,8 +96,9 @@ SELECT (SELECT max(window_id) FROM relay_windows), pruned_through FROM relay_log
 -- name: read_window
 -- One window's rows after (xid, id), in that order (PgQ's batch query): the
 -- transactions that started since the previous window's snapshot, plus those
--- in progress then, each kept if this window's snapshot sees it. Two index
--- ranges on (xid, id) that stop at the limit; history is never walked.
+-- in progress then, each kept if this window's snapshot sees it. An index
+-- range on (xid, id) that stops at the limit, and index probes for the few
+-- transactions that were in progress; history is never walked.
 -- {selector} narrows the rows by the producer's columns.
 SELECT cur.window_id, {columns}
 FROM relay_windows AS cur
@@ -110,12 +111,12 @@ CROSS JOIN LATERAL (
      ORDER BY o.xid, o.id
      LIMIT %(limit)s)
     UNION ALL
+    -- Unordered, so the transaction ids are index conditions (an ordered
+    -- scan would walk the key's whole history and filter them).
     (SELECT * FROM relay_outbox AS o
      WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(prev.snapshot)))
        AND (o.xid, o.id) > (%(after_xid)s::text::xid8, %(after_id)s)
-       AND pg_visible_in_snapshot(o.xid, cur.snapshot) AND {selector}
-     ORDER BY o.xid, o.id
-     LIMIT %(limit)s)
+       AND pg_visible_in_snapshot(o.xid, cur.snapshot) AND {selector})
 ) AS o
 WHERE cur.window_id = %(window)s
 ORDER BY o.xid, o.id
@@ -139,9 +140,7 @@ CROSS JOIN LATERAL (
     UNION ALL
     (SELECT * FROM relay_outbox AS o
      WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(since.snapshot)))
-       AND pg_visible_in_snapshot(o.xid, upto.snapshot) AND {selector}
-     ORDER BY o.xid, o.id
-     LIMIT %(limit)s)
+       AND pg_visible_in_snapshot(o.xid, upto.snapshot) AND {selector})
 ) AS o
 CROSS JOIN LATERAL (
     SELECT w.window_id FROM relay_windows AS w
