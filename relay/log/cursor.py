@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 END = 2**63 - 1  # xid and id of "the whole window"
-_CURSOR = re.compile(r"^w(\d{1,18})(?:\.(\d{1,19})\.(\d{1,19}))?(?:~([0-9a-f]{8}))?$")
+_CURSOR = re.compile(r"^w([0-9]{1,18})(?:\.([0-9]{1,19})\.([0-9]{1,19}))?(?:~([0-9a-f]{8}))?$")
 
 
 class Position(NamedTuple):

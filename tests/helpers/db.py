@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from urllib.parse import quote
 
 import psycopg
@@ -116,3 +116,22 @@ def own_cluster() -> Iterator[ThrowawayPostgres]:
         yield pg
     finally:
         pg.stop()
+
+
+UNRECORDED_SQL = """
+SELECT count(*) FROM relay_outbox AS o
+WHERE (%(restaurants)s::uuid[] IS NULL OR o.restaurant_id = ANY (%(restaurants)s::uuid[]))
+  AND NOT pg_visible_in_snapshot(
+      o.xid, (SELECT w.snapshot FROM relay_windows AS w ORDER BY w.window_id DESC LIMIT 1))
+"""
+
+
+def unrecorded(url: str, restaurants: Sequence[uuid.UUID] | None = None) -> int:
+    """Outbox rows (of ``restaurants``, or all) that no window holds yet: rows
+    no reader of the log can see until the recorder records the next window."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            UNRECORDED_SQL, {"restaurants": None if restaurants is None else list(restaurants)}
+        ).fetchone()
+    assert row is not None
+    return int(row[0])

@@ -73,7 +73,9 @@ class RelayProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.output()}")
             if not gateway:
-                if "dispatcher" in self.output() or time.monotonic() > deadline - timeout + 1.5:
+                # No HTTP to ask: started once it says so (its recorder then
+                # takes the lease, or waits for it, on its own).
+                if "relay started" in self.output() or time.monotonic() > deadline - timeout + 1.5:
                     return
             else:
                 with contextlib.suppress(httpx.HTTPError):

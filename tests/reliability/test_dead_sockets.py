@@ -26,7 +26,7 @@ import httpx
 from relay.gateway.auth import mint_token
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
 from tests.helpers.sockets import dropped, open_stalled
-from tests.helpers.sse import bulk_accepted
+from tests.helpers.sse import bulk_accepted, from_start
 
 CAP = 2  # RELAY_MAX_CONNECTIONS_PER_SUBJECT
 # StreamOptions.send_timeout is max(10 s, 2 x heartbeat): a 1 s heartbeat
@@ -78,7 +78,7 @@ class _Sampler(threading.Thread):
 
 def _read_all(url: str, token: str, restaurant: uuid.UUID, want: int) -> int:
     """Events a normal client reads from the start of the restaurant's log."""
-    cursor = f"{restaurant.bytes[15] & 63}-0"
+    cursor = from_start()
     got = 0
     deadline = time.monotonic() + 20
     with httpx.stream(

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from relay.errors import AuthError, ContractError, InvalidCursor
 from relay.events import REGISTRY, Envelope, render
 from relay.gateway.auth import AuthConfig, TokenVerifier
-from relay.log import Cursor
+from relay.log import Position
 from tests.helpers.orders import payload
 
 RESTAURANT, ORDER = uuid.uuid4(), uuid.uuid4()
@@ -171,12 +171,34 @@ def test_random_tokens_are_refused_or_yield_a_principal(
     assert principal.expires_at > datetime.now(UTC) - timedelta(minutes=1)
 
 
+CURSOR_PIECES = st.sampled_from(["w", ".", "~", "-", "v.", "0", "7", "12", "9" * 19, "1a2b3c4d"])
+
+
 @settings(max_examples=500, deadline=None)
-@given(text=st.text(max_size=40))
-def test_random_cursors_parse_or_raise_invalid_cursor(text: str) -> None:
+@given(
+    text=st.text(max_size=40)
+    | st.lists(CURSOR_PIECES, max_size=8).map("".join)
+    | st.builds(
+        lambda w, x, i: f"w{w}.{x}.{i}",
+        st.integers(-5, 10**19),
+        st.integers(-5, 2**64),
+        st.integers(-5, 2**64),
+    ),
+    scope=st.sampled_from(["", "1a2b3c4d"]),
+)
+@example(text="w12", scope="")
+@example(text="w12.771.5003", scope="")
+@example(text="w12~1a2b3c4d", scope="1a2b3c4d")
+@example(text="3-17", scope="")
+@example(text="v.3-17", scope="")
+@example(text="w-1", scope="")
+def test_random_cursors_parse_or_raise_invalid_cursor(text: str, scope: str) -> None:
+    """Whatever a client sends as Last-Event-ID: a position of the log that
+    encodes back to itself, or InvalidCursor (its stream gets a reset)."""
     try:
-        cursor = Cursor.parse(text)
+        position = Position.parse(text, scope)
     except InvalidCursor:
         return
-    assert 0 <= cursor.partition < 64 and cursor.position >= 0
-    assert Cursor.parse(cursor.encode()) == cursor
+    assert position.window >= 0 and position.xid >= 0 and position.id >= 0
+    assert position.whole or (position.xid < 2**63 - 1 and position.id < 2**63 - 1)
+    assert Position.parse(position.encode(scope), scope) == position

@@ -1,11 +1,12 @@
-"""Column-level extremes a producer can write, through the real claim on a real database.
+"""Column-level extremes a producer can write, through the real recorder on a real database.
 
 Every value below is one PostgreSQL accepts in ``relay_outbox``: infinite
 times and times in year 294276, routing columns that contradict the payload,
 order numbers and event types of a hundred thousand characters, totals with
-thousands of digits, JSON nested thousands deep. Whatever the mix, the claim
-never raises, each row is published or dead-lettered exactly once with a
-short, specific reason, and what is published keeps each restaurant's order.
+thousands of digits, JSON nested thousands deep. Whatever the mix, the
+recorder never stops, each row is either an event every reader sees or a
+dead letter its check files once with a short, specific reason, later rows
+still flow, and what readers see keeps each restaurant's commit order.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import psycopg
@@ -24,8 +26,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
+from relay import log as event_log
 from relay.db import aconnect
-from relay.dispatcher import claim_and_publish
+from relay.log import ORIGIN, LogEvent, Page, Position, Selector
+from relay.recorder import Recorder, RecorderConfig
 from tests.helpers.db import Databases
 from tests.helpers.orders import payload
 
@@ -183,15 +187,67 @@ def fuzz_database(databases: Databases) -> Iterator[str]:
         databases.drop(url)
 
 
-async def _claim_everything(url: str) -> None:
-    """Claim until nothing is pending, on a session set up as the relay sets up its own."""
-    conn = await aconnect(url, autocommit=True, role="dispatcher")
+# A row no extreme touched: written after each example's rows, it must flow.
+SENTINEL = Spec(0, "OrderAccepted", LOADABLE_TIMES[2], "same", False, None, None, None, None)
+
+
+@dataclass
+class Checked:
+    """What the recorder's check handed on for the rows of one example."""
+
+    events: dict[uuid.UUID, list[LogEvent]]
+    rejected: dict[uuid.UUID, list[str]]
+
+
+async def _record(url: str, ids: Sequence[uuid.UUID]) -> Checked:
+    """Run the relay's recorder until its check has read every row of ``ids``.
+
+    Its session is set up as in ``relay run``; anything it raises (other than
+    a lost connection, which it survives) fails the test: that would be a
+    crash loop holding up every reader.
+    """
+    wanted = set(ids)
+    checked = Checked({}, {})
+    done = asyncio.Event()
+
+    def on_page(page: Page) -> None:
+        for item in page.events:
+            if item.event_id in wanted:
+                checked.events.setdefault(item.event_id, []).append(item)
+        for rejected in page.rejected:
+            if rejected.event_id in wanted:
+                checked.rejected.setdefault(rejected.event_id, []).append(rejected.reason)
+        if wanted <= checked.events.keys() | checked.rejected.keys():
+            done.set()
+
+    stop = asyncio.Event()
+    recorder = Recorder(url, RecorderConfig(batch_size=500, safety_sweep=0.05), on_page=on_page)
+    running = asyncio.create_task(recorder.run(stop))
+    finished = asyncio.create_task(done.wait())
     try:
-        for _ in range(50):
-            result = await claim_and_publish(conn, batch_size=500)
-            if result.claimed == 0 and not result.more:
-                return
-        raise AssertionError("the claim kept finding work")
+        await asyncio.wait({running, finished}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        finished.cancel()
+        await asyncio.wait_for(running, 10)  # re-raises what stopped the recorder
+    assert done.is_set(), "the recorder's check never read every row"
+    return checked
+
+
+async def _read_restaurant(url: str, restaurant: uuid.UUID) -> list[LogEvent]:
+    """A restaurant's events as a subscriber replays them from the start."""
+    conn = await aconnect(url, autocommit=True, role="fuzz reader")
+    try:
+        head = await event_log.head(conn)
+        events: list[LogEvent] = []
+        after = ORIGIN
+        while after < head.end:
+            page = await event_log.read(
+                conn, after, head.window, selector=Selector(restaurants=(restaurant,))
+            )
+            events += page.events
+            after = page.reached
+        return events
     finally:
         await conn.close()
 
@@ -206,13 +262,15 @@ async def _claim_everything(url: str) -> None:
     producer_zone=st.sampled_from(ZONES),
     database_zone=st.sampled_from(ZONES),
 )
-def test_any_column_values_are_published_or_dead_lettered_once_and_never_stop_the_claim(
+def test_any_column_values_are_events_or_dead_letters_once_and_never_stop_the_recorder(
     fuzz_database: str, rows: list[Spec], producer_zone: str, database_zone: str
 ) -> None:
-    """What a producer can write must never raise out of the claim (that is a
-    crash loop holding every partition): each row is either an event in the
-    log or a dead letter with a short reason that is not "internal error"."""
+    """What a producer can write must never raise out of the recorder (a crash
+    loop holding up every reader): each row is either an event readers see
+    or a dead letter with a short reason that is not "internal error", and the
+    row written after them is an event."""
     url = fuzz_database
+    rows = [*rows, SENTINEL]
     restaurants = [uuid.uuid4(), uuid.uuid4()]
     params = [_row(spec, restaurants) for spec in rows]
     with psycopg.connect(url, autocommit=True) as conn:
@@ -224,29 +282,27 @@ def test_any_column_values_are_published_or_dead_lettered_once_and_never_stop_th
         )
         conn.execute(sql.SQL("SET TimeZone = {}").format(sql.Literal(producer_zone)))
         for values in params:
-            conn.execute(PRODUCER_INSERT, values)
-
-    asyncio.run(_claim_everything(url))
+            conn.execute(PRODUCER_INSERT, values)  # each its own transaction
 
     ids = [values[0] for values in params]
+    checked = asyncio.run(_record(url, ids))
+    read = {r: asyncio.run(_read_restaurant(url, r)) for r in restaurants}
+    published = {e.event_id: e for events in read.values() for e in events if e.event_id in ids}
     with psycopg.connect(url) as conn:
-        published = {
-            event_id: (restaurant, position, data)
-            for event_id, restaurant, position, data in conn.execute(
-                "SELECT event_id, restaurant_id, position, data::text"
-                " FROM relay_events WHERE event_id = ANY(%s)",
-                (ids,),
-            )
-        }
         dead: dict[uuid.UUID, list[str]] = {}
         for event_id, reason in conn.execute(
             "SELECT event_id, reason FROM relay_dead_letters WHERE event_id = ANY(%s)", (ids,)
         ):
             dead.setdefault(event_id, []).append(reason)
-        pending = conn.execute(
-            "SELECT count(*) FROM relay_outbox WHERE event_id = ANY(%s)", (ids,)
-        ).fetchone()
-    assert pending == (0,)
+
+    # The recorder's check and every reader agree, row by row (validation is
+    # deterministic); the check handed each row on once.
+    assert all(len(v) == 1 for v in checked.events.values())
+    assert all(len(v) == 1 for v in checked.rejected.values())
+    assert checked.events.keys() == published.keys()
+    assert {e: [r] for e, [r] in checked.rejected.items()} == dead
+    for event_id, [handed] in checked.events.items():
+        assert handed == published[event_id]
 
     for spec, event_id in zip(rows, ids, strict=True):
         where = (spec, "published" if event_id in published else dead.get(event_id))
@@ -260,17 +316,22 @@ def test_any_column_values_are_published_or_dead_lettered_once_and_never_stop_th
         if fate != "either":
             assert ("published" if event_id in published else "dead") == fate, where
         if event_id in published:
-            text = published[event_id][2]
+            text = published[event_id].data
             assert len(text) < 2000, where  # no oversized frame
             data = json.loads(text)
+            assert data["eventId"] == str(event_id), where
             if "total" in data:
                 assert PLAIN_DECIMAL.fullmatch(data["total"]), where
+    assert ids[-1] in published  # later rows still flow
 
-    # Per restaurant, the published rows are in insert (here: commit) order.
-    for restaurant in restaurants:
-        mine = [published[i] for i in ids if i in published and published[i][0] == restaurant]
-        positions = [p[1] for p in mine]
-        assert positions == sorted(positions) and len(set(positions)) == len(positions)
+    # Per restaurant, readers see the events in insert (here: commit) order.
+    for restaurant, events in read.items():
+        mine = [e.event_id for e in events if e.event_id in published]
+        assert mine == [
+            i for i in ids if i in published and published[i].restaurant_id == restaurant
+        ]
+        positions: list[Position] = [e.at for e in events]
+        assert all(a < b for a, b in pairwise(positions))
 
 
 def test_a_reason_is_at_most_500_characters_whatever_the_event_type(fuzz_database: str) -> None:
@@ -284,7 +345,8 @@ def test_a_reason_is_at_most_500_characters_whatever_the_event_type(fuzz_databas
             PRODUCER_INSERT,
             (event_id, "\x01" * 81, uuid.uuid4(), None, None, "{}", "2026-01-15 12:00:00+00"),
         )
-    asyncio.run(_claim_everything(url))
+    checked = asyncio.run(_record(url, [event_id]))
+    assert event_id in checked.rejected
     with psycopg.connect(url) as conn:
         row = conn.execute(
             "SELECT reason FROM relay_dead_letters WHERE event_id = %s", (event_id,)

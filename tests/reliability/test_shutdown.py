@@ -8,7 +8,7 @@ replica), the stalled one with its connection dropped, and the process must
 exit 0 with no traceback (an ASGI task cancelled under the server used to log
 ``Exception in ASGI application … CancelledError``).
 
-Black-box: a dispatcher and a gateway as real processes, raw sockets as
+Black-box: a recorder and a gateway as real processes, raw sockets as
 clients, and a table lock held by the test to keep streams inside their
 database reads at the moment of the signal.
 """
@@ -22,20 +22,14 @@ import uuid
 import psycopg
 
 from relay.gateway.auth import mint_token
-from relay.log import partition_of
+from tests.helpers.db import unrecorded
 from tests.helpers.relay_process import SECRET, RelayProcess
 from tests.helpers.sockets import Reader, dropped, open_stalled
-from tests.helpers.sse import bulk_accepted
+from tests.helpers.sse import bulk_accepted, from_start
 
 GRACE = 4.0
 FLOOD = 18_000  # more frames than loopback buffers hold: writes to a non-reader stall
 POOL = 8  # the gateway pool's max_size: streams beyond it wait for a connection
-
-
-def _published(url: str) -> bool:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FROM relay_outbox").fetchone()
-    return row is not None and row[0] == 0
 
 
 def test_sigterm_ends_streams_in_every_state(database_url: str) -> None:
@@ -48,8 +42,8 @@ def test_sigterm_ends_streams_in_every_state(database_url: str) -> None:
         RelayProcess(database_url, args=("--gateway-only",), env=env) as gateway,
     ):
         deadline = time.monotonic() + 60
-        while not _published(database_url):
-            assert time.monotonic() < deadline, "the backlog was not published"
+        while unrecorded(database_url):
+            assert time.monotonic() < deadline, "the backlog was not recorded"
             time.sleep(0.2)
 
         live = Reader(gateway.port, f"/v1/restaurants/{quiet}/stream", token)
@@ -62,10 +56,10 @@ def test_sigterm_ends_streams_in_every_state(database_url: str) -> None:
         time.sleep(1.5)  # the stalled stream fills its buffers; the live ones are idle
 
         with psycopg.connect(database_url) as locker:
-            # Every read of the log's heads now waits: these streams are inside
-            # their opening read, and those beyond the pool wait for a connection.
-            locker.execute("LOCK TABLE relay_partitions IN ACCESS EXCLUSIVE MODE")
-            resume = f"{partition_of(busy)}-1"
+            # Every read of the log now waits: these streams are inside their
+            # opening read, and those beyond the pool wait for a connection.
+            locker.execute("LOCK TABLE relay_outbox, relay_windows IN ACCESS EXCLUSIVE MODE")
+            resume = from_start()  # the whole backlog to replay
             replaying = [
                 Reader(gateway.port, f"/v1/restaurants/{busy}/stream", token, resume)
                 for _ in range(POOL + 3)
