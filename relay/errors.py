@@ -99,6 +99,11 @@ class InvalidCursor(RelayError):
     """A cursor that is malformed, from another stream, or from another database."""
 
 
+class LogPruned(RelayError):
+    """A read started below what retention kept: its windows are gone, and
+    reading on would silently skip their events. Resume from the oldest."""
+
+
 class AuthError(RelayError):
     """Authentication (401) or authorisation (403) failed."""
 

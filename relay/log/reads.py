@@ -9,12 +9,15 @@ restaurants, one order or one customer; it validates and renders each row
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
 
+from relay.errors import LogPruned
 from relay.log.cursor import END, Position, Selector
 from relay.log.records import LogEvent, Page, Rejected
 from relay.log.rows import COLUMNS, render_row
@@ -24,6 +27,41 @@ __all__ = ["Head", "advance_offset", "head", "order_owner", "read", "read_offset
 
 _PAGE = 1000
 _EVERYTHING = Selector()
+_KNOWN_WINDOWS = 256  # window bounds remembered per connection
+
+
+class _Bounds(NamedTuple):
+    """A window's snapshot as the reads take it: text, horizon, in-progress list."""
+
+    snapshot: str
+    horizon: str
+    xip: str  # as an xid8[] literal
+
+
+# Per connection (a connection never changes database): windows are immutable
+# once recorded, and a reader asks for the same few again and again.
+_bounds_cache: weakref.WeakKeyDictionary[Any, OrderedDict[int, _Bounds]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _bounds(conn: psycopg.AsyncConnection[Any], *windows: int) -> list[_Bounds]:
+    """The bounds of ``windows``; LogPruned if one is gone (retention)."""
+    known = _bounds_cache.setdefault(conn, OrderedDict())
+    missing = [w for w in windows if w not in known]
+    if missing:
+        cur = await conn.execute(query("window_bounds"), {"ids": missing})
+        for window, snapshot in await cur.fetchall():
+            _xmin, horizon, xip = snapshot.split(":")
+            known[int(window)] = _Bounds(snapshot, horizon, "{" + xip + "}")
+        while len(known) > _KNOWN_WINDOWS:
+            known.popitem(last=False)
+    try:
+        return [known[w] for w in windows]
+    except KeyError as exc:
+        raise LogPruned(
+            f"window {exc.args[0]} is not in the log (pruned by retention, or never recorded)"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +150,20 @@ async def read(
         return await _read_window(conn, after, window, selector, limit)
     # Several windows: one ordered read of their rows, each assigned its window.
     since = after.window if after.whole else after.window - 1
+    previous, last = await _bounds(conn, since, through)
     text, params = _selected("read_span", selector)
-    cur = await conn.execute(text, {**params, "since": since, "through": through, "limit": limit})
+    cur = await conn.execute(
+        text,
+        {
+            **params,
+            "since_horizon": previous.horizon,
+            "since_xip": previous.xip,
+            "horizon": last.horizon,
+            "snapshot": last.snapshot,
+            "limit": limit,
+        },
+        prepare=False,  # planned with this range's real bounds, every time
+    )
     rows = await cur.fetchall()
     if len(rows) < limit:
         complete = through
@@ -141,6 +191,7 @@ async def _read_window(
     limit: int,
 ) -> Page:
     """A page of one window, exactly in (xid, id) order."""
+    previous, bounds = await _bounds(conn, window - 1, window)
     text, params = _selected("read_window", selector)
     # From the window's start, or after the position within it.
     start = (after.xid, after.id) if after.window == window else (0, -1)
@@ -149,10 +200,15 @@ async def _read_window(
         {
             **params,
             "window": window,
+            "since_horizon": previous.horizon,
+            "since_xip": previous.xip,
+            "horizon": bounds.horizon,
+            "snapshot": bounds.snapshot,
             "after_xid": str(start[0]),
             "after_id": start[1],
             "limit": limit,
         },
+        prepare=False,  # planned with this window's real bounds, every time
     )
     rows = await cur.fetchall()
     if len(rows) < limit:

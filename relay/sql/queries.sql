@@ -26,10 +26,13 @@ SELECT pg_try_advisory_lock(hashtextextended('relay.recorder', 0))
 -- The newest window, and whether a new one would hold anything: a committed
 -- row of a transaction its snapshot did not see (one that started since, or
 -- was in progress then). Two index probes; an idle relay runs only this.
+-- (The newest committed xid, not EXISTS (xid >= horizon): the planner
+-- estimates an unknown bound to match a third of the rows and would scan the
+-- table; max() is one step down the (xid, id) index.)
 SELECT w.window_id,
-       EXISTS (SELECT FROM relay_outbox AS o WHERE o.xid >= w.horizon)
-       OR EXISTS (SELECT FROM relay_outbox AS o
-                  WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(w.snapshot))))
+       (SELECT max(o.xid) FROM relay_outbox AS o) >= w.horizon
+       OR EXISTS (SELECT FROM pg_snapshot_xip(w.snapshot) AS t (xid)
+                  JOIN relay_outbox AS o ON o.xid = t.xid)
 FROM relay_windows AS w
 ORDER BY w.window_id DESC
 LIMIT 1
@@ -93,32 +96,34 @@ DELETE FROM relay_replicas WHERE heartbeat_at < now() - interval '1 hour'
 -- lost their rows).
 SELECT (SELECT max(window_id) FROM relay_windows), pruned_through FROM relay_log_bounds
 
+-- name: window_bounds
+-- The snapshots of some windows (immutable once recorded): readers pass them
+-- into the reads below as values, so each read is planned for its real range.
+SELECT window_id, snapshot::text FROM relay_windows WHERE window_id = ANY (%(ids)s::bigint[])
+
 -- name: read_window
 -- One window's rows after (xid, id), in that order (PgQ's batch query): the
 -- transactions that started since the previous window's snapshot, plus those
--- in progress then, each kept if this window's snapshot sees it. An index
--- range on (xid, id) that stops at the limit, and index probes for the few
--- transactions that were in progress; history is never walked.
--- {selector} narrows the rows by the producer's columns.
-SELECT cur.window_id, {columns}
-FROM relay_windows AS cur
-JOIN relay_windows AS prev ON prev.window_id = cur.window_id - 1
-CROSS JOIN LATERAL (
+-- in progress then, each kept if this window's snapshot sees it. The bounds
+-- are values, not joined in: planned with them, a big window is an ordered
+-- range of the (xid, id) index that stops at the limit, a small one a few
+-- probes (joined, the planner guessed a range's size, and a bitmap scan that
+-- sorted a whole backlog for every page won). {selector} narrows the rows by
+-- the producer's columns.
+SELECT %(window)s::bigint, {columns}
+FROM (
     (SELECT * FROM relay_outbox AS o
-     WHERE o.xid >= prev.horizon AND o.xid < cur.horizon
-       AND (o.xid, o.id) > (%(after_xid)s::text::xid8, %(after_id)s)
-       AND pg_visible_in_snapshot(o.xid, cur.snapshot) AND {selector}
+     WHERE o.xid >= %(since_horizon)s::xid8 AND o.xid < %(horizon)s::xid8
+       AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s)
+       AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector}
      ORDER BY o.xid, o.id
      LIMIT %(limit)s)
     UNION ALL
-    -- Unordered, so the transaction ids are index conditions (an ordered
-    -- scan would walk the key's whole history and filter them).
     (SELECT * FROM relay_outbox AS o
-     WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(prev.snapshot)))
-       AND (o.xid, o.id) > (%(after_xid)s::text::xid8, %(after_id)s)
-       AND pg_visible_in_snapshot(o.xid, cur.snapshot) AND {selector})
+     WHERE o.xid = ANY (%(since_xip)s::xid8[])
+       AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s)
+       AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector})
 ) AS o
-WHERE cur.window_id = %(window)s
 ORDER BY o.xid, o.id
 LIMIT %(limit)s
 
@@ -127,20 +132,18 @@ LIMIT %(limit)s
 -- each with the window it belongs to: the first window whose snapshot sees
 -- its transaction (one probe of relay_windows_horizon_idx). Transaction ids
 -- below the limit's last are complete, so the caller keeps the windows whose
--- horizon is at or below it (see span_complete_through).
+-- horizon is at or below it (see span_complete_through). Bounds as above.
 SELECT w.window_id, {columns}
-FROM relay_windows AS since
-JOIN relay_windows AS upto ON upto.window_id = %(through)s
-CROSS JOIN LATERAL (
+FROM (
     (SELECT * FROM relay_outbox AS o
-     WHERE o.xid >= since.horizon AND o.xid < upto.horizon
-       AND pg_visible_in_snapshot(o.xid, upto.snapshot) AND {selector}
+     WHERE o.xid >= %(since_horizon)s::xid8 AND o.xid < %(horizon)s::xid8
+       AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector}
      ORDER BY o.xid, o.id
      LIMIT %(limit)s)
     UNION ALL
     (SELECT * FROM relay_outbox AS o
-     WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(since.snapshot)))
-       AND pg_visible_in_snapshot(o.xid, upto.snapshot) AND {selector})
+     WHERE o.xid = ANY (%(since_xip)s::xid8[])
+       AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector})
 ) AS o
 CROSS JOIN LATERAL (
     SELECT w.window_id FROM relay_windows AS w
@@ -148,7 +151,6 @@ CROSS JOIN LATERAL (
     ORDER BY w.horizon, w.window_id
     LIMIT 1
 ) AS w
-WHERE since.window_id = %(since)s
 ORDER BY o.xid, o.id
 LIMIT %(limit)s
 
