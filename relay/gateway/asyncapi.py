@@ -36,6 +36,7 @@ from typing import Any
 
 from relay.events.registry import Envelope, EventSpec
 from relay.events.schemas import EventContract, contracts
+from relay.log import ORIGIN
 from relay.publishers.base import Message, cloudevent_attributes
 from relay.publishers.config import CloudEvents, parse_publisher_url
 
@@ -152,7 +153,7 @@ class _Stream:
     title: str
     parameters: dict[str, str] = field(default_factory=dict)
     query: dict[str, Any] = field(default_factory=dict)
-    spans: str = "in publication order"
+    spans: str = "in log order"
 
 
 _RESTAURANT_ID = {"restaurantId": "The restaurant's id (a UUID)."}
@@ -164,21 +165,21 @@ _STREAMS = (
             query={"restaurant": _listing(_UUID, "a subset of the token's restaurant_ids "
                                           "(repeat the parameter); none: all of them",
                                           maxItems=MOST_RESTAURANTS)},
-            spans="in order per restaurant; the SSE id is a vector cursor naming the set"),
+            spans="in log order; the SSE id carries the set's fingerprint"),
     _Stream("order", "/v1/orders/{orderId}/stream", "order", "orderFollower",
             "One order, for the customer tracking it",
             {"orderId": "The order's id (a UUID)."}),
     _Stream("customerOrders", "/v1/me/orders/stream", "customer", "customer",
             "Every order of the customer named by the token, at any restaurant",
-            spans="in order per order; the SSE id is a vector cursor"),
+            spans="in log order; the SSE id carries the customer's fingerprint"),
     _Stream("finance", "/v1/restaurants/{restaurantId}/finance/stream", "finance", "finance",
             "A restaurant's finance entries", _RESTAURANT_ID),
     _Stream("admin", "/v1/admin/stream", "admin", "admin",
             "Platform administration: coupon usage at every restaurant",
-            spans="in order per restaurant; the SSE id is a vector cursor"),
+            spans="in log order"),
     _Stream("coupon", "/v1/coupons/{couponId}/stream", "coupon", "admin", "One coupon's usage",
             {"couponId": "The coupon's id (a UUID)."},
-            spans="in order per restaurant; the SSE id is a vector cursor"),
+            spans="in log order"),
 )  # fmt: skip
 
 _STREAM_QUERY = {
@@ -434,7 +435,7 @@ def _cloudevents_schemas(contract: EventContract) -> dict[str, dict[str, Any]]:
     """Each CloudEvents attribute the publishers write (``cloudevent_attributes``),
     as a schema that holds whatever the publisher's options are."""
     probe = Message(
-        partition=0, position=0, event_id=_PROBE, event_type=contract.event_type,
+        at=ORIGIN, event_id=_PROBE, event_type=contract.event_type,
         schema_version=contract.schema_version, restaurant_id=_PROBE,
         occurred_on_utc=datetime(2000, 1, 1, tzinfo=UTC), body=b"{}",
     )  # fmt: skip

@@ -191,7 +191,7 @@ def test_messages_carry_the_json_schemas_and_names_of_each_version() -> None:
 
 def _message(event_type: str = "OrderDelivered") -> Message:
     return Message(
-        partition=3, position=42, event_id=uuid.uuid4(), event_type=event_type,
+        at=Position(3, 42, 7), event_id=uuid.uuid4(), event_type=event_type,
         schema_version=1, restaurant_id=R, occurred_on_utc=datetime(2026, 11, 25, 12, tzinfo=UTC),
         body=b'{"eventType":"OrderDelivered"}',
     )  # fmt: skip
