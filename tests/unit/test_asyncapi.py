@@ -23,6 +23,7 @@ from starlette.routing import Route
 from relay.events import REGISTRY, Envelope, EventSpec, render
 from relay.events.base import Contract
 from relay.events.schemas import contracts
+from relay.log import Position
 from relay.events.types import Money
 from relay.gateway import asyncapi
 from relay.gateway.app import GatewayConfig, create_app
