@@ -23,11 +23,11 @@ from starlette.routing import Route
 from relay.events import REGISTRY, Envelope, EventSpec, render
 from relay.events.base import Contract
 from relay.events.schemas import contracts
-from relay.log import Position
 from relay.events.types import Money
 from relay.gateway import asyncapi
 from relay.gateway.app import GatewayConfig, create_app
 from relay.gateway.asyncapi import asyncapi_document, channel_kinds, message_id
+from relay.log import Position
 from relay.publishers import nats as nats_publisher
 from relay.publishers import rabbitmq
 from relay.publishers.base import Message
