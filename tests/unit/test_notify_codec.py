@@ -1,4 +1,4 @@
-"""The NOTIFY codec: what a publication tells every relay process, and what a
+"""The NOTIFY codec: what a new window tells every relay process, and what a
 reader makes of a payload it cannot trust (a hint, never data)."""
 
 from __future__ import annotations
@@ -8,16 +8,21 @@ import pytest
 from relay.log import notify
 
 
-def test_a_batch_notice_round_trips_to_each_partitions_last_position() -> None:
-    text = notify.encode({3: (17, 20), 63: (1, 1)})
-    assert text == "3:17:20,63:1:1"
-    assert notify.decode(text) == [(3, 20), (63, 1)]
+def test_the_channel_is_the_windows_channel() -> None:
+    assert notify.CHANNEL == "relay_windows"
+
+
+@pytest.mark.parametrize(
+    ("payload", "window"), [("0", 0), ("17", 17), ("999999999999999999", 10**18 - 1)]
+)
+def test_a_notice_names_one_window(payload: str, window: int) -> None:
+    assert notify.decode(payload) == window
 
 
 @pytest.mark.parametrize(
     "payload",
-    ["", "3:17", "3:17:x", "x:1:2", "64:1:2", "-1:1:2", "3:1:2,", "3:1:2:4"],
+    ["", "-1", "+1", " 1", "1 ", "1.5", "x", "3:17:20", "1e3", "١٢", "²", "1" * 19],
 )
-def test_a_malformed_notice_is_refused_whole(payload: str) -> None:
+def test_a_malformed_notice_is_refused(payload: str) -> None:
     with pytest.raises(ValueError):
         notify.decode(payload)
