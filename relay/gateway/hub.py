@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -29,6 +29,10 @@ from relay.sessions import LOST, Listener, hold_session
 __all__ = ["FanIn", "Hub", "Subscriber", "frame"]
 
 _READ_LIMIT = 5000
+# Events fanned out between two turns of the streams: a page (up to
+# RELAY_BATCH_SIZE events) is more than a subscriber's buffer holds, and a
+# healthy stream must get to write before its buffer overflows.
+_SLICE = 256
 _IO_TIMEOUT = 15.0  # seconds any one log read may take before the connection is presumed dead
 
 log = logging.getLogger("relay.hub")
@@ -148,9 +152,7 @@ class Hub:
         self._channels: dict[str, set[Subscriber]] = {}
         self.delivered = Position.end_of(-1)
         # (read after, reaches, events in hand): "the log reaches here".
-        self._work: asyncio.Queue[tuple[Position, Position, tuple[LogEvent, ...]]] = (
-            asyncio.Queue()
-        )
+        self._work: asyncio.Queue[tuple[Position, Position, tuple[LogEvent, ...]]] = asyncio.Queue()
         self._listener: Listener | None = None
         self.ready = asyncio.Event()
         self.subscriber_count = 0
@@ -280,7 +282,7 @@ class Hub:
             while pending is not None:
                 after, reached, events = pending
                 try:
-                    if not self._in_hand(after, reached, events):
+                    if not await self._in_hand(after, reached, events):
                         await asyncio.wait_for(self._advance(conn, reached), _IO_TIMEOUT)
                 except BaseException:
                     self._work.put_nowait(pending)  # not lost: retried after reconnecting
@@ -290,14 +292,18 @@ class Hub:
                 except asyncio.QueueEmpty:
                     pending = None
 
-    def _in_hand(self, after: Position, reached: Position, events: tuple[LogEvent, ...]) -> bool:
+    async def _in_hand(
+        self, after: Position, reached: Position, events: tuple[LogEvent, ...]
+    ) -> bool:
         """Apply a work item that needs no read (nothing new, or a page that
         follows on from what was delivered); False if the log must be read first."""
         delivered = self.delivered
         if reached <= delivered:
             return True
         if after <= delivered:
-            self._deliver(e for e in events if e.at > delivered)
+            if events and events[0].at <= delivered:
+                events = tuple(e for e in events if e.at > delivered)
+            await self._offer(events)
             self.delivered = reached
             return True
         return False
@@ -320,8 +326,21 @@ class Hub:
         while self.delivered < reached:
             page = await event_log.read(conn, self.delivered, reached.window, limit=_READ_LIMIT)
             M.hub_read_back.inc(len(page.events))
-            self._deliver(page.events)
+            await self._offer(page.events)
             self.delivered = page.reached
+
+    async def _offer(self, events: Sequence[LogEvent]) -> None:
+        """Fan ``events`` out in slices, letting the streams write between them.
+
+        ``delivered`` follows each slice, so a stream subscribing between two
+        slices starts exactly after the last event offered.
+        """
+        for start in range(0, len(events), _SLICE):
+            if start:
+                await asyncio.sleep(0)
+            part = events[start : start + _SLICE]
+            self._deliver(part)
+            self.delivered = part[-1].at
 
     def _deliver(self, events: Iterable[LogEvent]) -> None:
         channels = self._channels

@@ -2,24 +2,26 @@
 
 Every stream kind (a restaurant, an order, finance, admin and coupons, a set
 of restaurants, a customer's orders) runs the same loop, ``sse``, from a
-``_Plan`` that says which channels it listens on, which partitions its
-cursor spans and how to read a replay page.
+``_Plan`` that says which channels it listens on, which rows its replay
+reads and how its cursors are scoped.
 
 Joining a stream without a gap or a duplicate: subscribe to the hub first
-(live frames start buffering), then replay the log after the client's cursor,
-then drain the buffer skipping every position already sent in its partition.
-The hub delivers each partition in position order, so "skip positions <= last
-sent" is an exact dedupe at the seam between replay and live.
+(live frames start buffering), then replay the log after the client's cursor
+up to the head read meanwhile, then drain the buffer skipping every event at
+or before the last position sent. Positions are global and the hub delivers
+in log order, so "skip ``e.at <= sent``" is an exact dedupe at the seam
+between replay and live, for every stream kind alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -34,15 +36,12 @@ from relay.errors import InvalidCursor
 from relay.gateway import frames
 from relay.gateway.hub import Hub, Subscriber, frame
 from relay.log import (
-    GLOBAL,
-    PARTITIONS,
-    Cursor,
+    Head,
     LogEvent,
+    Position,
+    Selector,
     Stream,
     customer_scope,
-    encode_vector,
-    parse_vector,
-    partition_of,
     restaurant_set_scope,
 )
 
@@ -60,6 +59,7 @@ __all__ = [
 log = logging.getLogger("relay.gateway")
 
 _REPLAY_PAGE = 1000
+_POLL_READ = 100  # rows per read of the polling page, at least (its events are a subset)
 _IO_TIMEOUT = 15.0  # a read that takes longer is on a dead connection
 # How often a stream waiting on a database read looks whether it was closed
 # (shutdown, overflow): a slow read must not keep a stream past the shutdown grace.
@@ -100,7 +100,6 @@ class CustomerOrders:
 
 # What an endpoint opens once access is granted.
 Target = Stream | RestaurantSet | CustomerOrders
-Vector = dict[int, int]  # partition -> last position sent
 
 
 async def resolve_order(
@@ -112,8 +111,6 @@ async def resolve_order(
 
 
 # -- plans: what each stream kind listens on and reads --------------------------
-
-Read = Callable[[psycopg.AsyncConnection[Any], Vector], Awaitable[list[LogEvent]]]
 
 
 class _Owners:
@@ -147,50 +144,37 @@ def _order_of(event: LogEvent) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """One stream kind: its hub routes, the partitions its cursor spans, its
-    cursor codec and its replay page.
+    """One stream kind: its hub channels, the rows its replay reads, its
+    cursor scope, and who decides which events it sends.
 
-    A single-partition stream's cursor is ``{partition}-{position}`` and its
-    frames are the hub's, shared by every subscriber. A stream spanning
-    partitions carries a vector cursor (``v.3-17.12-5``) in each frame's id;
-    ``scope`` fingerprints what it covers, so one stream's cursor is reset,
-    not half-honoured, by another.
+    A stream with no ``scope`` (one channel: a restaurant, an order, finance,
+    admin, a coupon) sends the hub's frames as they are, shared by every
+    subscriber: their id is the event's position. A stream over a chosen set
+    (several restaurants, a customer's orders) carries its fingerprint in
+    each frame's id, so one stream's cursor is reset, not half-honoured, by
+    another.
     """
 
-    routes: tuple[tuple[str, int], ...]
-    partitions: Sequence[int]
-    read: Read
+    channels: tuple[str, ...]
+    selector: Selector
     scope: str = ""
-    single: bool = False
     # Decides which events are sent (live and replay); None sends all.
     owners: _Owners | None = None
+
+    def wants(self, event: LogEvent) -> bool:
+        """Whether a replayed event belongs to this stream: the replay's
+        selector reads by column, the channels decide (a restaurant's finance
+        events are in its rows, not on its kitchen channel)."""
+        return any(c in self.channels for c in event.channels)
 
     def admits(self, event: LogEvent) -> bool:
         return self.owners is None or self.owners.admits(event)
 
-    def cursor(self, vector: Vector) -> str:
-        if self.single:
-            partition = self.partitions[0]
-            return Cursor(partition, vector.get(partition, 0)).encode()
-        return encode_vector(vector, self.scope)
-
-    def parse(self, text: str) -> Vector:
-        """The positions a cursor resumes after; InvalidCursor if it belongs elsewhere."""
-        if self.single:
-            cursor = Cursor.parse(text)
-            if cursor.partition != self.partitions[0]:
-                raise InvalidCursor("cursor belongs to another stream")
-            return {cursor.partition: cursor.position}
-        vector = parse_vector(text, self.scope)
-        if not vector.keys() <= set(self.partitions):
-            raise InvalidCursor("cursor belongs to another stream")
-        return vector
-
-    def render(self, event: LogEvent, shared: bytes | None, vector: Vector) -> bytes:
-        """An event's frame once ``vector`` includes it."""
-        if self.single:
+    def render(self, event: LogEvent, shared: bytes | None) -> bytes:
+        """An event's frame, its position as the id."""
+        if not self.scope:
             return shared if shared is not None else frame(event)
-        return frames.event(encode_vector(vector, self.scope), event.sse_event, event.data)
+        return frames.event(event.at.encode(self.scope), event.sse_event, event.data)
 
 
 def _plan(target: Target) -> _Plan:
@@ -204,93 +188,90 @@ def _plan(target: Target) -> _Plan:
 @functools.lru_cache(maxsize=16384)
 def _shared_plan(target: Stream | RestaurantSet) -> _Plan:
     if isinstance(target, RestaurantSet):
-        ordered = sorted(target.restaurants)
-
-        async def read_set(conn: psycopg.AsyncConnection[Any], after: Vector) -> list[LogEvent]:
-            return await event_log.replay_restaurants(conn, ordered, after, _REPLAY_PAGE)
-
-        routes = tuple((f"restaurant:{r}", partition_of(r)) for r in ordered)
+        ordered = tuple(sorted(target.restaurants))
         return _Plan(
-            routes, sorted({p for _c, p in routes}), read_set, scope=restaurant_set_scope(ordered)
+            tuple(f"restaurant:{r}" for r in ordered),
+            Selector(restaurants=ordered),
+            scope=restaurant_set_scope(ordered),
         )
-    stream = target
-    if stream.partition == GLOBAL:
-
-        async def read_global(conn: psycopg.AsyncConnection[Any], after: Vector) -> list[LogEvent]:
-            return await event_log.replay_global(conn, stream.channel, after, _REPLAY_PAGE)
-
-        return _Plan(((stream.channel, GLOBAL),), range(PARTITIONS), read_global)
-
-    async def read_one(conn: psycopg.AsyncConnection[Any], after: Vector) -> list[LogEvent]:
-        return await event_log.replay(conn, stream, after.get(stream.partition, 0), _REPLAY_PAGE)
-
-    return _Plan(((stream.channel, stream.partition),), (stream.partition,), read_one, single=True)
+    # Admin and coupon streams read every row (Selector()) and keep their channel's.
+    return _Plan((target.channel,), target.selector)
 
 
 def _customer_plan(customer: UUID) -> _Plan:
-    """A customer's orders: the events routed to ``customer:{id}`` (from every
-    partition), of the orders this customer owns."""
-
-    async def read(conn: psycopg.AsyncConnection[Any], after: Vector) -> list[LogEvent]:
-        return await event_log.replay_customer(conn, customer, after, _REPLAY_PAGE)
-
+    """A customer's orders: the events on ``customer:{id}`` (at any
+    restaurant), of the orders this customer owns."""
     return _Plan(
-        ((f"customer:{customer}", GLOBAL),), range(PARTITIONS), read,
+        (f"customer:{customer}",),
+        Selector(customer=customer),
         scope=customer_scope(customer),
         owners=_Owners(customer),
-    )  # fmt: skip
+    )
 
 
 # -- the one stream loop --------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Start:
-    """Where a stream begins: after ``vector``; ``reset`` says why it could not resume."""
+    """Where a stream begins: after ``after``; ``reset`` says why it could not resume."""
 
-    vector: Vector
-    heads: Vector  # the log's end when the cursor was resolved
-    oldest: Vector  # positions <= these are gone (retention)
+    after: Position
+    head: Head  # the log's head when the cursor was resolved
     reset: str | None = None
 
 
 async def _resolve(
     conn: psycopg.AsyncConnection[Any], plan: _Plan, cursor_text: str | None
 ) -> _Start:
-    """Where a cursor resumes in the log, or why it cannot."""
-    heads = await event_log.heads(conn)
-    now = {p: heads[p][0] for p in plan.partitions if p in heads}
-    oldest = {p: heads[p][1] for p in plan.partitions if p in heads}
+    """Where a cursor resumes in the log, or why it cannot (then: at the head)."""
+    head = await event_log.head(conn)
     if not cursor_text:
-        return _Start(now, now, oldest)
+        return _Start(head.end, head)
     try:
-        vector = plan.parse(cursor_text)
+        after = Position.parse(cursor_text, plan.scope)
     except InvalidCursor as exc:
-        return _Start(now, now, oldest, str(exc))
-    if any(pos > now.get(p, 0) for p, pos in vector.items()):
-        return _Start(now, now, oldest, "cursor is ahead of the log (another database?)")
-    if any(vector.get(p, 0) < pruned for p, pruned in oldest.items()):
-        return _Start(now, now, oldest, "cursor is older than the retention window")
-    return _Start(vector, now, oldest)
+        return _Start(head.end, head, str(exc))
+    if after > head.end:
+        return _Start(head.end, head, "cursor is ahead of the log (another database?)")
+    if after < head.oldest:
+        return _Start(head.end, head, "cursor is older than the retention window")
+    return _Start(after, head)
 
 
-def _joins_live(hub: Hub, plan: _Plan, cursor_text: str | None) -> Vector | None:
-    """The hub's positions when the stream can start there with nothing to
+def _joins_live(hub: Hub, plan: _Plan, cursor_text: str | None) -> Position | None:
+    """The hub's position when the stream can start there with nothing to
     replay: a fresh stream, or a resume from exactly there (a caught-up
-    dashboard reconnecting, e.g. to a restarted relay, on a quiet restaurant)."""
-    live: Vector = {}
-    for p in plan.partitions:
-        position = hub.live_position(p)
-        if position is None:
-            return None  # the hub has not loaded the heads yet
-        live[p] = position
-    if not cursor_text:
-        return live
+    dashboard reconnecting, e.g. to a restarted relay, on a quiet log)."""
+    live = hub.live_position()
+    if live is None or not cursor_text:
+        return live  # None: the hub has not loaded the head yet
     try:
-        resumed = plan.parse(cursor_text)
+        resumed = Position.parse(cursor_text, plan.scope)
     except InvalidCursor:
         return None  # the log path answers with a reset and its reason
-    return live if all(resumed.get(p, 0) == pos for p, pos in live.items()) else None
+    return live if resumed == live else None
+
+
+async def _hub_loading(hub: Hub, sub: Subscriber, every: float) -> AsyncIterator[bytes]:
+    """Heartbeats until the hub has loaded the log's head (a relay just started).
+
+    The hub starts at the head it loads: a stream that replayed through an
+    earlier head would miss the windows in between. TimeoutError (the log
+    cannot be read) if it takes longer than any read may; _Closed if the
+    stream is closed meanwhile.
+    """
+    beat = _Beat(every)
+    deadline = time.monotonic() + _IO_TIMEOUT
+    while hub.live_position() is None:
+        if sub.closed:
+            raise _Closed
+        if time.monotonic() > deadline:
+            raise TimeoutError("the hub has not loaded the log's head")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hub.ready.wait(), min(_CLOSED_CHECK, beat.left()))
+        if beat.due():
+            yield frames.HEARTBEAT
 
 
 class _Beat:
@@ -370,26 +351,30 @@ async def sse(
     comment saying why).
 
     A process holds ten thousand of these generators, so the live tail runs in
-    this frame and keeps only what it needs: the catch-up (cursor, replay
-    pages) runs in a generator of its own that is gone once it is done.
+    this frame and keeps only what it needs (the plan, the subscriber, one
+    position): the catch-up (cursor, replay pages) runs in a generator of its
+    own that is gone once it is done.
     """
     plan = _plan(target)
-    del target  # the plan holds an equal one, shared by every stream of the same target
-    if len(plan.routes) == 1:
-        channel, partition = plan.routes[0]
-        sub = hub.subscribe(channel, partition, options.buffer, subject)
+    del target  # the plan holds what it needs, shared by every stream of the same target
+    if len(plan.channels) == 1:
+        sub = hub.subscribe(plan.channels[0], options.buffer, subject)
     else:
-        sub = hub.subscribe_many(plan.routes, options.buffer, subject)
+        sub = hub.subscribe_many(plan.channels, options.buffer, subject)
     try:
+        if hub.live_position() is None:
+            async for beat in _hub_loading(hub, sub, options.heartbeat):
+                yield beat
         sent = _joins_live(hub, plan, cursor_text)
         if sent is None:
-            sent = {}
-            async for chunk in _catch_up(pool, sub, plan, cursor_text, options, sent):
+            caught_up: list[Position] = []
+            async for chunk in _catch_up(pool, sub, plan, cursor_text, options, caught_up):
                 yield chunk
+            sent = caught_up[0]
         else:
             # Nothing to replay: no query, so a thousand dashboards (re)opening
             # at once cost the pool nothing.
-            yield frames.opening(options.retry_ms, plan.cursor(sent))
+            yield frames.opening(options.retry_ms, sent.encode(plan.scope))
         cadence = _Beat(options.heartbeat)
         while True:
             remaining = (expires_at - datetime.now(UTC)).total_seconds()
@@ -410,9 +395,10 @@ async def sse(
                 learn = partial(owners.learn, channels=missing)
                 async for beat in _reading(pool, sub, options.heartbeat, learn, learnt):
                     yield beat
-            if chunk := _above(plan, sent, fresh):
-                yield chunk
+            chunk, sent = _above(plan, sent, fresh)
             del fresh
+            if chunk:
+                yield chunk
     except _Closed:
         yield _ended(sub, options)
     except DATABASE_TROUBLE as exc:
@@ -425,76 +411,90 @@ async def sse(
         hub.unsubscribe(sub)
 
 
+_Replayed = tuple[list[LogEvent], Position]  # a replay page's events, and how far it reached
+
+
 async def _catch_up(
     pool: AsyncConnectionPool[Any],
     sub: Subscriber,
     plan: _Plan,
     cursor_text: str | None,
     options: StreamOptions,
-    sent: Vector,
+    caught_up: list[Position],
 ) -> AsyncIterator[bytes]:
-    """Resolve the cursor and replay the log after it, leaving in ``sent``
-    where the live tail takes over."""
+    """Resolve the cursor and replay the log after it through the head read
+    then, leaving in ``caught_up`` where the live tail takes over.
 
-    async def opening(conn: psycopg.AsyncConnection[Any]) -> tuple[_Start, list[LogEvent]]:
+    The stream subscribed before the head was read, so every window after
+    the head reaches it live: the replay stops at the head, also after a
+    reset (which starts at the head).
+    """
+
+    async def opening(conn: psycopg.AsyncConnection[Any]) -> tuple[_Start, _Replayed]:
         # The cursor and the first page on one pooled connection (a storm of
         # resuming dashboards queues for the pool half as often).
         start = await _resolve(conn, plan, cursor_text)
-        return start, await _replay_page(conn, plan, start.vector)
+        return start, await _replay_page(conn, plan, start.after, start.head.window)
 
-    opened: list[tuple[_Start, list[LogEvent]]] = []
+    opened: list[tuple[_Start, _Replayed]] = []
     async for beat in _reading(pool, sub, options.heartbeat, opening, opened):
         yield beat
-    start, read = opened[0]
-    sent.update(start.vector)
+    start, (events, reached) = opened[0]
+    sent = start.after
     if start.reset is not None:
-        yield frames.reset(options.retry_ms, start.reset, plan.cursor(sent))
+        yield frames.reset(options.retry_ms, start.reset, sent.encode(plan.scope))
     else:
-        yield frames.opening(options.retry_ms, plan.cursor(sent))
-    # Also after a reset: what committed between reading the heads and now is
-    # read back, whether or not the hub had loaded it.
+        yield frames.opening(options.retry_ms, sent.encode(plan.scope))
+    end = start.head.end
     while True:
-        if chunk := _above(plan, sent, ((e, None) for e in read)):
+        chunk, sent = _above(plan, sent, ((e, None) for e in events))
+        # Positions are global: past a page that sent nothing, the stream is
+        # still complete up to where the page reached.
+        sent = max(sent, reached)
+        if chunk:
             yield chunk
-        if len(read) < _REPLAY_PAGE:
+        if sent >= end:
+            caught_up.append(sent)
             return
-        paged: list[list[LogEvent]] = []
-        next_page = partial(_replay_page, plan=plan, after=dict(sent))
+        paged: list[_Replayed] = []
+        next_page = partial(_replay_page, plan=plan, after=sent, through=start.head.window)
         async for beat in _reading(pool, sub, options.heartbeat, next_page, paged):
             yield beat
-        read = paged[0]
+        events, reached = paged[0]
 
 
 async def _replay_page(
-    conn: psycopg.AsyncConnection[Any], plan: _Plan, after: Vector
-) -> list[LogEvent]:
-    """The next page after ``after``, with what ``plan.admits`` needs to know."""
-    read = await plan.read(conn, after)
+    conn: psycopg.AsyncConnection[Any], plan: _Plan, after: Position, through: int
+) -> _Replayed:
+    """The stream's events of the next page after ``after`` (windows up to
+    ``through``), with what ``plan.admits`` needs to know, and how far it reached."""
+    page = await event_log.read(conn, after, through, selector=plan.selector, limit=_REPLAY_PAGE)
+    events = [e for e in page.events if plan.wants(e)]
     if plan.owners is not None:
-        await plan.owners.learn(conn, plan.owners.unknown(read))
-    return read
+        await plan.owners.learn(conn, plan.owners.unknown(events))
+    return events, page.reached
 
 
-def _above(plan: _Plan, sent: Vector, events: Iterable[tuple[LogEvent, bytes | None]]) -> bytes:
-    """The frames of the events above ``sent`` (advanced past each, admitted or not)."""
+def _above(
+    plan: _Plan, sent: Position, events: Iterable[tuple[LogEvent, bytes | None]]
+) -> tuple[bytes, Position]:
+    """The frames of the events after ``sent``, and the position past them
+    (advanced past each, admitted or not)."""
     chunks = []
-    if plan.single and plan.owners is None:
+    if plan.owners is None and not plan.scope:
         # The fan-out's inner loop (a thousand dashboards of one restaurant):
-        # one partition, every event sent, the hub's shared frame as it is.
-        partition = plan.partitions[0]
-        last = sent.get(partition, 0)
+        # every event sent, the hub's shared frame as it is.
         for e, shared in events:
-            if e.position > last:
-                last = e.position
+            if e.at > sent:
+                sent = e.at
                 chunks.append(shared if shared is not None else frame(e))
-        sent[partition] = last
-        return b"".join(chunks)
+        return b"".join(chunks), sent
     for e, shared in events:
-        if e.position > sent.get(e.partition, 0):
-            sent[e.partition] = e.position
+        if e.at > sent:
+            sent = e.at
             if plan.admits(e):
-                chunks.append(plan.render(e, shared, sent))
-    return b"".join(chunks)
+                chunks.append(plan.render(e, shared))
+    return b"".join(chunks), sent
 
 
 def _ended(sub: Subscriber, options: StreamOptions) -> bytes:
@@ -506,27 +506,34 @@ def _ended(sub: Subscriber, options: StreamOptions) -> bytes:
 async def page(
     pool: AsyncConnectionPool[Any], stream: Stream, after_text: str | None, limit: int
 ) -> dict[str, Any]:
-    """The polling fallback: the same events as the stream, and the next cursor."""
+    """The polling fallback: the same events as the stream, and the cursor to
+    pass back for what follows (past pages that held none of them, too)."""
     plan = _plan(stream)
-    partition = stream.partition
     body: dict[str, Any] = {"events": []}
+    events: list[LogEvent] = []
     async with asyncio.timeout(_IO_TIMEOUT), pool.connection() as conn:
         start = await _resolve(conn, plan, after_text)
-        after = start.vector.get(partition, 0)
+        after = start.after
         if start.reset is not None or not after_text:
             # No cursor, or one we cannot honour: from the oldest retained event,
             # so a client can rebuild its state from this page onwards.
-            after = start.oldest.get(partition, 0)
+            after = start.head.oldest
             if start.reset is not None:
                 body["reset"] = start.reset
-        events = await event_log.replay(conn, stream, after, limit)
+        end = start.head.end
+        while after < end and len(events) < limit:
+            read = await event_log.read(
+                conn, after, start.head.window, selector=plan.selector,
+                limit=max(limit, _POLL_READ),
+            )  # fmt: skip
+            events += (e for e in read.events if plan.wants(e))
+            after = read.reached
+    if len(events) > limit:
+        # Every event up to the last one returned, and none after it.
+        del events[limit:]
+        after = events[-1].at
     body["events"] = [
-        {"id": f"{e.partition}-{e.position}", "event": e.sse_event, "data": json.loads(e.data)}
-        for e in events
+        {"id": e.at.encode(), "event": e.sse_event, "data": json.loads(e.data)} for e in events
     ]
-    last = events[-1].position if events else after
-    if len(events) < limit:
-        # The head was read before the page: every position up to it is in the page.
-        last = max(last, start.heads.get(partition, 0))
-    body["next"] = Cursor(partition, last).encode()
+    body["next"] = after.encode()
     return body

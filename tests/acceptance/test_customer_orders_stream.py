@@ -1,7 +1,7 @@
 """A customer's orders in one stream: `GET /v1/me/orders/stream`.
 
 The customer app follows every order whose ``customer_id`` is the token's
-``sub`` (at any restaurant, so across partitions), including orders placed
+``sub`` (at any restaurant), including orders placed
 after it connected, over a real `relay run`. An order is the customer's as
 decided for order streams: the restaurant of its first event, and the first
 customer named among that restaurant's events of it.
@@ -19,11 +19,11 @@ import psycopg
 import pytest
 
 from relay.gateway.auth import mint_token
-from relay.log import customer_scope, encode_vector, parse_vector, partition_of
+from relay.log import Position, customer_scope
 from relay.outbox import OutboxEvent, enqueue
 from tests.helpers.orders import CHAIN, event
 from tests.helpers.relay_process import SECRET, RelayProcess
-from tests.helpers.sse import Subscriber, client
+from tests.helpers.sse import Subscriber, client, from_start
 
 PATH = "/v1/me/orders/stream"
 
@@ -58,11 +58,8 @@ def expected(events: list[OutboxEvent]) -> list[tuple[str, str]]:
     return [(str(e.order_id), e.event_type) for e in events]
 
 
-def two_partitions() -> tuple[uuid.UUID, uuid.UUID]:
-    a = uuid.uuid4()
-    while partition_of(b := uuid.uuid4()) == partition_of(a):
-        pass
-    return a, b
+def two_restaurants() -> tuple[uuid.UUID, uuid.UUID]:
+    return uuid.uuid4(), uuid.uuid4()
 
 
 @pytest.fixture
@@ -74,17 +71,17 @@ def relay(database_url: str) -> Iterator[RelayProcess]:
 async def test_a_customer_gets_their_orders_and_only_theirs(
     relay: RelayProcess, database_url: str
 ) -> None:
-    """Orders at two restaurants (two partitions), one placed after the stream
+    """Orders at two restaurants, one placed after the stream
     opened; another customer's orders and another restaurant's row that
     reuses the customer's order id and names them never appear."""
-    a, b = two_partitions()
+    a, b = two_restaurants()
     me, other = uuid.uuid4(), uuid.uuid4()
     before = order_life(a, me)
     await asyncio.to_thread(produce, database_url, before[:2])
 
     async with client() as http:
         # From the start of the log: the order placed before connecting too.
-        cursor = encode_vector({}, customer_scope(me))
+        cursor = from_start(customer_scope(me))
         mine = Subscriber(http, f"{relay.url}{PATH}", customer_token(me), last_id=cursor).start()
         theirs = Subscriber(http, f"{relay.url}{PATH}", customer_token(other)).start()
         for sub in (mine, theirs):
@@ -118,16 +115,16 @@ async def test_a_customer_gets_their_orders_and_only_theirs(
     assert sorted(seen(theirs)) == sorted(expected(other_orders))
     ids = [f.id for f in mine.events]
     assert len(set(ids)) == len(ids)
-    assert all(parse_vector(i or "", customer_scope(me)) is not None for i in ids)
+    assert all(Position.parse(i or "", customer_scope(me)) for i in ids)
 
 
 async def test_resume_from_any_frame_is_exact(relay: RelayProcess, database_url: str) -> None:
     """Reconnecting with a frame's id replays exactly what followed it."""
-    a, b = two_partitions()
+    a, b = two_restaurants()
     me = uuid.uuid4()
     events = order_life(a, me) + order_life(b, me)
     await asyncio.to_thread(produce, database_url, events)
-    start = encode_vector({}, customer_scope(me))
+    start = from_start(customer_scope(me))
     async with client() as http:
         whole = Subscriber(http, f"{relay.url}{PATH}", customer_token(me), last_id=start).start()
         await whole.wait_for(len(events))
@@ -148,7 +145,7 @@ async def test_another_streams_cursor_is_reset(relay: RelayProcess) -> None:
             http,
             f"{relay.url}{PATH}",
             customer_token(me),
-            last_id=encode_vector({3: 1}, customer_scope(other)),
+            last_id=Position.end_of(1).encode(customer_scope(other)),
         ).start()
         await asyncio.wait_for(sub.ready.wait(), 10)
         await asyncio.sleep(0.3)

@@ -9,7 +9,6 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -17,13 +16,12 @@ import jwt
 import psycopg
 import pytest
 
-from relay import log as event_log
 from relay.gateway.auth import mint_token
-from relay.log import partition_of
+from relay.log import Position, restaurant_set_scope
 from relay.outbox import OutboxEvent, enqueue
 from tests.helpers.orders import CHAIN, STATUS_OF, event
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
-from tests.helpers.sse import Subscriber, bulk_accepted, client
+from tests.helpers.sse import Subscriber, bulk_accepted, client, from_start, prune_everything
 
 AUDIENCE = "relay-dashboards"
 
@@ -175,8 +173,9 @@ async def test_frames_headers_retry_and_heartbeat(relay: RelayProcess) -> None:
     assert sub.first_chunk.startswith("retry: ")
     retry = int(sub.first_chunk.split("\n", 1)[0].removeprefix("retry: "))
     assert 2000 <= retry <= 4000  # 3 s with jitter
-    # A fresh client gets a cursor before any event: the log head of its partition.
-    assert sub.frames and sub.frames[0].id == f"{partition_of(restaurant)}-0"
+    # A fresh client gets a cursor before any event: the end of the log's newest window.
+    assert sub.frames and sub.frames[0].id is not None
+    assert Position.parse(sub.frames[0].id).whole
     assert sub.comments.count("heartbeat") >= 2
 
 
@@ -307,52 +306,58 @@ async def test_resume_exact_continuation_across_replicas(database_url: str) -> N
     assert third.events == []  # nothing replayed twice
 
 
-async def test_a_replica_reads_back_only_partitions_its_streams_follow(
+async def test_a_replica_reads_the_log_only_while_streams_follow_it(
     database_url: str,
 ) -> None:
-    """Another replica publishes everything here (--dispatcher-only); the
-    gateway reads back from the log only the partitions its streams follow,
-    and a stream that arrives later still gets every event, once, in order."""
+    """Another replica records everything here (--dispatcher-only); the
+    gateway reads nothing back while no stream follows it, and a stream that
+    arrives later still gets every event, once, in order."""
     quiet, busy = uuid.uuid4(), uuid.uuid4()
-    while partition_of(busy) == partition_of(quiet):
-        busy = uuid.uuid4()
     env = {"RELAY_HEARTBEAT_SECONDS": "1", "RELAY_JWT_AUDIENCE": AUDIENCE}
     with (
-        RelayProcess(database_url, ("--dispatcher-only",)) as publisher,
+        RelayProcess(database_url, ("--dispatcher-only",)) as recorder,
         RelayProcess(database_url, ("--gateway-only",), env) as gateway,
     ):
+        events_url = f"{gateway.url}/v1/restaurants/{quiet}/events"
+        auth = {"Authorization": f"Bearer {staff(quiet)}"}
+        before = httpx.get(events_url, headers=auth, timeout=5).json()["next"]
+        early = [e for _ in range(4) for e in chain(quiet)]  # 20
+        await asyncio.to_thread(produce, database_url, *early)
+        deadline = time.monotonic() + 15
+        while len(httpx.get(events_url, headers=auth, timeout=5).json()["events"]) < 20:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # the hub's sweep has passed the new windows
+        # Nobody here followed the log: nothing was read back.
+        assert metric(gateway, "relay_hub_read_back_events_total") == 0
+
         async with client() as http:
+            path = f"/v1/restaurants/{quiet}/stream"
             watcher = Subscriber(
                 http, f"{gateway.url}/v1/restaurants/{busy}/stream", staff(busy)
             ).start()
-            await asyncio.wait_for(watcher.ready.wait(), 10)
-            early = [e for _ in range(4) for e in chain(quiet)] + chain(busy)  # 20 + 5
-            await asyncio.to_thread(produce, database_url, *early)
-            await watcher.wait_for(5)
-            await asyncio.sleep(1.5)  # the hub's sweep has passed the quiet partition
-            # Only the followed partition was read back: 5 events, not 25.
-            assert metric(gateway, "relay_hub_read_back_events_total") == 5
-
-            path = f"/v1/restaurants/{quiet}/stream"
             fresh = Subscriber(http, gateway.url + path, staff(quiet)).start()
-            resumed = Subscriber(
-                http, gateway.url + path, staff(quiet), last_id=f"{partition_of(quiet)}-0"
-            ).start()
+            resumed = Subscriber(http, gateway.url + path, staff(quiet), last_id=before).start()
             await resumed.wait_for(20)  # the skipped events, replayed from the log
-            await asyncio.wait_for(fresh.ready.wait(), 10)
-            late = chain(quiet)
+            for sub in (watcher, fresh):
+                await asyncio.wait_for(sub.ready.wait(), 10)
+            late = chain(quiet) + chain(busy)
             await asyncio.to_thread(produce, database_url, *late)
             await resumed.wait_for(25)
             await fresh.wait_for(5)
+            await watcher.wait_for(5)
             await asyncio.sleep(0.5)  # a duplicate would arrive now
             for sub in (watcher, fresh, resumed):
                 await sub.close()
-        assert metric(gateway, "relay_hub_read_back_events_total") == 10  # now it follows both
-        assert publisher.proc is not None and publisher.proc.poll() is None
-    want = [(STATUS_OF.get(e.event_type, "Paid"), str(e.order_id)) for e in early[:20] + late]
+        # Now streams follow it: the hub read back what the other replica recorded.
+        assert metric(gateway, "relay_hub_read_back_events_total") == 10
+        assert recorder.proc is not None and recorder.proc.poll() is None
+    want = [(STATUS_OF.get(e.event_type, "Paid"), str(e.order_id)) for e in early + late[:5]]
     assert [identity(f.data) for f in resumed.events] == want
     assert [identity(f.data) for f in fresh.events] == want[20:]  # live only, no history
-    assert len(watcher.events) == 5
+    assert [identity(f.data) for f in watcher.events] == [
+        (STATUS_OF.get(e.event_type, "Paid"), str(e.order_id)) for e in late[5:]
+    ]
 
 
 async def test_bogus_and_expired_cursors_reset_then_go_live(
@@ -363,27 +368,90 @@ async def test_bogus_and_expired_cursors_reset_then_go_live(
     url = f"{relay.url}/v1/restaurants/{restaurant}/stream"
     await asyncio.to_thread(produce, database_url, *chain(restaurant))
     async with client() as http:
-        warm = Subscriber(http, url, token, last_id=f"{partition_of(restaurant)}-0").start()
+        warm = Subscriber(http, url, token, last_id=from_start()).start()
         old = (await warm.wait_for(5))[0].id
         await warm.close()
         # Retention removes the whole history; the old cursor is now unservable.
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            assert await event_log.prune(conn, timedelta(0)) == 5
+        assert await asyncio.to_thread(prune_everything, database_url) == 5
 
-        for bad in ("garbage", "99-1", f"{partition_of(restaurant)}-999999", old):
+        ahead = Position.end_of(10**15).encode()
+        reasons = {}
+        for bad in ("garbage", ahead, old):
             sub = Subscriber(http, url, token, last_id=bad).start()
             await asyncio.wait_for(sub.ready.wait(), 10)
             await asyncio.sleep(0.2)
             assert sub.status == 200, bad
             assert sub.frames and sub.frames[0].event == "reset", bad
-            reason = json.loads(sub.frames[0].data)["reason"]
-            assert reason, bad
+            reasons[bad] = json.loads(sub.frames[0].data)["reason"]
+            assert reasons[bad], bad
             live = chain(restaurant)[:1]
             await asyncio.to_thread(produce, database_url, *live)
             got = await sub.wait_for(1)
             await sub.close()
             assert [json.loads(f.data)["orderId"] for f in got] == [str(live[0].order_id)], bad
-        assert "older than the retention" in reason
+        assert "malformed" in reasons["garbage"]
+        assert "ahead of the log" in reasons[ahead]
+        assert "older than the retention" in reasons[old]
+
+
+async def test_cursors_of_the_partitioned_log_reset_then_go_live(
+    relay: RelayProcess, database_url: str
+) -> None:
+    """Cursors of the log before snapshot windows (``3-17``, vector ``v.``
+    cursors, with or without a set's fingerprint) name partitions that no
+    longer exist: every stream kind, and the polling page, answers them with
+    a reset, and the stream then goes live."""
+    restaurant, other = uuid.uuid4(), uuid.uuid4()
+    token = staff(restaurant, other)
+    admin = mint_token(SECRET, subject="admin", roles=["admin"], audience=AUDIENCE)
+    scope = restaurant_set_scope([restaurant, other])
+    kitchen = f"{relay.url}/v1/restaurants/{restaurant}/stream"
+    manager = f"{relay.url}/v1/restaurants/stream"
+    everything = f"{relay.url}/v1/admin/stream"
+    # (stream, token, its cursors' scope, an old cursor)
+    cases = [
+        (kitchen, token, "", "3-17"),
+        (kitchen, token, "", "v.3-17"),
+        (manager, token, scope, "v.3-17"),
+        (manager, token, scope, f"v~{scope}.3-17.12-5"),
+        (everything, admin, "", "v.3-17.12-5"),
+        (everything, admin, "", "3-0"),
+    ]
+    async with client() as http:
+        subs = [
+            Subscriber(http, url, bearer, last_id=old).start() for url, bearer, _s, old in cases
+        ]
+        for sub, (url, _bearer, cursor_scope, old) in zip(subs, cases, strict=True):
+            await asyncio.wait_for(sub.ready.wait(), 10)
+            assert sub.status == 200, (url, old)
+            assert sub.frames and sub.frames[0].event == "reset", (url, old)
+            reset = json.loads(sub.frames[0].data)
+            assert "malformed" in reset["reason"], (url, old)
+            assert Position.parse(reset["cursor"], cursor_scope) == Position.parse(
+                str(sub.frames[0].id), cursor_scope
+            )
+        kitchen_event = event("OrderAccepted", restaurant_id=restaurant)
+        coupon = OutboxEvent(
+            event_type="CouponUsed",
+            payload={"couponId": str(uuid.uuid4()), "previousUsageCount": 0,
+                     "newUsageCount": 1, "usedAt": "2026-11-25T12:00:00Z"},
+            restaurant_id=other,
+        )  # fmt: skip
+        await asyncio.to_thread(produce, database_url, kitchen_event, coupon)
+        for sub, (url, *_rest) in zip(subs, cases, strict=True):
+            got = await sub.wait_for(1)
+            await asyncio.sleep(0.1)
+            await sub.close()
+            want = "CouponUsed" if url == everything else "OrderStatusChanged"
+            assert [f.event for f in got] == [want], url
+    polled = httpx.get(
+        f"{relay.url}/v1/restaurants/{restaurant}/events",
+        params={"after": "3-17"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=5,
+    ).json()
+    assert "malformed" in polled["reset"]
+    assert [e["event"] for e in polled["events"]] == ["OrderStatusChanged"]  # from the oldest
 
 
 def test_polling_returns_the_stream_events_and_alternates_without_repeats(
@@ -426,7 +494,11 @@ def test_polling_returns_the_stream_events_and_alternates_without_repeats(
     assert len(streamed) == 15
     # Back to polling after the last streamed id: nothing new, nothing repeated.
     after_stream = poll(streamed[-1].id)
-    assert after_stream["events"] == [] and after_stream["next"] == streamed[-1].id
+    assert after_stream["events"] == []
+    # Its cursor moved on to where the log was read (positions are global).
+    after_next = Position.parse(str(after_stream["next"]))
+    assert after_next >= Position.parse(str(streamed[-1].id))
+    assert poll(str(after_stream["next"]))["events"] == []
     # Same ids, names and JSON as the stream's frames.
     whole: list[dict[str, Any]] = poll(None, 100)["events"]  # type: ignore[assignment]
     assert [e["id"] for e in whole] == [e["id"] for e in polled] + [f.id for f in streamed]

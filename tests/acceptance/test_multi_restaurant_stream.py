@@ -3,7 +3,8 @@
 A manager of eight restaurants cannot hold eight EventSources (a browser
 allows six connections per origin over HTTP/1.1), so one stream carries the
 kitchen events of every restaurant the token grants, or of a ``?restaurant=``
-subset, resumable by one vector cursor, over a real `relay run`.
+subset, resumable by one cursor (a position in the log and the set's
+fingerprint), over a real `relay run`.
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import timedelta
 
 import httpx
 import psycopg
 import pytest
 
-from relay import log as event_log
 from relay.gateway.auth import mint_token
-from relay.log import encode_vector, parse_vector, partition_of, restaurant_set_scope
+from relay.log import Position, restaurant_set_scope
 from relay.outbox import OutboxEvent, enqueue
 from tests.helpers.orders import CHAIN, STATUS_OF, event
 from tests.helpers.relay_process import SECRET, RelayProcess
-from tests.helpers.sse import Subscriber, client
+from tests.helpers.sse import Subscriber, client, prune_everything
+from tests.helpers.sse import from_start as before_everything
 
 AUDIENCE = "relay-dashboards"
 ENV = {"RELAY_HEARTBEAT_SECONDS": "1", "RELAY_JWT_AUDIENCE": AUDIENCE}
@@ -35,35 +35,14 @@ def staff(*restaurants: uuid.UUID, subject: str = "manager") -> str:
     return mint_token(SECRET, subject=subject, restaurant_ids=list(restaurants), audience=AUDIENCE)
 
 
-def sharing_partition_with(restaurant: uuid.UUID) -> uuid.UUID:
-    """Another restaurant in the same partition: their events share positions."""
-    while True:
-        other = uuid.uuid4()
-        if partition_of(other) == partition_of(restaurant):
-            return other
-
-
-def elsewhere(*restaurants: uuid.UUID) -> uuid.UUID:
-    """A restaurant in a partition none of ``restaurants`` is in."""
-    taken = {partition_of(r) for r in restaurants}
-    while True:
-        other = uuid.uuid4()
-        if partition_of(other) not in taken:
-            return other
-
-
 def from_start(restaurants: list[uuid.UUID]) -> str:
-    """The cursor of a set's stream before any event: no position in any partition."""
-    return encode_vector({}, restaurant_set_scope(restaurants))
+    """The cursor of a set's stream before any event."""
+    return before_everything(restaurant_set_scope(restaurants))
 
 
 def four_restaurants() -> tuple[uuid.UUID, uuid.UUID, uuid.UUID, uuid.UUID]:
-    """A, B (same partition as A), C (another partition), and D: not granted,
-    in A's partition, so the hub hands its events to the same partition."""
-    a = uuid.uuid4()
-    b = sharing_partition_with(a)
-    c = elsewhere(a)
-    d = sharing_partition_with(a)
+    """A, B and C, and D: never granted, its events interleaved with theirs."""
+    a, b, c, d = (uuid.uuid4() for _ in range(4))
     return a, b, c, d
 
 
@@ -120,10 +99,9 @@ def relay(database_url: str) -> Iterator[RelayProcess]:
 async def test_one_stream_carries_exactly_the_granted_restaurants_each_in_order(
     relay: RelayProcess, database_url: str
 ) -> None:
-    """Three granted restaurants (two sharing a partition) and a fourth, not
-    granted, in that same partition: the stream gets all of the three, each
-    restaurant in commit order, none of the fourth; a ``?restaurant=`` subset
-    gets only its own."""
+    """Three granted restaurants and a fourth, not granted, their events
+    interleaved: the stream gets all of the three, each restaurant in commit
+    order, none of the fourth; a ``?restaurant=`` subset gets only its own."""
     a, b, c, d = four_restaurants()
     token = staff(a, b, c)
     base = f"{relay.url}/v1/restaurants/stream"
@@ -137,7 +115,7 @@ async def test_one_stream_carries_exactly_the_granted_restaurants_each_in_order(
             assert sub.response_headers["content-type"].startswith("text/event-stream")
         # A fresh client gets a cursor naming its set before any event.
         assert whole.frames[0].id is not None
-        assert parse_vector(whole.frames[0].id, restaurant_set_scope([a, b, c])) is not None
+        assert Position.parse(whole.frames[0].id, restaurant_set_scope([a, b, c])).whole
 
         everything = chains([a, b, c, d], 40)  # 200 events, 50 per restaurant
         await asyncio.to_thread(produce, database_url, everything)
@@ -271,15 +249,14 @@ async def test_a_cursor_of_another_set_or_malformed_resets_then_goes_live(
         assert len(whole.events) == 10  # nothing read yet: everything retained
         old = whole.events[0].id
         assert old is not None and other_set is not None
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            await event_log.prune(conn, timedelta(0))
+        assert await asyncio.to_thread(prune_everything, database_url) == 10
         scope = restaurant_set_scope([a, b, c])
         bad = {
             "malformed": "garbage",
-            "one restaurant's cursor": f"{partition_of(a)}-1",
+            "a one-channel stream's cursor": Position.end_of(1).encode(),
             "another set": other_set,
-            "the admin stream's": encode_vector({partition_of(a): 1}),
-            "ahead of the log": encode_vector({partition_of(a): 10**9}, scope),
+            "a cursor of the partitioned log": f"v~{scope}.3-1",
+            "ahead of the log": Position.end_of(10**15).encode(scope),
             "older than retention": old,
         }
         reasons = {}
@@ -291,12 +268,14 @@ async def test_a_cursor_of_another_set_or_malformed_resets_then_goes_live(
             assert sub.frames and sub.frames[0].event == "reset", name
             reset = json.loads(sub.frames[0].data)
             reasons[name] = reset["reason"]
-            assert parse_vector(reset["cursor"], scope) is not None, name
+            assert Position.parse(reset["cursor"], scope).whole, name
             live = [event("OrderAccepted", restaurant_id=c)]
             await asyncio.to_thread(produce, database_url, live)
             got = await sub.wait_for(1)
             await sub.close()
             assert [json.loads(f.data)["orderId"] for f in got] == [str(live[0].order_id)], name
     assert "another stream" in reasons["another set"]
+    assert "another stream" in reasons["a one-channel stream's cursor"]
+    assert "malformed" in reasons["a cursor of the partitioned log"]
     assert "ahead" in reasons["ahead of the log"]
     assert "retention" in reasons["older than retention"]

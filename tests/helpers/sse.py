@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 import psycopg
 
+from relay.log import Position
 from tests.helpers.relay_process import Frame, parse_frames
 
 # One transaction per batch: order events for `restaurant`, each order a full
@@ -37,6 +38,38 @@ def bulk_accepted(url: str, restaurant: uuid.UUID, count: int, *, per_tx: int = 
         for first in range(1, count + 1, per_tx):
             last = min(count, first + per_tx - 1)
             conn.execute(BULK_SQL, {"restaurant": restaurant, "first": first, "last": last})
+
+
+def from_start(scope: str = "") -> str:
+    """A cursor before every event of a test database: after window 0, which
+    holds only events retained from before the windows (none in a fresh
+    database). ``scope``: the stream's fingerprint, for sets and customers."""
+    return Position.end_of(0).encode(scope)
+
+
+# Retention, everything at once: the rows of every recorded window go, and
+# cursors below the newest window become unservable.
+PRUNE_SQL = """
+WITH newest AS (SELECT max(window_id) AS window_id FROM relay_windows),
+pruned AS (
+    DELETE FROM relay_outbox AS o
+    USING relay_windows AS w, newest
+    WHERE w.window_id = newest.window_id AND pg_visible_in_snapshot(o.xid, w.snapshot)
+    RETURNING o.id
+),
+bounds AS (
+    UPDATE relay_log_bounds SET pruned_through = (SELECT window_id FROM newest)
+)
+SELECT count(*) FROM pruned
+"""
+
+
+def prune_everything(url: str) -> int:
+    """Retention with a zero window: the number of events it removed."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(PRUNE_SQL).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 @dataclass

@@ -162,6 +162,13 @@ def test_limit_of_any_length_is_answered_not_crashed(
 
 
 HUGE_CURSORS = [
+    "w" + "9" * 5000,
+    "w1." + "9" * 5000 + ".1",
+    "w1.1." + "9" * 5000,
+    "w9999999999999999999",  # past the pattern's 18 digits of window
+    "w1.9223372036854775807.1",  # the xid of "the whole window": never an event's
+    "w999999999999999999",  # a window far past the log's head
+    "w999999999999999999.1.1~0badcafe",
     "9" * 5000,
     "1-" + "9" * 5000,
     "v.1-" + "9" * 5000,
@@ -189,7 +196,7 @@ def test_huge_cursors_reset_rather_than_crash(relay: RelayProcess, cursor: str) 
     admin = _bearer(_signed({"exp": str(FUTURE)}, admin=True))
     for stream, token in (
         (f"{relay.url}/v1/restaurants/{RESTAURANT}/stream", auth),
-        (f"{relay.url}/v1/admin/stream", admin),  # resumes by a vector cursor
+        (f"{relay.url}/v1/admin/stream", admin),  # a stream over every restaurant
     ):
         for params, headers in (
             ({"lastEventId": cursor}, token),

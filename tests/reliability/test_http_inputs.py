@@ -25,8 +25,10 @@ from tests.helpers.relay_process import SECRET, RelayProcess
 RESTAURANT = uuid.uuid4()
 TOKEN = mint_token(SECRET, subject="fuzz", restaurant_ids=[RESTAURANT])
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-# Cursor-shaped and arbitrary text alike (printable ASCII: what a header can carry).
+# Cursor-shaped (positions, and the partitioned log's cursors of old) and
+# arbitrary text alike (printable ASCII: what a header can carry).
 cursorish = st.one_of(
+    st.from_regex(r"\Aw-?[0-9]{0,20}(\.[0-9]{0,21}\.-?[0-9]{0,21})?(~[0-9a-f]{0,9})?\Z"),
     st.from_regex(r"\A-?[0-9]{0,3}-[0-9]{0,25}\Z"),
     st.from_regex(r"\Av(\.[0-9]{1,3}-[0-9]{1,20}){0,3}\Z"),
     st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60),

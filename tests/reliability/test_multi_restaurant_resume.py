@@ -3,7 +3,7 @@
 Two relay processes share one database. A writer commits order chains for
 four restaurants and records them in a ledger; two managers follow three of
 them on `GET /v1/restaurants/stream` (one the whole grant, one a
-``?restaurant=`` subset), each resuming by its vector cursor on whichever
+``?restaurant=`` subset), each resuming by its cursor on whichever
 replica answers. Meanwhile the replica a manager is reading from is killed
 with SIGKILL and restarted, again and again. The checker then proves, per
 manager: every committed event of its restaurants arrived exactly once, each
@@ -25,8 +25,9 @@ import httpx
 import psycopg
 
 from relay.gateway.auth import mint_token
-from relay.log import encode_vector, parse_vector, partition_of, restaurant_set_scope
+from relay.log import Position, restaurant_set_scope
 from tests.helpers.relay_process import SECRET, RelayProcess, parse_frames
+from tests.helpers.sse import from_start
 from tests.reliability.ledger import Ledger, revive, settle, stop_all, write_orders
 
 
@@ -38,15 +39,15 @@ class Manager:
     query: str
     token: str
     rng: random.Random
-    # (restaurant, event id, the restaurant's partition position from the frame's cursor)
-    received: list[tuple[str, str, int]] = field(default_factory=list)
+    # (restaurant, event id, the event's position from the frame's cursor)
+    received: list[tuple[str, str, Position]] = field(default_factory=list)
     on: int | None = None  # the replica streaming to us right now
     connects: int = 0
     errors: list[str] = field(default_factory=list)
 
     def run(self, relays: list[RelayProcess], stop: threading.Event) -> None:
         scope = restaurant_set_scope(self.follows)
-        cursor = encode_vector({}, scope)  # from the start of the log
+        cursor = from_start(scope)
         while not stop.is_set():
             index = self.rng.randrange(len(relays))
             url = f"{relays[index].url}/v1/restaurants/stream{self.query}"
@@ -70,9 +71,7 @@ class Manager:
                             elif frame.event is not None and frame.id:
                                 data = json.loads(frame.data)
                                 restaurant = uuid.UUID(data["restaurantId"])
-                                position = parse_vector(frame.id, scope).get(
-                                    partition_of(restaurant), 0
-                                )
+                                position = Position.parse(frame.id, scope)
                                 self.received.append((str(restaurant), data["eventId"], position))
                             if frame.id:
                                 cursor = frame.id
@@ -92,7 +91,7 @@ def _check(ledger: Ledger, manager: Manager) -> list[str]:
         if str(owner) in follows:
             want[str(owner)].append(str(event_id))
     got: dict[str, list[str]] = defaultdict(list)
-    positions: dict[str, list[int]] = defaultdict(list)
+    positions: dict[str, list[Position]] = defaultdict(list)
     for name, delivered, position in manager.received:
         got[name].append(delivered)
         positions[name].append(position)
@@ -124,11 +123,8 @@ def test_multi_restaurant_stream_resumes_exactly_after_sigkill_of_its_replica(
     the very replica each manager is reading from."""
     rng = random.Random(7)
     granted = [uuid.uuid4() for _ in range(3)]
-    # A restaurant in the first one's partition: its events share positions
-    # (and the hub's partition) with a followed restaurant, never granted.
+    # A restaurant never granted: its events interleave with the followed ones'.
     stranger = uuid.uuid4()
-    while partition_of(stranger) != partition_of(granted[0]):
-        stranger = uuid.uuid4()
     token = mint_token(SECRET, subject="manager", restaurant_ids=granted)
     managers = [
         Manager(granted, "", token, random.Random(1)),
