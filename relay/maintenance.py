@@ -1,9 +1,15 @@
 """Housekeeping every relay process shares: heartbeat, retention, table hygiene.
 
 Retention and VACUUM run in one replica at a time (an advisory lock), in
-small steps, so they never hold a lock that claiming or producers wait on.
-The relay vacuums its own tables because it cannot count on autovacuum
-(MEASURED.md: dead index entries slow the claim 2.7x when nobody vacuums).
+small steps, so they never hold a lock that the recorder or producers wait on.
+
+Retention is by time, as before the snapshot windows: rows of windows
+recorded more than ``RELAY_RETENTION`` ago are deleted whatever the followers'
+offsets (relay_offsets). A publisher or the SLA watcher stopped for longer
+than that resumes at the oldest retained window (a stream's cursor that old
+gets ``event: reset``); holding rows for a follower that may never come back would
+let one forgotten publisher name grow the outbox without bound. Rows no
+window holds yet are never deleted: retention counts from the window.
 """
 
 from __future__ import annotations
@@ -24,12 +30,51 @@ from relay.metrics import M
 from relay.sessions import LOST, hold_session
 from relay.sql import query
 
-__all__ = ["Maintenance"]
+__all__ = ["Maintenance", "prune"]
 
 log = logging.getLogger("relay.maintenance")
 
 _LOCK_KEY = 0x72656C6179 + 1
 _IO_TIMEOUT = 15.0
+_CUT_SCAN = 100_000  # windows looked at per retention run
+
+
+async def prune(
+    conn: psycopg.AsyncConnection[Any], retention: timedelta, *, batch: int = 1000
+) -> int:
+    """Cut the log at the newest window recorded ``retention`` ago; returns rows deleted.
+
+    ``conn`` must be in autocommit: each step is its own short transaction.
+    The cut is announced first (``relay_log_bounds``), so a reader resets a
+    cursor below it rather than read a window while its rows go; then the
+    rows go in batches of ``batch``, then the windows before the cut. A run
+    interrupted half-way is finished by the next one (same cut or later).
+    """
+    cur = await conn.execute(query("retention_cut"), {"retention": retention, "scan": _CUT_SCAN})
+    row = await cur.fetchone()
+    if row is None or row[0] is None:
+        # Nothing new to cut; an interrupted run's rows still go below.
+        cut = (await event_log.head(conn)).pruned_through
+    else:
+        cut = int(row[0])
+        await conn.execute(query("retention_mark"), {"cut": cut})
+    if cut < 0:
+        return 0
+    deleted, after = 0, (0, -1)
+    while True:
+        cur = await conn.execute(
+            query("retention_delete_rows"),
+            {"cut": cut, "after_xid": str(after[0]), "after_id": after[1], "limit": batch},
+        )
+        found = await cur.fetchone()
+        assert found is not None
+        seen, gone, last_xid, last_id = found
+        deleted += int(gone)
+        if last_xid is None or int(seen) < batch:
+            break
+        after = (int(last_xid), int(last_id))
+    await conn.execute(query("retention_delete_windows"), {"cut": cut})
+    return deleted
 
 
 class Maintenance:
@@ -80,14 +125,14 @@ class Maintenance:
         )  # fmt: skip
 
     async def _heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        cur = await conn.execute(
-            "SELECT (SELECT count(*) FROM relay_outbox), (SELECT count(*) FROM relay_replicas"
-            " WHERE heartbeat_at > now() - interval '30 seconds')"
-        )
+        cur = await conn.execute(query("backlog_unrecorded"))
         row = await cur.fetchone()
         if row:
             M.backlog.set(row[0])
-            M.replicas.set(row[1])
+        cur = await conn.execute(query("live_replicas"))
+        row = await cur.fetchone()
+        if row:
+            M.replicas.set(row[0])
         await conn.execute(
             query("heartbeat"),
             {
@@ -112,14 +157,16 @@ class Maintenance:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
 
     async def _prune(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        deleted = await event_log.prune(conn, self._retention)
+        deleted = await prune(conn, self._retention)
         if deleted:
             log.info("retention removed %d event(s) older than %s", deleted, self._retention)
-            await conn.execute("VACUUM (ANALYZE) relay_events")
+            # The deleted rows' space and index entries, and the windows'.
+            await conn.execute("VACUUM (ANALYZE) relay_outbox")
+            await conn.execute("VACUUM relay_windows")
 
     async def _vacuum(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        # relay_outbox only holds pending rows, so this is cheap; it clears the
-        # dead index entries every claim would otherwise walk past again.
-        await conn.execute("VACUUM relay_outbox")
-        await conn.execute("VACUUM relay_partitions")
+        # The relay's own hot rows: the followers' offsets (updated several
+        # times a second) and the SLA deadlines (one churn per order).
+        await conn.execute("VACUUM relay_offsets")
+        await conn.execute("VACUUM relay_sla_deadlines")
         await conn.execute(query("forget_dead_replicas"))

@@ -1,110 +1,76 @@
 -- SLA / delay alerts (relay/sla.py). One replica at a time: every statement
--- below runs inside a transaction holding pg_try_advisory_xact_lock.
+-- below runs inside a transaction that holds the `relay.sla` offset row
+-- (take_offset: FOR UPDATE SKIP LOCKED), so a second replica skips the step.
 
--- name: sla_lock
-SELECT pg_try_advisory_xact_lock(%(key)s)
-
--- name: sla_apply_log
--- Follow the log one step, all in the database: read the next events after
--- each partition's applied offset (gap-free per partition), keep each order's
--- last deadline-changing event of the step (an order's events share one
--- partition, so position order is its order), then clear or set its deadline
--- and advance the offsets. Returns the most events read from one partition
--- (a full step means there is more to read).
---   paid (OrderPaymentSucceeded)      → NotAccepted, from lastUpdateTimestamp
---   accepted (OrderAccepted)          → NotReady, from lastUpdateTimestamp
---   ready (OrderReadyForDelivery)     → DeliveryLate, from estimatedDeliveryTime
---   delivered, rejected, cancelled, payment failed → cleared
---   anything else (Preparing, alerts) → the current deadline stands
--- Timestamps are read from the published data, which the relay itself
--- rendered and validated (ISO-8601 in UTC), so the casts cannot fail.
-WITH step AS (
-    -- The few fields a deadline needs are read from the data in one pass
-    -- (json_to_record), only for the event types that set one; no payload is
-    -- carried further, so the step stays small enough to sort in memory.
-    SELECT e.partition, e.position, e.event_type, e.restaurant_id, e.order_id, e.customer_id,
-           f."orderNumber" AS order_number,
-           coalesce(f."lastUpdateTimestamp", f."occurredOnUtc") AS updated,
-           f."estimatedDeliveryTime" AS estimate
-    FROM relay_sla_offsets AS o
-    CROSS JOIN LATERAL (
-        SELECT e.partition, e.position, e.event_type, e.restaurant_id, e.order_id,
-               e.customer_id, e.data
-        FROM relay_events AS e
-        WHERE e.partition = o.partition AND e.position > o.position
-        ORDER BY e.position
-        LIMIT %(per_partition)s
-    ) AS e
-    LEFT JOIN LATERAL json_to_record(
-        CASE WHEN e.order_id IS NOT NULL
-                  AND e.event_type IN ('OrderPaymentSucceeded', 'OrderAccepted',
-                                       'OrderReadyForDelivery')
-             THEN e.data END
-    ) AS f ("orderNumber" text, "lastUpdateTimestamp" timestamptz, "occurredOnUtc" timestamptz,
-            "estimatedDeliveryTime" timestamptz) ON true
-), changes AS (
-    SELECT s.order_id, s.position, s.restaurant_id, s.customer_id, s.order_number,
-           CASE
-               WHEN s.event_type IN ('OrderDelivered', 'OrderRejected', 'OrderCancelled',
-                                     'OrderPaymentFailed') THEN 'clear'
-               WHEN s.event_type = 'OrderPaymentSucceeded' AND s.updated IS NOT NULL
-                   THEN 'NotAccepted'
-               WHEN s.event_type = 'OrderAccepted' AND s.updated IS NOT NULL THEN 'NotReady'
-               WHEN s.event_type = 'OrderReadyForDelivery'
-                   THEN CASE WHEN s.estimate IS NULL THEN 'clear' ELSE 'DeliveryLate' END
-           END AS kind,
-           CASE WHEN s.event_type = 'OrderReadyForDelivery' THEN s.estimate ELSE s.updated END
-               AS since
-    FROM step AS s
-    WHERE s.order_id IS NOT NULL
-), latest AS (
-    SELECT DISTINCT ON (order_id) *
-    FROM changes
-    WHERE kind IS NOT NULL
-    ORDER BY order_id, position DESC
+-- name: sla_apply
+-- Apply one page of the log, as the watcher computed it: each order's last
+-- deadline-changing event of the page, one row per order, in parallel arrays.
+-- kind 'clear' deletes the order's deadline; any other kind replaces it,
+-- due at `since` plus the restaurant's threshold (relay_sla_thresholds, a
+-- NULL column falling back to RELAY_SLA_*). A deadline that would not change
+-- is not rewritten. Returns the deadline rows written (the write cost per
+-- event, which the tests measure).
+WITH change AS (
+    SELECT *
+    FROM unnest(%(orders)s::uuid[], %(restaurants)s::uuid[], %(customers)s::uuid[],
+                %(numbers)s::text[], %(kinds)s::text[], %(since)s::timestamptz[])
+         AS c (order_id, restaurant_id, customer_id, order_number, kind, since)
 ), cleared AS (
     DELETE FROM relay_sla_deadlines AS d
-    USING latest AS l
-    WHERE d.order_id = l.order_id AND l.kind = 'clear'
+    USING change AS c
+    WHERE d.order_id = c.order_id AND c.kind = 'clear'
+    RETURNING d.order_id
 ), deadlines AS (
-    -- Each order's next deadline replaces the previous one.
-    INSERT INTO relay_sla_deadlines
+    INSERT INTO relay_sla_deadlines AS d
         (order_id, restaurant_id, customer_id, order_number, kind, due_at)
-    SELECT l.order_id, l.restaurant_id, l.customer_id, l.order_number, l.kind,
-           l.since + coalesce(
-               CASE l.kind WHEN 'NotAccepted' THEN t.not_accepted
+    SELECT c.order_id, c.restaurant_id, c.customer_id, c.order_number, c.kind,
+           c.since + coalesce(
+               CASE c.kind WHEN 'NotAccepted' THEN t.not_accepted
                            WHEN 'NotReady' THEN t.not_ready
                            ELSE t.delivery_grace END,
-               CASE l.kind WHEN 'NotAccepted' THEN %(not_accepted)s::interval
+               CASE c.kind WHEN 'NotAccepted' THEN %(not_accepted)s::interval
                            WHEN 'NotReady' THEN %(not_ready)s::interval
                            ELSE %(delivery_grace)s::interval END)
-    FROM latest AS l
-    LEFT JOIN relay_sla_thresholds AS t ON t.restaurant_id = l.restaurant_id
-    WHERE l.kind <> 'clear'
+    FROM change AS c
+    LEFT JOIN relay_sla_thresholds AS t ON t.restaurant_id = c.restaurant_id
+    WHERE c.kind <> 'clear'
     ON CONFLICT (order_id) DO UPDATE
     SET kind = EXCLUDED.kind, due_at = EXCLUDED.due_at,
-        order_number = coalesce(EXCLUDED.order_number, relay_sla_deadlines.order_number),
-        customer_id = coalesce(EXCLUDED.customer_id, relay_sla_deadlines.customer_id)
-), heads AS (
-    SELECT partition, max(position) AS position, count(*) AS events
-    FROM step
-    GROUP BY partition
-), advanced AS (
-    UPDATE relay_sla_offsets AS o
-    SET position = h.position
-    FROM heads AS h
-    WHERE o.partition = h.partition AND o.position < h.position
+        order_number = coalesce(EXCLUDED.order_number, d.order_number),
+        customer_id = coalesce(EXCLUDED.customer_id, d.customer_id)
+    WHERE (d.kind, d.due_at, d.order_number, d.customer_id) IS DISTINCT FROM
+          (EXCLUDED.kind, EXCLUDED.due_at, coalesce(EXCLUDED.order_number, d.order_number),
+           coalesce(EXCLUDED.customer_id, d.customer_id))
+    RETURNING d.order_id
 )
-SELECT coalesce(max(events), 0) FROM heads
+SELECT (SELECT count(*) FROM cleared) + (SELECT count(*) FROM deadlines)
 
 -- name: sla_raise_due
 -- Deadlines that passed become OrderDelayAlert rows in the outbox, exactly once:
 -- the deadline row is deleted in the same transaction, and the event id is
 -- derived from (order, kind, due time) so a replay could never alert twice.
--- An order with events still pending in the outbox is left for the next scan:
--- the awaited event may be among them.
-WITH due AS (
+--
+-- An order with a row the watcher has not read yet is left for the next
+-- scan: the awaited event may be that row. Not read means not at or before
+-- the `relay.sla` offset (window W, xid X, id I): neither visible in window
+-- W-1's snapshot nor (visible in W's and at or before (X, I)). That covers
+-- rows of later windows and committed rows no window holds yet alike: every
+-- row committed before this statement began is seen here, so an alert is
+-- never raised for an order whose awaited event had committed. When the
+-- offset is a whole window, "read" is just "visible in W's snapshot". If the
+-- offset's window is gone (retention passed it), nothing is raised until the
+-- watcher has caught up.
+WITH sla AS (
+    SELECT o.xid AS at_xid, o.id AS at_id, cur.snapshot AS upto,
+           CASE WHEN o.xid = 9223372036854775807 THEN cur.snapshot ELSE prev.snapshot END
+               AS before
+    FROM relay_offsets AS o
+    JOIN relay_windows AS cur ON cur.window_id = o.window_id
+    LEFT JOIN relay_windows AS prev ON prev.window_id = o.window_id - 1
+    WHERE o.follower = 'relay.sla'
+), due AS (
     DELETE FROM relay_sla_deadlines AS d
+    USING sla
     WHERE d.order_id IN (
         SELECT order_id FROM relay_sla_deadlines
         WHERE due_at <= now()
@@ -112,7 +78,13 @@ WITH due AS (
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     )
-    AND NOT EXISTS (SELECT FROM relay_outbox AS o WHERE o.order_id = d.order_id)
+    AND NOT EXISTS (
+        SELECT FROM relay_outbox AS r
+        WHERE r.order_id = d.order_id
+          AND NOT coalesce(pg_visible_in_snapshot(r.xid, sla.before), false)
+          AND NOT (pg_visible_in_snapshot(r.xid, sla.upto)
+                   AND (r.xid::text::bigint, r.id) <= (sla.at_xid, sla.at_id))
+    )
     RETURNING d.*
 )
 INSERT INTO relay_outbox

@@ -1,8 +1,13 @@
 """`relay dead-letters list|retry`: inspect rows that failed validation, and re-queue them.
 
-A retry re-validates with the current models first; a row that now passes goes
-back to the outbox under its own event id (so it stays idempotent) and flows
-normally; one that still fails keeps its place with the new reason.
+A retry re-validates the dead letter's columns (an operator may have fixed
+them) with the current models, as every reader of the log validates a row.
+One that now passes replaces its rejected original in the outbox: the
+original is deleted and the event inserted again under its own event id (so
+it stays idempotent), with a new id and transaction, so it lands in a later
+window and every reader sees it once, there. If retention already removed
+the original, the dead letter alone brings it back. One that still fails
+keeps its place with the new reason and one more attempt.
 """
 
 from __future__ import annotations
@@ -36,15 +41,16 @@ def retry(database_url: str, ids: list[int], *, everything: bool = False) -> tup
     requeued, failing = 0, []
     with connect(database_url) as conn, conn.transaction():
         rows = conn.execute(query("dead_letters_take"), {"all": everything, "ids": ids}).fetchall()
-        for row_id, *columns in rows:
+        for row_id, *columns, derived in rows:
             try:
-                render(envelope_from_row(*columns))
+                render(envelope_from_row(*columns, derived=derived))
             except ContractError as exc:
                 reason = clip(str(exc), MAX_REASON)
                 conn.execute(query("dead_letters_still_bad"), {"id": row_id, "reason": reason})
                 failing.append(f"#{row_id} {columns[0]}: {reason}")
                 continue
-            conn.execute(query("dead_letters_requeue"), {"id": row_id})
+            conn.execute(query("dead_letters_unqueue"), {"id": row_id})
+            conn.execute(query("dead_letters_requeue"), {"id": row_id, "derived": derived})
             requeued += 1
     return requeued, failing
 

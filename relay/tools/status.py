@@ -27,10 +27,20 @@ def _number(value: Any) -> float | None:
 
 
 def collect(database_url: str) -> dict[str, Any]:
+    """What the relay has not yet passed on, how late it is, and who runs it.
+
+    ``backlog`` counts the events not yet through the recorder: committed rows
+    no window holds yet (``unrecorded``) plus the rows of windows its check
+    has not passed (``unchecked_rows``). Lag is the age of the newest window
+    and of the oldest unrecorded row.
+    """
     with connect(database_url, autocommit=True) as conn:
-        backlog, oldest = conn.execute(query("status_outbox")).fetchone() or (0, None)
-        published, lag_p50, lag_max, last_age = conn.execute(query("status_log")).fetchone() or (
-            0, None, None, None,
+        unrecorded, oldest = conn.execute(query("backlog_unrecorded")).fetchone() or (0, None)
+        head, last_at, last_age, windows, rows = conn.execute(
+            query("status_windows")
+        ).fetchone() or (None, None, None, 0, 0)
+        windowed, wait_p50, wait_max = conn.execute(query("status_last_minute")).fetchone() or (
+            0, None, None,
         )  # fmt: skip
         dead = (conn.execute(query("status_dead_letters")).fetchone() or (0,))[0]
         replicas = [
@@ -50,13 +60,18 @@ def collect(database_url: str) -> dict[str, Any]:
             for name, lag in conn.execute(query("publisher_lag")).fetchall()
         ]
     return {
-        "backlog": int(backlog),
-        "oldest_pending_s": _number(oldest),
-        "published_last_minute": int(published),
-        "events_per_s_last_minute": round(int(published) / 60, 2),
-        "publish_lag_p50_s": _number(lag_p50),
-        "publish_lag_max_s": _number(lag_max),
-        "last_publish_age_s": _number(last_age),
+        "backlog": int(unrecorded) + int(rows),
+        "unrecorded": int(unrecorded),
+        "oldest_unrecorded_s": _number(oldest),
+        "unchecked_windows": int(windows),
+        "unchecked_rows": int(rows),
+        "last_window": None if head is None else int(head),
+        "last_window_at": None if last_at is None else last_at.isoformat(),
+        "last_window_age_s": _number(last_age),
+        "windowed_last_minute": int(windowed),
+        "events_per_s_last_minute": round(int(windowed) / 60, 2),
+        "window_lag_p50_s": _number(wait_p50),
+        "window_lag_max_s": _number(wait_max),
         "dead_letters": int(dead),
         "replicas": replicas,
         "publishers": publishers,
@@ -71,11 +86,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"backlog            {report['backlog']} pending")
-    oldest = report["oldest_pending_s"]
-    print(f"oldest pending     {'-' if oldest is None else f'{oldest:.1f} s'}")
-    print(f"published          {report['events_per_s_last_minute']} events/s (last minute)")
-    lag = report["publish_lag_p50_s"]
-    print(f"publish lag p50    {'-' if lag is None else f'{lag * 1000:.1f} ms'}")
+    print(
+        f"  unrecorded       {report['unrecorded']} rows in no window yet, oldest "
+        f"{_seconds(report['oldest_unrecorded_s'])}"
+    )
+    print(
+        f"  unchecked        {report['unchecked_rows']} rows in "
+        f"{report['unchecked_windows']} window(s) the check has not passed"
+    )
+    print(f"last window        {_seconds(report['last_window_age_s'])} ago")
+    print(f"recorded           {report['events_per_s_last_minute']} events/s (last minute)")
+    lag = report["window_lag_p50_s"]
+    print(f"window lag p50     {'-' if lag is None else f'{lag * 1000:.1f} ms'}")
     print(f"dead letters       {report['dead_letters']}")
     print(f"replicas           {len(report['replicas'])} live")
     for r in report["replicas"]:
@@ -86,3 +108,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     for p in report["publishers"]:
         print(f"publisher {p['publisher']}: {p['lag_events']} events behind")
     return 0
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"

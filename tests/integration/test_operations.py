@@ -1,17 +1,24 @@
-"""`relay status` and `relay dead-letters` against a real database, through the CLI."""
+"""`relay status`, `relay dead-letters` and retention against a real database."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import uuid
+from datetime import timedelta
 
 import psycopg
 
+from relay import log as event_log
+from relay.log import ORIGIN, LogEvent, Position, Rejected
+from relay.maintenance import Maintenance, prune
+from relay.metrics import REGISTRY
 from relay.outbox import enqueue
-from tests.helpers.orders import event, payload
+from relay.sql import query
+from tests.helpers.orders import INSERT_SQL, event, payload
 
 
 def _relay(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -19,6 +26,32 @@ def _relay(url: str, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "relay", *args], env={**os.environ, "DATABASE_URL": url},
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
+
+
+def _record(url: str) -> int:
+    """Record a window now, with the recorder's own query."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(query("record_window")).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _read_log(url: str, after: Position = ORIGIN) -> tuple[list[LogEvent], list[Rejected]]:
+    """Every row of the log after ``after`` (or the oldest retained), as readers see it."""
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    try:
+        head = await event_log.head(conn)
+        at = max(after, head.oldest)
+        events: list[LogEvent] = []
+        rejected: list[Rejected] = []
+        while at < head.end:
+            page = await event_log.read(conn, at, head.window, limit=3)
+            events += page.events
+            rejected += page.rejected
+            at = page.reached
+        return events, rejected
+    finally:
+        await conn.close()
 
 
 def test_status_without_a_running_relay_shows_the_backlog(database_url: str) -> None:
@@ -40,12 +73,29 @@ def test_status_without_a_running_relay_shows_the_backlog(database_url: str) -> 
     result = _relay(database_url, "status", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["backlog"] == 7
-    assert report["oldest_pending_s"] is not None and report["oldest_pending_s"] >= 0
+    assert report["backlog"] == report["unrecorded"] == 7  # committed, in no window yet
+    assert report["oldest_unrecorded_s"] is not None and report["oldest_unrecorded_s"] >= 0
+    assert report["unchecked_windows"] == 0
     assert report["dead_letters"] == 1
     assert [r["replica_id"] for r in report["replicas"]] == ["replica-0"]  # the other is stale
     text = _relay(database_url, "status")
     assert "backlog            7 pending" in text.stdout
+    # A window recorded, not yet checked: still pending, now in a window.
+    window = _record(database_url)
+    report = json.loads(_relay(database_url, "status", "--json").stdout)
+    assert report["backlog"] == report["unchecked_rows"] == 7
+    assert report["unrecorded"] == 0 and report["oldest_unrecorded_s"] is None
+    assert report["unchecked_windows"] == 1 and report["last_window"] == window
+    assert 0 <= report["last_window_age_s"] < 30
+    assert report["windowed_last_minute"] == 7 and report["window_lag_max_s"] >= 0
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE relay_offsets SET window_id = %s, xid = 9223372036854775807,"
+            " id = 9223372036854775807 WHERE follower = 'relay.check'",
+            (window,),
+        )
+    report = json.loads(_relay(database_url, "status", "--json").stdout)
+    assert report["backlog"] == 0 and report["unchecked_windows"] == 0
 
 
 def test_status_with_unreachable_database_is_one_line() -> None:
@@ -86,6 +136,152 @@ def test_dead_letters_list_and_retry_after_fixing_the_row(database_url: str) -> 
     assert left == [(second, 2)]
     again = _relay(database_url, "dead-letters", "retry")
     assert again.returncode == 2 and "--all" in again.stderr
+
+
+async def test_a_retried_row_replaces_its_original_in_a_later_window(database_url: str) -> None:
+    restaurant, order, event_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    bad = payload("OrderAccepted", restaurant_id=restaurant, order_id=order)
+    bad["newStatus"] = "Preparing"
+    with psycopg.connect(database_url) as conn:
+        conn.execute(INSERT_SQL, (event_id, "OrderAccepted", restaurant, order, None,
+                                  json.dumps(bad)))  # fmt: skip
+    first = _record(database_url)
+    events, rejected = await _read_log(database_url)
+    assert events == [] and [r.event_id for r in rejected] == [event_id]
+    with psycopg.connect(database_url) as conn:  # the recorder's check files it
+        conn.execute(
+            query("record_dead_letters"),
+            {"ids": [rejected[0].row_id], "reasons": [rejected[0].reason]},
+        )
+        conn.execute(
+            "UPDATE relay_dead_letters"
+            " SET payload = jsonb_set(payload, '{newStatus}', '\"Accepted\"')"
+        )
+    result = _relay(database_url, "dead-letters", "retry", "--all")
+    assert result.returncode == 0 and "re-queued 1" in result.stdout, result.stderr
+    second = _record(database_url)
+    events, rejected = await _read_log(database_url)
+    # Once, valid, in the later window; the rejected original is gone.
+    assert [(e.event_id, e.at.window) for e in events] == [(event_id, second)]
+    assert rejected == [] and second > first
+    assert json.loads(events[0].data)["newStatus"] == "Accepted"
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM relay_dead_letters").fetchone() == (0,)
+
+
+def _age_windows(url: str, through: int, age: str = "2 days") -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "UPDATE relay_windows SET recorded_at = now() - %s::interval WHERE window_id <= %s",
+            (age, through),
+        )
+
+
+def _outbox_ids(url: str) -> set[uuid.UUID]:
+    with psycopg.connect(url) as conn:
+        return {r for (r,) in conn.execute("SELECT event_id FROM relay_outbox").fetchall()}
+
+
+async def test_retention_cuts_whole_windows_in_batches(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    old = [event("OrderAccepted", restaurant_id=restaurant) for _ in range(10)]
+    kept = [event("OrderAccepted", restaurant_id=restaurant) for _ in range(4)]
+    pending = event("OrderAccepted", restaurant_id=restaurant)
+    with psycopg.connect(database_url) as conn:
+        for e in old[:6]:
+            enqueue(conn, e)
+    _record(database_url)
+    with psycopg.connect(database_url) as conn:
+        for e in old[6:]:
+            enqueue(conn, e)
+    cut = _record(database_url)
+    with psycopg.connect(database_url) as conn:
+        for e in kept:
+            enqueue(conn, e)
+    newest = _record(database_url)
+    with psycopg.connect(database_url) as conn:
+        enqueue(conn, pending)  # in no window yet
+    _age_windows(database_url, cut)
+    aconn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    try:
+        assert await prune(aconn, timedelta(hours=24), batch=3) == 10
+        head = await event_log.head(aconn)
+        assert await prune(aconn, timedelta(hours=24), batch=3) == 0  # nothing more to cut
+    finally:
+        await aconn.close()
+    assert (head.window, head.pruned_through) == (newest, cut)
+    assert _outbox_ids(database_url) == {e.event_id for e in [*kept, pending]}
+    with psycopg.connect(database_url) as conn:
+        windows = [w for (w,) in conn.execute("SELECT window_id FROM relay_windows ORDER BY 1")]
+    assert windows == [cut, newest]  # the cut stays: the next window's previous snapshot
+    # A reader resumes after the cut and reads exactly what was kept.
+    events, _ = await _read_log(database_url)
+    assert [e.event_id for e in events] == [e.event_id for e in kept]
+
+
+async def test_an_interrupted_retention_run_is_finished_by_the_next(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    with psycopg.connect(database_url) as conn:
+        for _ in range(5):
+            enqueue(conn, event("OrderAccepted", restaurant_id=restaurant))
+    cut = _record(database_url)
+    with psycopg.connect(database_url) as conn:
+        # The previous run announced the cut, then stopped before deleting.
+        conn.execute(query("retention_mark"), {"cut": cut})
+    aconn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    try:
+        assert await prune(aconn, timedelta(hours=24)) == 5  # no window is that old
+    finally:
+        await aconn.close()
+    assert _outbox_ids(database_url) == set()
+
+
+async def test_retention_keeps_rows_until_their_window_is_old(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    with psycopg.connect(database_url) as conn:
+        for _ in range(3):
+            enqueue(conn, event("OrderAccepted", restaurant_id=restaurant))
+    window = _record(database_url)
+    with psycopg.connect(database_url) as conn:
+        # Old rows (an outage of the recorder) count from their window, not their insert.
+        conn.execute("UPDATE relay_outbox SET enqueued_at = now() - interval '3 days'")
+    aconn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    try:
+        assert await prune(aconn, timedelta(hours=24)) == 0
+        assert (await event_log.head(aconn)).pruned_through < window
+        assert await prune(aconn, timedelta(0)) == 3
+    finally:
+        await aconn.close()
+
+
+async def test_maintenance_prunes_vacuums_and_reports_the_backlog(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    with psycopg.connect(database_url) as conn:
+        for _ in range(3):
+            enqueue(conn, event("OrderAccepted", restaurant_id=restaurant))
+    _record(database_url)
+    with psycopg.connect(database_url) as conn:
+        for _ in range(2):
+            enqueue(conn, event("OrderAccepted", restaurant_id=restaurant))  # in no window
+    keeper = Maintenance(
+        database_url, replica_id="keeper", roles=["dispatcher"], retention=timedelta(0),
+        published=lambda: 0, heartbeat_every=0.05, prune_every=0.05, vacuum_every=0.05,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(keeper.run(stop))
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if len(_outbox_ids(database_url)) == 2:
+                break
+        assert len(_outbox_ids(database_url)) == 2  # the recorded rows are gone, no others
+        assert REGISTRY.get_sample_value("relay_backlog") == 2  # rows no window holds yet
+        with psycopg.connect(database_url) as conn:
+            seen = conn.execute("SELECT replica_id FROM relay_replicas").fetchall()
+        assert seen == [("keeper",)]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 def test_bad_settings_are_one_line_with_exit_2() -> None:

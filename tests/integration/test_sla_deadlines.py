@@ -9,10 +9,12 @@ from typing import Any
 
 import psycopg
 
-from relay.dispatcher import claim_and_publish
+from relay import log as event_log
+from relay.log import Position
 from relay.outbox import enqueue
-from relay.sla import SlaConfig, SlaWatcher
-from tests.helpers.orders import event
+from relay.sla import SLA, SlaConfig, SlaWatcher
+from relay.sql import query
+from tests.helpers.orders import CHAIN, event
 
 # In the future: a deadline already due would be raised (and deleted) by the same step.
 AT = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
@@ -20,21 +22,58 @@ CONFIG = SlaConfig(
     not_accepted=timedelta(minutes=3),
     not_ready=timedelta(minutes=25),
     delivery_grace=timedelta(minutes=5),
-    per_partition=2,  # small steps: the watcher must loop until the log is applied
+    page_size=2,  # small pages: the watcher must loop until the log is applied
 )
 
 
-async def _publish_and_step(url: str, events: list[Any]) -> dict[uuid.UUID, tuple[str, datetime]]:
+def _record(url: str) -> int:
+    """Record a window now, as the recorder would: every committed row so far."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(query("record_window")).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _enqueue(url: str, events: list[Any]) -> None:
     with psycopg.connect(url) as producer:
         for e in events:
             enqueue(producer, e)
+
+
+async def _step(url: str, watcher: SlaWatcher | None = None) -> int:
     conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
     try:
-        while (await claim_and_publish(conn, batch_size=500)).claimed:
-            pass
-        await SlaWatcher(url, CONFIG).step(conn)
-        cur = await conn.execute("SELECT order_id, kind, due_at FROM relay_sla_deadlines")
-        return {order: (kind, due) for order, kind, due in await cur.fetchall()}
+        return await (watcher or SlaWatcher(url, CONFIG)).step(conn)
+    finally:
+        await conn.close()
+
+
+def _deadlines(url: str) -> dict[uuid.UUID, tuple[str, datetime]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT order_id, kind, due_at FROM relay_sla_deadlines").fetchall()
+    return {order: (kind, due) for order, kind, due in rows}
+
+
+def _alerts(url: str) -> list[tuple[uuid.UUID, str]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT order_id, payload->>'kind' FROM relay_outbox"
+            " WHERE event_type = 'OrderDelayAlert' AND derived ORDER BY id"
+        ).fetchall()
+    return [(order, kind) for order, kind in rows]
+
+
+async def _publish_and_step(url: str, events: list[Any]) -> dict[uuid.UUID, tuple[str, datetime]]:
+    _enqueue(url, events)
+    _record(url)
+    await _step(url)
+    return _deadlines(url)
+
+
+async def _sla_offset(url: str) -> tuple[Position | None, Position]:
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    try:
+        return await event_log.read_offset(conn, SLA), (await event_log.head(conn)).end
     finally:
         await conn.close()
 
@@ -73,12 +112,8 @@ async def test_each_event_sets_replaces_or_clears_the_order_deadline(database_ur
         database_url, [event("OrderAccepted", order_id=no_estimate, **e), ready_event]
     )
     assert no_estimate not in deadlines
-    with psycopg.connect(database_url) as conn:
-        behind = conn.execute(
-            "SELECT count(*) FROM relay_sla_offsets AS o JOIN relay_partitions AS p"
-            " USING (partition) WHERE o.position <> p.last_position"
-        ).fetchone()
-    assert behind == (0,)  # every published event was applied
+    offset, end = await _sla_offset(database_url)
+    assert offset == end  # every recorded event was applied
 
 
 async def test_per_restaurant_thresholds_override_the_defaults(database_url: str) -> None:
@@ -99,3 +134,128 @@ async def test_per_restaurant_thresholds_override_the_defaults(database_url: str
     )
     assert deadlines[a] == ("NotAccepted", AT + timedelta(minutes=1))
     assert deadlines[b] == ("NotAccepted", AT + timedelta(minutes=3))
+
+
+async def test_only_events_in_windows_count_and_a_second_replica_skips(database_url: str) -> None:
+    restaurant, order = uuid.uuid4(), uuid.uuid4()
+    _enqueue(database_url, [event("OrderPaymentSucceeded", restaurant_id=restaurant,
+                                  order_id=order, at=AT)])  # fmt: skip
+    await _step(database_url)
+    assert _deadlines(database_url) == {}  # committed, but in no window yet
+    _record(database_url)
+    holder = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    try:
+        async with holder.transaction():
+            assert await event_log.take_offset(holder, SLA) is not None
+            assert await _step(database_url) == 0  # the other replica holds the watcher
+            assert _deadlines(database_url) == {}
+    finally:
+        await holder.close()
+    await _step(database_url)
+    assert _deadlines(database_url) == {order: ("NotAccepted", AT + timedelta(minutes=3))}
+
+
+async def test_a_due_deadline_waits_for_the_orders_unread_rows(database_url: str) -> None:
+    restaurant, late, answered, customer = (uuid.uuid4() for _ in range(4))
+    past = datetime.now(UTC) - timedelta(minutes=10)  # NotAccepted was due 7 minutes ago
+    _enqueue(
+        database_url,
+        [
+            event("OrderPaymentSucceeded", restaurant_id=restaurant, order_id=late,
+                  customer_id=customer, at=past),
+            event("OrderPaymentSucceeded", restaurant_id=restaurant, order_id=answered, at=past),
+        ],
+    )  # fmt: skip
+    _record(database_url)
+    # The awaited event has committed, but no window holds it yet.
+    _enqueue(database_url, [event("OrderAccepted", restaurant_id=restaurant, order_id=answered)])
+    assert await _step(database_url) == 1
+    assert _alerts(database_url) == [(late, "NotAccepted")]
+    assert answered in _deadlines(database_url)  # still waiting, not raised
+    _record(database_url)
+    assert await _step(database_url) == 0
+    assert _deadlines(database_url)[answered][0] == "NotReady"
+    _record(database_url)  # the alert row's own window
+    assert await _step(database_url) == 0
+    assert _alerts(database_url) == [(late, "NotAccepted")]  # exactly once
+    with psycopg.connect(database_url) as conn:
+        owner = conn.execute(
+            "SELECT customer_id FROM relay_outbox WHERE event_type = 'OrderDelayAlert'"
+        ).fetchone()
+    assert owner == (customer,)  # the customer's order stream may carry the notice
+
+
+async def test_the_guard_counts_rows_after_a_mid_window_offset(database_url: str) -> None:
+    # Two orders' events in one transaction, so one window; the watcher's
+    # offset stops between them (a crash mid-window): the second is unread.
+    restaurant, first, second = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    _enqueue(
+        database_url,
+        [
+            event("OrderPreparing", restaurant_id=restaurant, order_id=first),
+            event("OrderPreparing", restaurant_id=restaurant, order_id=second),
+        ],
+    )
+    window = _record(database_url)
+    with psycopg.connect(database_url) as conn:
+        (xid, first_id), _ = conn.execute(
+            "SELECT xid::text::bigint, id FROM relay_outbox ORDER BY id"
+        ).fetchall()
+        conn.execute(
+            "INSERT INTO relay_sla_deadlines (order_id, restaurant_id, kind, due_at)"
+            " SELECT o, %s, 'NotReady', now() - interval '1 minute' FROM unnest(%s::uuid[]) AS o",
+            (restaurant, [first, second]),
+        )
+        conn.execute(
+            "UPDATE relay_offsets SET window_id = %s, xid = %s, id = %s WHERE follower = %s",
+            (window, xid, first_id, SLA),
+        )
+        raised = conn.execute(query("sla_raise_due"), {"limit": 100}).fetchall()
+    assert raised == [(first, "NotReady")]
+
+
+async def test_deadline_writes_per_event_on_a_realistic_order_mix(database_url: str) -> None:
+    """The watcher writes deadline rows, never one per event: measure how many.
+
+    Orders take minutes, so each step usually sees one event of an order
+    (worst case); a backlog sees several and keeps only the last.
+    """
+    restaurant = uuid.uuid4()
+    orders = [uuid.uuid4() for _ in range(50)]
+    chain = ["OrderPaymentSucceeded", *CHAIN]
+    spread = SlaWatcher(database_url, dataclasses.replace(CONFIG, page_size=1000))
+    for kind in chain:  # one step per stage: every event in a window of its own stage
+        _enqueue(database_url, [event(kind, restaurant_id=restaurant, order_id=o, at=AT)
+                                for o in orders])  # fmt: skip
+        _record(database_url)
+        await _step(database_url, spread)
+    assert spread.events == len(orders) * len(chain)
+    # Paid, accepted and ready each write the deadline, delivered deletes it;
+    # preparing writes nothing: 4 writes for 5 events.
+    assert spread.writes == len(orders) * 4
+    assert _deadlines(database_url) == {}
+
+    burst = SlaWatcher(database_url, dataclasses.replace(CONFIG, page_size=1000))
+    more = [uuid.uuid4() for _ in range(50)]
+    _enqueue(database_url, [event(kind, restaurant_id=restaurant, order_id=o, at=AT)
+                            for o in more for kind in chain])  # fmt: skip
+    _record(database_url)
+    await _step(database_url, burst)
+    assert burst.events == len(more) * len(chain)
+    assert burst.writes == 0  # each order's last event clears a deadline it never had
+
+
+async def test_a_backlog_is_applied_in_bounded_steps(database_url: str) -> None:
+    restaurant = uuid.uuid4()
+    orders = [uuid.uuid4() for _ in range(5)]
+    _enqueue(database_url, [event("OrderPaymentSucceeded", restaurant_id=restaurant, order_id=o,
+                                  at=AT) for o in orders])  # fmt: skip
+    _record(database_url)
+    watcher = SlaWatcher(database_url, dataclasses.replace(CONFIG, page_size=1, step_pages=2))
+    await _step(database_url, watcher)
+    assert watcher.behind and len(_deadlines(database_url)) == 2
+    steps = 1
+    while watcher.behind:
+        await _step(database_url, watcher)
+        steps += 1
+    assert set(_deadlines(database_url)) == set(orders) and steps == 3
