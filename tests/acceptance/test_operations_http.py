@@ -59,10 +59,10 @@ def test_metrics_count_what_happened_and_carry_no_ids(database_url: str) -> None
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             metrics = _metrics(relay.url)
-            if _total(metrics, "relay_claimed_events_total") >= 7:
+            if _total(metrics, "relay_checked_rows_total") >= 7:
                 break
             time.sleep(0.2)
-        assert _total(metrics, "relay_claimed_events_total") == 7
+        assert _total(metrics, "relay_checked_rows_total") == 7
         assert _total(metrics, "relay_published_events_total") == 5
         assert _total(metrics, "relay_dead_lettered_events_total") == 2
         assert _total(metrics, "relay_dropped_fields_total") == 10
@@ -181,7 +181,7 @@ def test_every_relay_session_is_named_and_runs_without_jit(database_url: str) ->
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 ).fetchall()
             }
-    assert {"relay dispatcher", "relay gateway", "relay gateway pool", "relay sla"} <= names
+    assert {"relay recorder", "relay gateway", "relay gateway pool", "relay sla"} <= names
 
 
 async def test_relay_sessions_turn_jit_off_and_keep_a_configured_name(database_url: str) -> None:
