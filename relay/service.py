@@ -122,10 +122,25 @@ async def serve(
         for config in parse_publishers(settings.publisher_urls)
     ] if dispatcher else []  # fmt: skip
 
+    sla = (
+        SlaWatcher(
+            url,
+            SlaConfig(
+                not_accepted=settings.sla_not_accepted,
+                not_ready=settings.sla_not_ready,
+                delivery_grace=settings.sla_delivery_grace,
+            ),
+        )
+        if dispatcher and settings.sla_enabled
+        else None
+    )
+
     def on_page(page: Page) -> None:
         _observe(page)
         if hub is not None:
             hub.handed(page)
+        if sla is not None:
+            sla.handed(page)
 
     worker = (
         Recorder(
@@ -155,15 +170,7 @@ async def serve(
     ]
     if worker is not None:
         tasks.append(asyncio.create_task(worker.run(stop), name="dispatcher"))
-        if settings.sla_enabled:
-            sla = SlaWatcher(
-                url,
-                SlaConfig(
-                    not_accepted=settings.sla_not_accepted,
-                    not_ready=settings.sla_not_ready,
-                    delivery_grace=settings.sla_delivery_grace,
-                ),
-            )
+        if sla is not None:
             tasks.append(asyncio.create_task(sla.run(stop), name="sla"))
     if followers:
         # External publishers follow the log from their own durable offsets.

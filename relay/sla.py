@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -32,7 +33,7 @@ import psycopg
 
 from relay import log as event_log
 from relay.db import sleep_or_stop
-from relay.log import LogEvent, Position
+from relay.log import LogEvent, Page, Position
 from relay.sessions import hold_session
 from relay.sql import query
 
@@ -47,6 +48,10 @@ SLA = "relay.sla"  # the watcher's offset in relay_offsets
 _CLEARS = frozenset({"OrderDelivered", "OrderRejected", "OrderCancelled", "OrderPaymentFailed"})
 _SETS = {"OrderPaymentSucceeded": "NotAccepted", "OrderAccepted": "NotReady"}
 _READY = "OrderReadyForDelivery"
+# Pages this process's recorder read, kept for the watcher's next step so it
+# need not read and validate them again (a full queue drops the oldest: the
+# watcher then reads those from the log).
+_HANDED_PAGES = 4096
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,24 @@ class SlaWatcher:
         self.events = 0  # events this watcher applied
         self.writes = 0  # deadline rows it wrote for them
         self.behind = False  # the last step stopped before the newest window
+        self._handed: deque[Page] = deque(maxlen=_HANDED_PAGES)
+
+    def handed(self, page: Page) -> None:
+        """A page this process's recorder read (used when it continues the offset)."""
+        self._handed.append(page)
+
+    def _in_hand(self, at: Position) -> tuple[list[LogEvent], Position] | None:
+        """The handed pages that continue ``at``, as one page; None if none does."""
+        handed = self._handed
+        while handed and handed[0].reached <= at:
+            handed.popleft()  # already applied (by this or another replica)
+        events: list[LogEvent] = []
+        reached = at
+        while handed and handed[0].after == reached and len(events) < self.config.page_size:
+            page = handed.popleft()
+            events.extend(page.events)
+            reached = page.reached
+        return (events, reached) if reached != at else None
 
     async def run(self, stop: asyncio.Event) -> None:
         async def follow(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -175,8 +198,13 @@ class SlaWatcher:
         at = max(at, head.oldest)  # retention passed the offset: resume at the oldest row
         if at >= head.end:
             return True
-        page = await event_log.read(conn, at, head.window, limit=self.config.page_size)
-        changes = deadline_changes(page.events)
+        in_hand = self._in_hand(at)
+        if in_hand is None:
+            page = await event_log.read(conn, at, head.window, limit=self.config.page_size)
+            events, reached = page.events, page.reached
+        else:
+            events, reached = in_hand
+        changes = deadline_changes(events)
         if changes:
             cfg = self.config
             cur = await conn.execute(
@@ -195,6 +223,6 @@ class SlaWatcher:
             )
             row = await cur.fetchone()
             self.writes += int(row[0]) if row else 0
-        self.events += len(page.events)
-        await event_log.advance_offset(conn, SLA, page.reached)
-        return page.reached >= head.end
+        self.events += len(events)
+        await event_log.advance_offset(conn, SLA, reached)
+        return reached >= head.end

@@ -259,3 +259,49 @@ async def test_a_backlog_is_applied_in_bounded_steps(database_url: str) -> None:
         await _step(database_url, watcher)
         steps += 1
     assert set(_deadlines(database_url)) == set(orders) and steps == 3
+
+
+async def test_pages_handed_by_the_recorder_give_the_deadlines_a_read_of_the_log_gives(
+    database_url: str,
+) -> None:
+    """In the recorder's process the watcher takes the pages the recorder read
+    instead of reading and validating them again; pages that do not continue
+    its offset are passed over. Either way the deadlines are the same."""
+    url = database_url
+    restaurant = uuid.uuid4()
+    orders = [uuid.uuid4() for _ in range(3)]
+    kinds = ["OrderPaymentSucceeded", "OrderAccepted", "OrderReadyForDelivery"]
+    _enqueue(
+        url,
+        [
+            event(k, restaurant_id=restaurant, order_id=o, at=AT)
+            for o, k in zip(orders, kinds, strict=True)
+        ],
+    )
+    window = _record(url)
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    try:
+        page = await event_log.read(conn, Position.end_of(0), window, limit=1000)
+    finally:
+        await conn.close()
+    assert len(page.events) == 3
+    handed = SlaWatcher(url, dataclasses.replace(CONFIG, page_size=1000))
+    stale = dataclasses.replace(page, after=Position.end_of(-1), reached=Position.end_of(0))
+    handed.handed(stale)  # already behind the offset: dropped
+    handed.handed(page)
+    await _step(url, handed)
+    assert not handed._handed  # both consumed: the stale one dropped, the other applied
+    by_hand = _deadlines(url)
+    assert {o: kind for o, (kind, _due) in by_hand.items()} == {
+        orders[0]: "NotAccepted",
+        orders[1]: "NotReady",
+        orders[2]: "DeliveryLate",
+    }
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("DELETE FROM relay_sla_deadlines")
+        c.execute(
+            "UPDATE relay_offsets SET window_id = 0, xid = %s, id = %s WHERE follower = %s",
+            (2**63 - 1, 2**63 - 1, SLA),
+        )
+    await _step(url, SlaWatcher(url, dataclasses.replace(CONFIG, page_size=1000)))
+    assert _deadlines(url) == by_hand
