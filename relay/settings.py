@@ -88,20 +88,21 @@ class Settings(BaseSettings):
     poll_idle: Duration = Field(
         timedelta(milliseconds=10),
         alias="RELAY_POLL_IDLE",
-        description="longest pause between probes of the outbox when idle (5x after 1 s "
+        description="longest pause between probes for a new window when idle (5x after 1 s "
         "without events)",
     )
     linger: Duration = Field(
         timedelta(milliseconds=25),
         alias="RELAY_LINGER",
         le=timedelta(seconds=1),
-        description="after a partial batch, the next claim waits 0.25 ms per event of that batch, "
-        "up to this: fewer, larger transactions under load, ms latency at low rates",
+        description="after a window, the next waits 0.25 ms per event of it, up to this: "
+        "fewer, larger windows under load, ms latency at low rates",
     )
     safety_sweep: Duration = Field(
         timedelta(seconds=1),
         alias="RELAY_SAFETY_SWEEP",
-        description="a full claim at least this often, whatever the probe says",
+        description="probe at least this often whatever the wake-up says; a standby takes "
+        "the recorder's role within it",
     )
     batch_size: int = Field(
         5000, alias="RELAY_BATCH_SIZE", ge=1, le=10000, description="rows per read of a window"
