@@ -61,7 +61,9 @@ class _Metrics:
             registry=r,
         )
         self.subscribers = Gauge("relay_subscribers", "Open SSE streams", registry=r)
-        self.backlog = Gauge("relay_backlog", "Pending outbox rows (sampled)", registry=r)
+        self.backlog = Gauge(
+            "relay_backlog", "Outbox rows no window holds yet (sampled)", registry=r
+        )
         self.replicas = Gauge("relay_replicas", "Live relay processes (sampled)", registry=r)
         self.broker_published = Counter(
             "relay_broker_published",
@@ -76,9 +78,11 @@ class _Metrics:
             registry=r,
         )
         self.broker_lag = Gauge(
-            "relay_broker_lag", "Events an external publisher has yet to deliver", ["publisher"],
+            "relay_broker_lag",
+            "Windows an external publisher has yet to deliver (whole or in part)",
+            ["publisher"],
             registry=r,
-        )  # fmt: skip
+        )
 
 
 M = _Metrics(REGISTRY)

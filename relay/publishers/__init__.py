@@ -1,8 +1,8 @@
 """External publishers: follow the event log from durable offsets into a message bus.
 
 ``RELAY_PUBLISHERS`` lists broker URLs; each becomes a ``Follower`` that reads
-``relay_events`` independently of SSE (a broker outage never stalls a
-dashboard, and one publisher never stalls another).
+the log's windows from its own offset, independently of SSE (a broker outage
+never stalls a dashboard, and one publisher never stalls another).
 """
 
 from __future__ import annotations

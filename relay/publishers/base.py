@@ -10,6 +10,7 @@ from typing import Protocol
 from uuid import UUID
 
 from relay.events.schemas import cloudevents_type, dataschema
+from relay.log import LogEvent, Position
 from relay.publishers.config import CloudEvents
 
 __all__ = [
@@ -29,14 +30,19 @@ JSON = "application/json"  # every body: the same JSON object SSE clients get
 class Message:
     """One log event as a broker message; ``body`` is the same JSON SSE clients get."""
 
-    partition: int
-    position: int
+    at: Position  # where the event sits in the log (for logs; brokers never see it)
     event_id: UUID
     event_type: str
     schema_version: int
     restaurant_id: UUID
     occurred_on_utc: datetime
     body: bytes
+
+    @classmethod
+    def of(cls, event: LogEvent) -> Message:
+        return cls(at=event.at, event_id=event.event_id, event_type=event.event_type,
+                   schema_version=event.schema_version, restaurant_id=event.restaurant_id,
+                   occurred_on_utc=event.occurred_on_utc, body=event.data.encode())  # fmt: skip
 
     @property
     def occurred_on_text(self) -> str:

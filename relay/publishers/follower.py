@@ -1,11 +1,13 @@
-"""One external publisher: follow the event log from its durable offsets into a broker.
+"""One external publisher: follow the log's snapshot windows into a broker.
 
 Exactly one relay process publishes for a given publisher name at a time: it
 holds a session advisory lock on its database connection, so a crashed
-leader's lock goes with its connection and a standby takes over. The offset
-of a partition moves only after the broker confirmed (or refused for good)
-every event up to it, in one UPDATE; a crash in between republishes the
-batch, which brokers drop by message id (at-least-once, never a gap).
+leader's lock goes with its connection and a standby takes over. Its one
+durable offset (``relay_offsets`` row ``publisher:{name}``) moves past a page
+of the log only after the broker confirmed (or refused for good) every
+message of it; a crash in between republishes the page, which brokers drop
+by message id (= event id): at-least-once, never a gap. The leader polls the
+log's head every ``idle`` seconds when it has caught up.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any, Literal
 import psycopg
 import tenacity
 
+from relay import log as event_log
 from relay.db import sleep_or_stop
+from relay.log import Position
 from relay.metrics import M
 from relay.publishers.base import Broker, Message, Outcome
 from relay.publishers.config import PublisherConfig
@@ -39,7 +43,7 @@ class PublisherState:
     """What ``/readyz`` reports for one publisher."""
 
     state: State = "starting"
-    lag: int | None = None
+    lag: int | None = None  # snapshot windows still to deliver, whole or in part
     published: int = 0
     rejected: int = 0
     last_error: str | None = None
@@ -73,6 +77,7 @@ class Follower:
         self.idle = idle
         self.standby_retry = standby_retry
         self.query_timeout = query_timeout
+        self.follower = f"publisher:{config.name}"  # its relay_offsets row
         self.status = PublisherState()
         self._broker_connected = False
         self._outage_started: float | None = None
@@ -113,36 +118,50 @@ class Follower:
         return False
 
     async def _follow(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
-        name = {"publisher": self.config.name}
-        async with asyncio.timeout(self.query_timeout):
-            await conn.execute(query("publisher_offsets_init"), name)
+        offset = await self._offset(conn)
         await self._deliver([], stop)  # connect now: readiness shows the broker's state
         while not stop.is_set():
             async with asyncio.timeout(self.query_timeout):
-                cur = await conn.execute(query("publisher_work"), name)
-                work = await cur.fetchall()
-            self.status.lag = sum(int(head) - int(after) for _p, after, head in work)
-            M.broker_lag.labels(publisher=self.config.name).set(self.status.lag)
-            if not work:
+                top = await event_log.head(conn)
+            # An offset older than retention resumes at the oldest retained event.
+            offset = max(offset, top.oldest)
+            self._lag(offset, top.window)
+            if offset >= top.end:
                 await sleep_or_stop(stop, self.idle)
                 continue
-            for partition, after, _head in work:
-                if stop.is_set():
-                    return
-                await self._drain_batch(conn, int(partition), int(after), stop)
+            while offset < top.end and not stop.is_set():
+                reached = await self._step(conn, offset, top.window, stop)
+                if reached <= offset:  # a read never stalls; if one did, look again later
+                    await sleep_or_stop(stop, self.idle)
+                    break
+                offset = reached
+                self._lag(offset, top.window)
 
-    async def _drain_batch(
-        self, conn: psycopg.AsyncConnection[Any], partition: int, after: int, stop: asyncio.Event
-    ) -> None:
+    async def _offset(self, conn: psycopg.AsyncConnection[Any]) -> Position:
+        """This publisher's durable offset; a new one starts at the oldest retained event."""
         async with asyncio.timeout(self.query_timeout):
-            cur = await conn.execute(
-                query("publisher_read"),
-                {"partition": partition, "after": after, "limit": self.batch_size},
-            )
-            rows = await cur.fetchall()
-        if not rows:
-            return
-        batch = [_message(r) for r in rows if self.config.accepts(r[3])]
+            async with conn.transaction():
+                offset = await event_log.take_offset(conn, self.follower)
+            if offset is None:  # someone holds the row (not a relay: we hold the lead)
+                offset = await event_log.read_offset(conn, self.follower)
+        assert offset is not None
+        return offset
+
+    def _lag(self, offset: Position, window: int) -> None:
+        """Windows still to deliver, whole or in part (``publisher_lag``'s measure)."""
+        done = offset.window if offset.whole else offset.window - 1
+        self.status.lag = max(window - done, 0)
+        M.broker_lag.labels(publisher=self.config.name).set(self.status.lag)
+
+    async def _step(
+        self, conn: psycopg.AsyncConnection[Any], after: Position, through: int, stop: asyncio.Event
+    ) -> Position:
+        """Publish the next page of the log; move the offset once the broker has
+        confirmed (or refused for good) every message of it. Returns the new offset."""
+        async with asyncio.timeout(self.query_timeout):
+            page = await event_log.read(conn, after, through, limit=self.batch_size)
+        # Rejected rows are skipped: the recorder files them as dead letters.
+        batch = [Message.of(e) for e in page.events if self.config.accepts(e.event_type)]
         outcomes = await self._deliver(batch, stop)
         rejected = [(m, why) for m, why in zip(batch, outcomes, strict=True) if why is not None]
         async with asyncio.timeout(self.query_timeout), conn.transaction():
@@ -150,14 +169,10 @@ class Follower:
                 await conn.execute(
                     query("publisher_dead_letter"),
                     {"publisher": self.config.name, "event_id": message.event_id,
-                     "partition": message.partition, "position": message.position,
                      "event_type": message.event_type, "reason": why},
                 )  # fmt: skip
-            await conn.execute(
-                query("publisher_advance"),
-                {"publisher": self.config.name, "partition": partition,
-                 "position": int(rows[-1][1])},
-            )  # fmt: skip
+            if page.reached > after:
+                await event_log.advance_offset(conn, self.follower, page.reached)
         confirmed = len(batch) - len(rejected)
         self.status.published += confirmed
         self.status.rejected += len(rejected)
@@ -166,6 +181,7 @@ class Follower:
             M.broker_rejected.labels(publisher=self.config.name).inc()
             log.error("publisher %s: event %s (%s) refused for good, dead-lettered: %s",
                       self.config.name, message.event_id, message.event_type, why)  # fmt: skip
+        return page.reached
 
     async def _deliver(self, batch: list[Message], stop: asyncio.Event) -> list[Outcome]:
         """Publish until the broker confirms the batch; back off while it is away."""
@@ -218,10 +234,3 @@ class Follower:
                      self.config.name, time.monotonic() - self._outage_started)  # fmt: skip
             self._outage_started = None
             self.status.last_error = None
-
-
-def _message(row: tuple[Any, ...]) -> Message:
-    partition, position, event_id, event_type, version, restaurant, occurred, data = row
-    return Message(partition=int(partition), position=int(position), event_id=event_id,
-                   event_type=event_type, schema_version=int(version), restaurant_id=restaurant,
-                   occurred_on_utc=occurred, body=data.encode())  # fmt: skip

@@ -56,7 +56,7 @@ def collect(database_url: str) -> dict[str, Any]:
             for r in conn.execute(query("status_replicas")).fetchall()
         ]
         publishers = [
-            {"publisher": name, "lag_events": int(lag)}
+            {"publisher": name, "lag_windows": int(lag)}
             for name, lag in conn.execute(query("publisher_lag")).fetchall()
         ]
     return {
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             f"heartbeat {r['heartbeat_age_s']:.1f} s ago, {r['published']} published"
         )
     for p in report["publishers"]:
-        print(f"publisher {p['publisher']}: {p['lag_events']} events behind")
+        print(f"publisher {p['publisher']}: {p['lag_windows']} windows behind")
     return 0
 
 

@@ -19,6 +19,7 @@ from cloudevents.core.v1.event import CloudEvent
 
 from relay.errors import ConfigError
 from relay.events import Envelope, render
+from relay.log import Position
 from relay.publishers.base import Message
 from relay.publishers.config import CloudEvents, parse_publisher_url
 from relay.publishers.nats import nats_headers
@@ -35,7 +36,7 @@ def message(event_type: str = "CouponUsed", schema_version: int = 1) -> Message:
     body = render(
         Envelope(event_id, event_type, schema_version, R, None, None, WHEN, payload)
     ).json.encode()
-    return Message(partition=0, position=1, event_id=event_id, event_type=event_type,
+    return Message(at=Position(1, 700, 1), event_id=event_id, event_type=event_type,
                    schema_version=schema_version, restaurant_id=R, occurred_on_utc=WHEN,
                    body=body)  # fmt: skip
 
