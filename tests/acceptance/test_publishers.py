@@ -343,7 +343,11 @@ async def test_one_process_publishes_a_standby_takes_over(database_url: str) -> 
     async with jetstream_consumer(stream, prefix) as consumer:
         with RelayProcess(database_url, env=env) as a, RelayProcess(database_url, env=env) as b:
             await asyncio.sleep(1)
-            states = {a.port: _state(a), b.port: _state(b)}
+            # Off the event loop: the consumer must keep receiving meanwhile.
+            states = {
+                a.port: await asyncio.to_thread(_state, a),
+                b.port: await asyncio.to_thread(_state, b),
+            }
             assert sorted(states.values()) == ["publishing", "standby"], states
             leader, standby = (a, b) if states[a.port] == "publishing" else (b, a)
             batch = chains([restaurant], 10)
@@ -353,7 +357,7 @@ async def test_one_process_publishes_a_standby_takes_over(database_url: str) -> 
             await asyncio.to_thread(_produce, database_url, [e for c in later for e in c])
             every = {str(e.event_id) for c in batch + later for e in c}
             await consumer.wait_for(every, timeout=30)
-            assert _state(standby) == "publishing"
+            assert await asyncio.to_thread(_state, standby) == "publishing"
     assert consumer.first_order() == {
         str(restaurant): [str(e.event_id) for c in batch + later for e in c]
     }
