@@ -637,7 +637,7 @@ def plan(url: str, text: bytes, params: dict[str, Any]) -> str:
 def _bounds(url: str, since: int, window: int) -> dict[str, Any]:
     """The bound parameters the reads take for windows (since, window]."""
     with psycopg.connect(url) as conn:
-        snapshots = dict(
+        snapshots: dict[int, str] = dict(
             conn.execute(
                 "SELECT window_id, snapshot::text FROM relay_windows WHERE window_id IN (%s, %s)",
                 (since, window),
