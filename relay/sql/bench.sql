@@ -22,26 +22,40 @@ CROSS JOIN LATERAL (
 CROSS JOIN LATERAL (SELECT gen_random_uuid() AS id, n AS per_row) AS o
 ORDER BY n
 
--- name: bench_fill_history
--- Published history behind the live events, as if retention kept a busy past:
--- positions 1..per_partition in every partition, for restaurants nobody follows.
-INSERT INTO relay_events (partition, position, event_id, event_type, schema_version, sse_event,
-                          restaurant_id, channels, data, occurred_on_utc, enqueued_at)
-SELECT p, pos, gen_random_uuid(), 'OrderAccepted', 1, 'OrderStatusChanged', r.id,
-       ARRAY['restaurant:' || r.id], '{"orderNumber":"H"}'::json, now(), now()
-FROM generate_series(0, 63) AS p
-CROSS JOIN generate_series(1, %(per_partition)s::int) AS pos
-CROSS JOIN LATERAL (
-    SELECT overlay(uuid_send(gen_random_uuid()) PLACING set_byte('\x00'::bytea, 0, p)
-                   FROM 16 FOR 1) AS raw
-) AS b
-CROSS JOIN LATERAL (SELECT encode(b.raw, 'hex')::uuid AS id) AS r
+-- name: bench_history_seen
+-- Published history behind the live events, as a relay that has been running
+-- leaves it: the rows just inserted are closed into a window of their own
+-- (the recorder's one write per window), and the relay's own followers (the
+-- dead-letter check, the SLA watcher) are already past it.
+WITH recorded AS (
+    INSERT INTO relay_windows (window_id, snapshot, horizon)
+    SELECT max(window_id) + 1, pg_current_snapshot(), pg_snapshot_xmax(pg_current_snapshot())
+    FROM relay_windows
+    RETURNING window_id
+), seen AS (
+    INSERT INTO relay_offsets (follower, window_id, xid, id)
+    SELECT f.follower, recorded.window_id, 9223372036854775807, 9223372036854775807
+    FROM recorded CROSS JOIN unnest(%(followers)s::text[]) AS f(follower)
+    ON CONFLICT (follower) DO UPDATE
+    SET window_id = EXCLUDED.window_id, xid = EXCLUDED.xid, id = EXCLUDED.id
+)
+SELECT window_id FROM recorded
 
--- name: bench_history_heads
--- The history counts as already seen by the relay's own followers (as it
--- would be on a relay that has been running): the SLA watcher starts at the head.
-WITH heads AS (UPDATE relay_partitions SET last_position = %(per_partition)s)
-UPDATE relay_sla_offsets SET position = %(per_partition)s
+-- name: bench_relay_behind
+-- Has the relay not yet done everything the outbox holds? True while a
+-- committed row is in no recorded window, or one of `followers` has no offset
+-- yet or one short of the end of the newest window.
+SELECT EXISTS (SELECT FROM relay_outbox AS o WHERE o.xid >= w.horizon)
+       OR EXISTS (SELECT FROM relay_outbox AS o
+                  WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(w.snapshot))))
+       OR (SELECT count(*) FROM relay_offsets AS f
+           WHERE f.follower = ANY (%(followers)s::text[])
+             AND (f.window_id, f.xid, f.id)
+                 >= (w.window_id, 9223372036854775807, 9223372036854775807))
+          < cardinality(%(followers)s::text[])
+FROM relay_windows AS w
+ORDER BY w.window_id DESC
+LIMIT 1
 
 -- name: bench_ceiling_claim
 -- The bare-SQL ceiling: claim and remove 500 pending rows, nothing else.
@@ -49,39 +63,15 @@ DELETE FROM relay_outbox
 WHERE id IN (SELECT id FROM relay_outbox ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED)
 RETURNING id, event_id, event_type, restaurant_id, order_id, payload
 
--- name: bench_move_floor
--- This design's own floor: the cheapest publish it allows. One statement
--- moves the 500 oldest pending rows into the log (every index the log has),
--- with no validation, no partitions, no counters and no notification. What
--- the relay adds on top of this is its overhead; what this costs producers
--- and what it loses to the ceiling above is the price of moving rows at all.
-WITH moved AS (
-    DELETE FROM relay_outbox
-    WHERE id IN (SELECT id FROM relay_outbox ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED)
-    RETURNING *
-)
-INSERT INTO relay_events (partition, position, event_id, event_type, schema_version, sse_event,
-                          restaurant_id, order_id, customer_id, channels, data,
-                          occurred_on_utc, enqueued_at)
-SELECT partition, id, event_id, event_type, schema_version, 'OrderStatusChanged', restaurant_id,
-       order_id, customer_id, ARRAY['restaurant:' || restaurant_id], payload::json,
-       occurred_on_utc, enqueued_at
-FROM moved
-RETURNING event_id, data
-
-------------------------------------------------- publishing without moving rows --
--- The floor of the read-in-place design (docs/performance.md, "What would reach the targets"):
--- rows stay in the outbox, and a reader takes them in *windows*. A window is
--- the transactions visible in one snapshot and not in the previous one; that
--- set is fixed once the snapshot is taken, so a cursor (window, xid, id) is
--- gap-free by construction, and a transaction that commits after a later one
--- simply falls in a later window. The only write is one row per window.
+--------------------------------------------------------- the snapshot floor --
+-- The floor of the relay's own design with no relay process: one session
+-- takes the outbox's rows in place by snapshot windows (relay/tools/bench/snapshot.py)
+-- and does nothing else. A window is the transactions visible in one snapshot
+-- and not in the previous one; the only write is one row per window. It reads
+-- the outbox's own `xid` column and (xid, id) index, as the relay does, but
+-- keeps its windows in a table of its own so that no relay ever reads them.
 
 -- name: bench_snapshot_install
--- Every row records its inserting transaction (a default: the producer's
--- INSERT does not change), indexed for the window reads.
-ALTER TABLE relay_outbox ADD COLUMN bench_xid xid8 NOT NULL DEFAULT pg_current_xact_id();
-CREATE INDEX relay_outbox_bench_window_idx ON relay_outbox (bench_xid, id);
 CREATE TABLE bench_windows (
     window_id  bigint      PRIMARY KEY,
     snapshot   pg_snapshot NOT NULL,
@@ -99,14 +89,14 @@ RETURNING snapshot::text
 -- whose transaction is visible in the window's snapshot and was not in the
 -- previous one. The xid range bounds the index scan; the visibility tests
 -- decide membership.
-SELECT bench_xid::text AS xid_text, id, event_id, event_type, restaurant_id, order_id, payload
+SELECT xid::text AS xid_text, id, event_id, event_type, restaurant_id, order_id, payload
 FROM relay_outbox
-WHERE bench_xid >= pg_snapshot_xmin(%(previous)s::pg_snapshot)
-  AND bench_xid < pg_snapshot_xmax(%(current)s::pg_snapshot)
-  AND pg_visible_in_snapshot(bench_xid, %(current)s::pg_snapshot)
-  AND NOT pg_visible_in_snapshot(bench_xid, %(previous)s::pg_snapshot)
-  AND (bench_xid, id) > (%(after_xid)s::xid8, %(after_id)s::bigint)
-ORDER BY bench_xid, id
+WHERE xid >= pg_snapshot_xmin(%(previous)s::pg_snapshot)
+  AND xid < pg_snapshot_xmax(%(current)s::pg_snapshot)
+  AND pg_visible_in_snapshot(xid, %(current)s::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(xid, %(previous)s::pg_snapshot)
+  AND (xid, id) > (%(after_xid)s::xid8, %(after_id)s::bigint)
+ORDER BY xid, id
 LIMIT %(limit)s
 
 ------------------------------------------------------------- the peers (job queues) --

@@ -1,4 +1,4 @@
-"""The bench's floor for publishing without moving rows (relay/tools/bench/snapshot.py).
+"""The bench's snapshot floor, the relay's design bare (relay/tools/bench/snapshot.py).
 
 Its figures only mean something if its reader is correct: every committed row
 exactly once, in an order no late commit can break, rolled-back rows never.

@@ -1,4 +1,4 @@
-"""The bench scenarios (issue 10, SPEC §7): each measures relay and its ceiling in one run."""
+"""The bench scenarios (SPEC §7): each measures the relay and its ceiling in one run."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from typing import Any, NamedTuple, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from relay.dispatcher import DispatcherConfig
-from relay.log import partition_of
+from relay.log import Position
+from relay.recorder import RecorderConfig
 from relay.sql import query
 from relay.tools.bench import pinned, snapshot
 from relay.tools.bench.env import BackendCpu, Bench, RelayServer, Worker
 from relay.tools.bench.peers import PEERS, Peer, payloads
+from relay.tools.bench.wal import FOLLOWERS, checkpoint, lsn, wait_caught_up
 from relay.tools.bench.wal import wal as wal_per_event
 
 __all__ = ["SCENARIOS", "Sizes"]
@@ -70,23 +71,36 @@ def _restaurants(n: int) -> list[uuid.UUID]:
     return [uuid.uuid4() for _ in range(n)]
 
 
-def _fill(url: str, restaurants: list[uuid.UUID], count: int, first: int = 1) -> None:
+def _insert(conn: psycopg.Connection[Any], restaurants: list[uuid.UUID], count: int) -> int:
+    """``count`` pending events in statements of 50,000 rows; the WAL they wrote, bytes."""
+    before = lsn(conn)
+    for start in range(1, count + 1, 50_000):
+        last = min(count, start + 49_999)
+        conn.execute(
+            query("bench_fill_outbox"), {"first": start, "last": last, "restaurants": restaurants}
+        )
+    return lsn(conn) - before
+
+
+def _fill(url: str, restaurants: list[uuid.UUID], count: int) -> int:
+    """Pending events, vacuumed and checkpointed (no set-up work lands in a
+    measured run); returns the WAL bytes of the inserts alone."""
     with psycopg.connect(url, autocommit=True) as conn:
-        for start in range(first, first + count, 50_000):
-            last = min(first + count - 1, start + 49_999)
-            conn.execute(
-                query("bench_fill_outbox"),
-                {"first": start, "last": last, "restaurants": restaurants},
-            )
+        written = _insert(conn, restaurants, count)
         conn.execute("VACUUM ANALYZE relay_outbox")
-        _checkpoint(conn)
+        checkpoint(conn)
+    return written
 
 
-def _checkpoint(conn: psycopg.Connection[Any]) -> None:
-    """Flush the set-up's writes now, so that no checkpoint they provoke lands in the
-    measured run (it would charge the loading of history to the relay)."""
-    with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
-        conn.execute("CHECKPOINT")  # a role without pg_checkpoint: measured as it comes
+def _history(url: str, rows: int) -> Position:
+    """``rows`` events of restaurants nobody follows, already published: closed
+    into a window of their own with the relay's followers past it, as a relay
+    that has been running leaves them. Returns the end of that window."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        _insert(conn, _restaurants(1000), rows)
+        row = conn.execute(query("bench_history_seen"), {"followers": list(FOLLOWERS)}).fetchone()
+    assert row is not None
+    return Position.end_of(int(row[0]))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -96,15 +110,18 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+# After window 0 (the events retained from before snapshot windows, none in a
+# bench database): a stream resuming here replays every event written since.
+FROM_START = Position.end_of(0)
+
+
 def _streams(
-    restaurants: list[uuid.UUID], expect: int, *, from_start: bool
+    restaurants: list[uuid.UUID], expect: int, *, after: Position | None
 ) -> list[dict[str, Any]]:
+    """Restaurant streams resuming after ``after``, or live (no cursor) when None."""
+    cursor = None if after is None else after.encode()
     return [
-        {
-            "path": f"/v1/restaurants/{r}/stream",
-            "expect": expect,
-            "cursor": f"{partition_of(r)}-0" if from_start else None,
-        }
+        {"path": f"/v1/restaurants/{r}/stream", "expect": expect, "cursor": cursor}
         for r in restaurants
     ]
 
@@ -150,22 +167,17 @@ def _timed_loop(url: str, step: Callable[[psycopg.Connection[Any]], Callable[[],
     return Rate(read, read / elapsed, _cpu_us(read, postgres=postgres, client=client))
 
 
-def ceiling(
-    bench: Bench, events: int, restaurants: int, statement: str = "bench_ceiling_claim"
-) -> Rate:
-    """Bare-SQL claim loop on the same data: rows/s, payload decoded, one connection.
-
-    ``bench_move_floor`` instead: the same loop publishing into the log, this
-    design's own floor.
-    """
+def ceiling(bench: Bench, events: int, restaurants: int) -> Rate:
+    """Bare-SQL claim loop on the same data: rows/s, payload decoded, one connection."""
     with bench.database() as url:
         _fill(url, _restaurants(restaurants), events)
-        return _timed_loop(url, lambda conn: _claim_step(conn, statement))
+        return _timed_loop(url, _claim_step)
 
 
 def snapshot_floor(bench: Bench, events: int, restaurants: int) -> Rate:
-    """The same data read in place by snapshot windows (relay/tools/bench/snapshot.py):
-    rows/s, payload decoded, one connection; nothing deleted or copied."""
+    """The same data read in place by snapshot windows with nothing else done
+    (relay/tools/bench/snapshot.py), the relay's own design bare: rows/s,
+    payload decoded, one connection."""
     with bench.database() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             snapshot.install(conn)
@@ -179,39 +191,43 @@ def snapshot_floor(bench: Bench, events: int, restaurants: int) -> Rate:
 def drain_rate(
     bench: Bench, events: int, restaurants: int, *, relays: int = 1, history_rows: int = 0
 ) -> dict[str, Any]:
-    """Pre-filled outbox → every subscriber has every event of its restaurant, over HTTP."""
+    """Pre-filled outbox → every subscriber has every event of its restaurant, over HTTP.
+
+    Also the WAL of the drain: from the relay's start on the filled (and
+    checkpointed) backlog until the relay has recorded every row in a window
+    and its followers are past it, against the WAL of the fill's inserts.
+    """
     ids = _restaurants(restaurants)
     with bench.database() as url:
-        if history_rows:
-            with psycopg.connect(url, autocommit=True) as conn:
-                per = max(1, history_rows // 64)
-                conn.execute(query("bench_fill_history"), {"per_partition": per})
-                conn.execute(query("bench_history_heads"), {"per_partition": per})
-                conn.execute("VACUUM ANALYZE relay_events")
-        _fill(url, ids, events)
-        servers = [RelayServer(bench, url) for _ in range(relays)]
-        try:
-            started = min(s.wait_ready() for s in servers)
-            server_cpu = BackendCpu(url, every_process=True)
-            relay_cpu0 = sum(s.cpu_seconds() for s in servers)
-            streams = _streams(ids, events // restaurants, from_start=True)
-            # Behind a load balancer: each replica serves its share of the dashboards.
-            workers = [
-                _subscriber(bench, server.port, ids, streams[i :: len(servers)], timeout=600)
-                for i, server in enumerate(servers)
-            ]
-            for worker in workers:
-                worker.wait_ready()
-            results = [worker.result() for worker in workers]
-            cpu = _cpu_us(
-                events,
-                postgres=server_cpu.seconds(),
-                relay=sum(s.cpu_seconds() for s in servers) - relay_cpu0,
-                clients=sum(float(r["cpu_seconds"]) for r in results),
-            )
-        finally:
-            for server in servers:
-                server.stop()
+        after = _history(url, history_rows) if history_rows else FROM_START
+        produced = _fill(url, ids, events)
+        with psycopg.connect(url, autocommit=True) as watch:
+            wal_before = lsn(watch)
+            servers = [RelayServer(bench, url) for _ in range(relays)]
+            try:
+                started = min(s.wait_ready() for s in servers)
+                server_cpu = BackendCpu(url, every_process=True)
+                relay_cpu0 = sum(s.cpu_seconds() for s in servers)
+                streams = _streams(ids, events // restaurants, after=after)
+                # Behind a load balancer: each replica serves its share of the dashboards.
+                workers = [
+                    _subscriber(bench, server.port, ids, streams[i :: len(servers)], timeout=600)
+                    for i, server in enumerate(servers)
+                ]
+                for worker in workers:
+                    worker.wait_ready()
+                results = [worker.result() for worker in workers]
+                cpu = _cpu_us(
+                    events,
+                    postgres=server_cpu.seconds(),
+                    relay=sum(s.cpu_seconds() for s in servers) - relay_cpu0,
+                    clients=sum(float(r["cpu_seconds"]) for r in results),
+                )
+                wait_caught_up(watch, timeout=120)
+                drained = lsn(watch) - wal_before
+            finally:
+                for server in servers:
+                    server.stop()
     elapsed = max(r["finished"] for r in results) - started
     delivered = sum(sum(r["events"]) for r in results)
     return {
@@ -222,24 +238,24 @@ def drain_rate(
         "seconds": round(elapsed, 2),
         "events_per_s": round(delivered / elapsed),
         "cpu_us_per_event": cpu,
+        "wal_bytes_per_event": round(drained / events),
+        "producer_wal_bytes_per_event": round(produced / events),
     }
 
 
 def drain(bench: Bench, sizes: Sizes) -> dict[str, Any]:
-    """The relay against the ceiling and both design floors, interleaved
-    ``rounds`` times; medians count (one default run measured the move floor
-    at 0.285x of the ceiling, the next at 0.505x)."""
+    """The relay against the ceiling and its design's floor, interleaved
+    ``rounds`` times; medians count (one default run measured a floor at
+    0.285x of the ceiling, the next at 0.505x)."""
     rounds = 1 if sizes.drain_events < 50_000 else 3
     tops: list[Rate] = []
-    moves: list[Rate] = []
     windows: list[Rate] = []
     runs: list[dict[str, Any]] = []
     for _ in range(rounds):
         tops.append(ceiling(bench, sizes.drain_events, sizes.restaurants))
-        moves.append(ceiling(bench, sizes.drain_events, sizes.restaurants, "bench_move_floor"))
         windows.append(snapshot_floor(bench, sizes.drain_events, sizes.restaurants))
         runs.append(drain_rate(bench, sizes.drain_events, sizes.restaurants))
-    top, move, window = (_median_rate(v) for v in (tops, moves, windows))
+    top, window = _median_rate(tops), _median_rate(windows)
     relay = _median_run(runs)
     return {
         **relay,
@@ -256,23 +272,21 @@ def drain(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         # all the time, nothing waiting. Below a target, no overlap of the
         # work can reach it; only less work per event can.
         "cpu_limit_ratio": _cpu_limit(relay["cpu_us_per_event"], top.events_per_s),
-        # This design's floor (rows moved into the log by one bare statement):
-        # its ratio to the ceiling bounds what any relay built on it can reach.
-        "move_floor_events_per_s": round(move.events_per_s),
-        "move_floor_ratio": round(move.events_per_s / top.events_per_s, 3),
-        "move_floor_ratio_per_round": [
-            round(m.events_per_s / t.events_per_s, 3) for m, t in zip(moves, tops, strict=True)
-        ],
-        "move_floor_cpu_us_per_event": move.cpu_us,
-        "relay_to_move_floor": round(relay["events_per_s"] / move.events_per_s, 3),
-        # The design that would not move rows (outbox read in place by
-        # snapshot windows): its floor against the same ceiling.
+        # The WAL the relay wrote per event, against the producer's inserts:
+        # the design reads rows in place, so this is its windows and followers.
+        "wal_to_producer": round(
+            relay["wal_bytes_per_event"] / max(1, relay["producer_wal_bytes_per_event"]), 3
+        ),
+        "wal_bytes_per_event_per_round": [r["wal_bytes_per_event"] for r in runs],
+        # This design bare (windows read by one statement, nothing else done):
+        # its ratio to the ceiling bounds what the relay can reach.
         "snapshot_floor_events_per_s": round(window.events_per_s),
         "snapshot_floor_ratio": round(window.events_per_s / top.events_per_s, 3),
         "snapshot_floor_ratio_per_round": [
             round(w.events_per_s / t.events_per_s, 3) for w, t in zip(windows, tops, strict=True)
         ],
         "snapshot_floor_cpu_us_per_event": window.cpu_us,
+        "relay_to_snapshot_floor": round(relay["events_per_s"] / window.events_per_s, 3),
     }
 
 
@@ -337,7 +351,7 @@ def notify_floor(bench: Bench, seconds: float, rate: float = 500.0) -> dict[str,
 
 def snapshot_floor_latency(bench: Bench, seconds: float, rate: float) -> dict[str, float]:
     """Commit → rows in hand for the snapshot-window reader polling every 0.5 ms:
-    the live floor of the design that would not move rows (no SSE hop)."""
+    the live floor of the relay's design, bare (no validation, no SSE hop)."""
     arrived: dict[int, float] = {}
 
     def follow(conn: psycopg.Connection[Any]) -> Callable[[], int]:
@@ -382,7 +396,7 @@ def latency(bench: Bench, seconds: float, rate: float, wakeup: str) -> dict[str,
     with bench.database() as url, RelayServer(bench, url, RELAY_WAKEUP=wakeup) as server:
         server.wait_ready()
         subscriber = _subscriber(
-            bench, server.port, ids, _streams(ids, 0, from_start=False),
+            bench, server.port, ids, _streams(ids, 0, after=None),
             record=True, timeout=seconds + 4, hold=seconds + 3,
         )  # fmt: skip
         subscriber.wait_ready()
@@ -423,7 +437,7 @@ def live(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         "floor_p50_ms": floor["p50_ms"],
         "floor_p99_ms": floor["p99_ms"],
         "ratio_p99": round(result["p99_ms"] / floor["p99_ms"], 2),
-        # Commit → rows in hand without moving rows (no SSE hop): against the same floor.
+        # Commit → rows in hand by a bare window reader (no SSE hop): against the same floor.
         "snapshot_floor_p50_ms": window["p50_ms"],
         "snapshot_floor_p99_ms": window["p99_ms"],
         "snapshot_floor_ratio_p99": round(window["p99_ms"] / floor["p99_ms"], 2),
@@ -433,9 +447,7 @@ def live(bench: Bench, sizes: Sizes) -> dict[str, Any]:
 def _fan(bench: Bench, subscribers: int, events: int, restaurants: int) -> dict[str, Any]:
     ids = _restaurants(restaurants)
     per_stream = events // restaurants
-    streams = _streams(
-        [ids[i % restaurants] for i in range(subscribers)], per_stream, from_start=False
-    )
+    streams = _streams([ids[i % restaurants] for i in range(subscribers)], per_stream, after=None)
     with bench.database() as url, RelayServer(bench, url) as server:
         server.wait_ready()
         half = (len(streams) + 1) // 2
@@ -476,7 +488,7 @@ def connections(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     """Idle subscribers held by one relay, on restaurant streams and on
     multi-restaurant streams (``multi_restaurant``), each in a relay of its own."""
     ids = _restaurants(100)
-    streams = _streams([ids[i % 100] for i in range(sizes.connections)], 1, from_start=False)
+    streams = _streams([ids[i % 100] for i in range(sizes.connections)], 1, after=None)
     # Each dashboard carries its own restaurant's token, as staff tokens do.
     tokens = {str(r): bench.token([r]) for r in ids}
     for stream in streams:
@@ -492,8 +504,8 @@ def multi_restaurant_connections(
 ) -> dict[str, Any]:
     """``count`` idle streams of ``/v1/restaurants/stream``, each covering the
     ``each`` restaurants its token grants: ``managers`` disjoint sets of random
-    restaurants (so a set spreads over partitions as real ones do), each
-    followed by ``count / managers`` dashboards, as in the single-restaurant case."""
+    restaurants, each followed by ``count / managers`` dashboards, as in the
+    single-restaurant case."""
     ids = _restaurants(managers * each)
     sets = [ids[m * each : (m + 1) * each] for m in range(managers)]
     tokens = [bench.token(chosen) for chosen in sets]
@@ -501,12 +513,7 @@ def multi_restaurant_connections(
         {"path": "/v1/restaurants/stream", "expect": each, "token": tokens[i % managers]}
         for i in range(count)
     ]
-    spread = [len({partition_of(r) for r in chosen}) for chosen in sets]
-    return {
-        **_held(bench, streams, ids),
-        "restaurants_per_stream": each,
-        "partitions_per_stream": round(statistics.mean(spread), 2),
-    }
+    return {**_held(bench, streams, ids), "restaurants_per_stream": each}
 
 
 def _held(
@@ -555,8 +562,9 @@ def _held(
 
 
 def history(bench: Bench, sizes: Sizes) -> dict[str, Any]:
-    """Drain with little and with much published history, interleaved ``rounds``
-    times; medians count (one drain alone moved by ±15 % between runs here)."""
+    """Drain with little and with much published history (old outbox rows in
+    an old window, already seen), interleaved ``rounds`` times; medians count
+    (one drain alone moved by ±15 % between runs here)."""
     rounds = 1 if sizes.history_rows < 100_000 else 3
     small: list[float] = []
     big: list[float] = []
@@ -727,35 +735,24 @@ def _producers_beside(
     name: str,
     session: Callable[[psycopg.Connection[Any]], Callable[[], int]],
 ) -> float:
-    """Producer rows/s beside ``session``, pausing the relay's default linger
+    """Producer rows/s beside ``session``, pausing the recorder's default linger
     after a partial batch."""
     return _beside_session(
         url,
         name,
         session,
         lambda: _write_rate(url, "relay_outbox", sizes.writers, seconds),
-        pause=DispatcherConfig().linger,
+        pause=RecorderConfig().linger,
     )
 
 
-def _claim_step(conn: psycopg.Connection[Any], statement: str) -> Callable[[], int]:
-    return lambda: len(conn.execute(query(statement)).fetchall())
-
-
-def _move_step(conn: psycopg.Connection[Any]) -> Callable[[], int]:
-    return _claim_step(conn, "bench_move_floor")
+def _claim_step(conn: psycopg.Connection[Any]) -> Callable[[], int]:
+    return lambda: len(conn.execute(query("bench_ceiling_claim")).fetchall())
 
 
 def _window_step(conn: psycopg.Connection[Any]) -> Callable[[], int]:
     reader = snapshot.WindowReader(conn)
     return lambda: len(reader.read())
-
-
-def _beside_move_floor(bench: Bench, sizes: Sizes, seconds: float) -> float:
-    """Producers beside the bare statement of ``bench_move_floor`` (no relay):
-    what moving rows costs them."""
-    with bench.database() as url:
-        return _producers_beside(url, sizes, seconds, "move-floor", _move_step)
 
 
 def _beside_window_reader(bench: Bench, sizes: Sizes, seconds: float) -> float:
@@ -805,7 +802,7 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     rates: dict[str, list[float]] = {
         k: []
         for k in (
-            "without", "installed", "move", "window", "poll", "notify", "burner",
+            "without", "installed", "window", "poll", "notify", "burner",
             "isolated_without", "isolated_with",
         )
     }  # fmt: skip
@@ -821,7 +818,6 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
             rates["installed"].append(
                 _write_rate(installed, "relay_outbox", sizes.writers, seconds)
             )
-            rates["move"].append(_beside_move_floor(bench, sizes, seconds))
             rates["window"].append(_beside_window_reader(bench, sizes, seconds))
             for mode in ("poll", "notify"):
                 rate, cores = _relay_rate(bench, sizes, seconds, mode)
@@ -851,11 +847,8 @@ def producer(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         "ratio": round(mid["poll"] / without, 3),
         "installed_rows_per_s": round(mid["installed"]),
         "installed_ratio": round(mid["installed"] / without, 3),
-        # Producers beside a bare statement moving their rows into the log (no
-        # relay): the most any relay that moves rows can leave them.
-        "move_floor_rows_per_s": round(mid["move"]),
-        "move_floor_ratio": round(mid["move"] / without, 3),
-        # Beside a reader that leaves their rows in place (snapshot windows).
+        # Beside a bare reader of their rows by snapshot windows (no relay):
+        # the most the relay's design can leave them.
         "snapshot_floor_rows_per_s": round(mid["window"]),
         "snapshot_floor_ratio": round(mid["window"] / without, 3),
         "notify_rows_per_s": round(mid["notify"]),
@@ -888,7 +881,7 @@ def peer_rate(
         asyncio.run(peer.fill(url, payloads(source, events)))
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE")
-            _checkpoint(conn)
+            checkpoint(conn)
             # The poll walks the queue's partial indexes of waiting jobs: a
             # sequential scan, planned on the full backlog, would read every
             # job done so far on each poll and charge that to the peer.

@@ -1,10 +1,10 @@
-"""The floor of publishing without moving rows: the outbox read in place, by snapshot windows.
+"""The floor of the relay's design: the outbox read in place by snapshot windows, bare.
 
-Every figure the relay misses in issue 10 pays for moving each event from the
-outbox into the log in a durable relay transaction. The bench measures what
-the proposed alternative (PgQ's batches) would reach on the same machine in
-the same run, so the proposal is a measured figure, not a claim. Nothing here
-is used by ``relay run``; the SQL is ``relay/sql/bench.sql``.
+One session takes every committed row once, window after window, and does
+nothing else: no validation, no rendering, no subscribers, no followers. The
+relay (relay/recorder.py, relay/log/) does the same reads and more; this
+floor bounds what it can reach on the same machine in the same run. Nothing
+here is used by ``relay run``; the SQL is ``relay/sql/bench.sql``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ _NOTHING_VISIBLE = "1:1:"  # the snapshot before any transaction
 
 
 def install(conn: psycopg.Connection[Any]) -> None:
-    """Give a (bench) database's outbox the window column, index and table."""
+    """Give a (bench) database the floor's own window table (the outbox has its ``xid``)."""
     conn.execute(query("bench_snapshot_install"))
 
 
