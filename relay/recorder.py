@@ -15,9 +15,10 @@ Nothing is written per event. Wake-up (MEASURED.md: a NOTIFY in each
 producer commit costs producers ~40%):
 
 * ``poll`` (default): probe for a due window (two index probes, no write)
-  with a back-off from 0.5 ms to ``poll_idle`` (5 x after a second without
-  events); after a window, linger a little that grows with the window (fewer,
-  larger windows under heavy load).
+  every 0.5 ms for 100 ms after a window with events, then with a back-off
+  to ``poll_idle`` (5 x after a second without events); after a window,
+  linger a little that grows with the window (fewer, larger windows under
+  heavy load).
 * ``notify``: a statement trigger NOTIFYs ``relay_outbox``; a dedicated
   listener wakes the loop. Probing continues at ``poll_idle`` while the
   listener is down.
@@ -51,9 +52,17 @@ log = logging.getLogger("relay.recorder")
 CHECK = "relay.check"  # the follower that files dead letters
 
 _FIRST_BACKOFF = 0.0005
+# For this long after a window with events the probe does not back off: live
+# producers commit every few milliseconds, and a back-off doubling to
+# ``poll_idle`` between them was most of an event's latency.
+_CHASE_SECONDS = 0.1
 _DEEP_IDLE_AFTER = 1.0
 _DEEP_IDLE = 5
 _LINGER_PER_EVENT = 0.00025
+# Windows smaller than this are followed by the next at once: a window costs
+# a few round trips whatever it holds, but at a few events per window the
+# relay's CPU is not what limits anyone, and a linger would be pure latency.
+_LINGER_FROM = 64
 # The check's offset is written at most this often (and whenever it files a
 # dead letter): re-checking a few windows after a crash files nothing twice.
 _OFFSET_EVERY = 0.2
@@ -198,14 +207,16 @@ class Recorder:
                 # with the last one (a window costs a few round trips however
                 # few rows it holds): at a few events latency wins, at
                 # thousands CPU does.
-                linger = min(cfg.linger, _LINGER_PER_EVENT * rows)
+                linger = 0.0 if rows < _LINGER_FROM else min(cfg.linger, _LINGER_PER_EVENT * rows)
                 await asyncio.sleep(0 if check.behind else linger)
                 continue
             if check.behind:
                 continue
             await self._pause(stop, backoff)
-            deep = loop.time() - last_event > _DEEP_IDLE_AFTER
-            backoff = min(backoff * 2, cfg.poll_idle * (_DEEP_IDLE if deep else 1))
+            quiet = loop.time() - last_event
+            if quiet > _CHASE_SECONDS:
+                deep = quiet > _DEEP_IDLE_AFTER
+                backoff = min(backoff * 2, cfg.poll_idle * (_DEEP_IDLE if deep else 1))
             if self._wake.is_set():
                 self._wake.clear()
                 backoff = _FIRST_BACKOFF
@@ -253,7 +264,10 @@ async def _window_due(conn: psycopg.AsyncConnection[Any]) -> tuple[bool, int]:
 async def _record(conn: psycopg.AsyncConnection[Any]) -> int | None:
     cur = await conn.execute(query("record_window"), prepare=True)
     row = await cur.fetchone()
-    return None if row is None else int(row[0])
+    if row is None:
+        return None
+    event_log.remember_window(conn, int(row[0]), row[1])  # the check reads it next
+    return int(row[0])
 
 
 class _Check:

@@ -29,6 +29,7 @@ from relay.log.reads import (
     order_owner,
     read,
     read_offset,
+    remember_window,
     take_offset,
 )
 from relay.log.records import LogEvent, Page, Rejected
@@ -50,6 +51,7 @@ __all__ = [
     "order_owner",
     "read",
     "read_offset",
+    "remember_window",
     "restaurant_set_scope",
     "take_offset",
 ]

@@ -23,7 +23,16 @@ from relay.log.records import LogEvent, Page, Rejected
 from relay.log.rows import COLUMNS, render_row
 from relay.sql import query
 
-__all__ = ["Head", "advance_offset", "head", "order_owner", "read", "read_offset", "take_offset"]
+__all__ = [
+    "Head",
+    "advance_offset",
+    "head",
+    "order_owner",
+    "read",
+    "read_offset",
+    "remember_window",
+    "take_offset",
+]
 
 _PAGE = 1000
 _EVERYTHING = Selector()
@@ -45,6 +54,16 @@ _bounds_cache: weakref.WeakKeyDictionary[Any, OrderedDict[int, _Bounds]] = (
 )
 
 
+def remember_window(conn: psycopg.AsyncConnection[Any], window: int, snapshot: str) -> None:
+    """A window's snapshot as recorded (``pg_snapshot`` text), so the next read
+    of it on ``conn`` needs no round trip to look it up."""
+    known = _bounds_cache.setdefault(conn, OrderedDict())
+    _xmin, horizon, xip = snapshot.split(":")
+    known[window] = _Bounds(snapshot, horizon, "{" + xip + "}")
+    while len(known) > _KNOWN_WINDOWS:
+        known.popitem(last=False)
+
+
 async def _bounds(conn: psycopg.AsyncConnection[Any], *windows: int) -> list[_Bounds]:
     """The bounds of ``windows``; LogPruned if one is gone (retention)."""
     known = _bounds_cache.setdefault(conn, OrderedDict())
@@ -52,10 +71,7 @@ async def _bounds(conn: psycopg.AsyncConnection[Any], *windows: int) -> list[_Bo
     if missing:
         cur = await conn.execute(query("window_bounds"), {"ids": missing})
         for window, snapshot in await cur.fetchall():
-            _xmin, horizon, xip = snapshot.split(":")
-            known[int(window)] = _Bounds(snapshot, horizon, "{" + xip + "}")
-        while len(known) > _KNOWN_WINDOWS:
-            known.popitem(last=False)
+            remember_window(conn, int(window), snapshot)
     try:
         return [known[w] for w in windows]
     except KeyError as exc:

@@ -33,43 +33,20 @@ COLUMNS = b"""o.xid::text::bigint, o.id, o.event_id, o.event_type, o.schema_vers
 def render_row(row: tuple[Any, ...]) -> tuple[LogEvent | Rejected, int]:
     """``(window, *COLUMNS)`` as an event, or as a rejected row with its reason;
     and how many payload fields the contract's whitelist dropped."""
-    (window, xid, row_id, event_id, event_type, version, restaurant_id, order_id, customer_id,
-     payload_text, occurred, unloadable_time, derived, enqueued) = row  # fmt: skip
-    at = Position(window, xid, row_id)
+    # (window, xid, id), then the envelope's columns as envelope_from_row
+    # takes them (event id … unloadable time), then derived and enqueued_at.
+    at = Position(row[0], row[1], row[2])
+    envelope = row[3:12]
     try:
-        broadcast = render(
-            envelope_from_row(
-                event_id,
-                event_type,
-                version,
-                restaurant_id,
-                order_id,
-                customer_id,
-                payload_text,
-                occurred,
-                unloadable_time,
-                derived=derived,
-            )
-        )
+        broadcast = render(envelope_from_row(*envelope, derived=row[12]))
     except ContractError as exc:
         reason = clip(str(exc), MAX_REASON)
-        return Rejected(at, row_id, event_id, event_type, version, reason), 0
+        return Rejected(at, row[2], row[3], row[4], row[5], reason), 0
     except Exception as exc:  # a bug must not stop the log: the row is parked for retry
-        log.exception("unexpected error validating event %s", event_id)
+        log.exception("unexpected error validating event %s", row[3])
         reason = f"internal error: {type(exc).__name__}: {clip(str(exc), 200)}"
-        return Rejected(at, row_id, event_id, event_type, version, reason), 0
-    event = LogEvent(
-        at,
-        broadcast.sse_event,
-        broadcast.channels,
-        broadcast.json,
-        event_id,
-        event_type,
-        version,
-        restaurant_id,
-        order_id,
-        customer_id,
-        occurred,
-        enqueued,
-    )
+        return Rejected(at, row[2], row[3], row[4], row[5], reason), 0
+    # event id, type, version, restaurant, order, customer; occurred; enqueued
+    event = LogEvent(at, broadcast.sse_event, broadcast.channels, broadcast.json,
+                     row[3], row[4], row[5], row[6], row[7], row[8], row[10], row[13])  # fmt: skip
     return event, len(broadcast.dropped_fields)

@@ -45,7 +45,7 @@ INSERT INTO relay_windows (window_id, snapshot, horizon)
 SELECT max(window_id) + 1, pg_current_snapshot(), pg_snapshot_xmax(pg_current_snapshot())
 FROM relay_windows
 ON CONFLICT (window_id) DO NOTHING
-RETURNING window_id, pg_notify('relay_windows', window_id::text)
+RETURNING window_id, snapshot::text, pg_notify('relay_windows', window_id::text)
 
 -- name: record_dead_letters
 -- Rows every reader rejects, filed once with their reason (a row filed
