@@ -104,10 +104,6 @@ class Selector:
     order: tuple[UUID, UUID] | None = None  # (restaurant, order)
     customer: UUID | None = None
 
-    @property
-    def everything(self) -> bool:
-        return not self.restaurants and self.order is None and self.customer is None
-
 
 @dataclass(frozen=True, slots=True)
 class Stream:

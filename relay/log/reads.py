@@ -127,7 +127,8 @@ def _selected(name: str, selector: Selector) -> tuple[bytes, dict[str, Any]]:
         )
     else:
         where, params = b"true", {}
-    text = query(name).replace(b"{columns}", COLUMNS).replace(b"{selector}", where)
+    text = query(name).replace(b"{rows}", query("window_rows"))
+    text = text.replace(b"{columns}", COLUMNS).replace(b"{selector}", where)
     return text, params
 
 
@@ -176,6 +177,8 @@ async def read(
             "since_xip": previous.xip,
             "horizon": last.horizon,
             "snapshot": last.snapshot,
+            "after_xid": "0",  # whole windows: the caller drops what it already has
+            "after_id": -1,
             "limit": limit,
         },
         prepare=False,  # planned with this range's real bounds, every time

@@ -101,17 +101,18 @@ SELECT (SELECT max(window_id) FROM relay_windows), pruned_through FROM relay_log
 -- into the reads below as values, so each read is planned for its real range.
 SELECT window_id, snapshot::text FROM relay_windows WHERE window_id = ANY (%(ids)s::bigint[])
 
--- name: read_window
--- One window's rows after (xid, id), in that order (PgQ's batch query): the
--- transactions that started since the previous window's snapshot, plus those
--- in progress then, each kept if this window's snapshot sees it. The bounds
--- are values, not joined in: planned with them, a big window is an ordered
--- range of the (xid, id) index that stops at the limit, a small one a few
--- probes (joined, the planner guessed a range's size, and a bitmap scan that
--- sorted a whole backlog for every page won). {selector} narrows the rows by
--- the producer's columns.
-SELECT %(window)s::bigint, {columns}
-FROM (
+-- name: window_rows
+-- Not run alone: the rows of the windows after one snapshot and up to
+-- another, after (xid, id), spliced into the two reads below as {rows}
+-- (PgQ's batch query): the transactions that started since the earlier
+-- snapshot, plus those in progress then, each kept if the later snapshot
+-- sees it. The bounds are values, not joined in: planned with them, a big
+-- window is an ordered range of the (xid, id) index that stops at the
+-- limit, a small one a few probes (joined, the planner guessed a range's
+-- size, and a bitmap scan that sorted a whole backlog for every page won).
+-- The in-progress transactions are probed unordered (an ordered scan of a
+-- key would walk its whole history to filter them). {selector} narrows the
+-- rows by the producer's columns.
     (SELECT * FROM relay_outbox AS o
      WHERE o.xid >= %(since_horizon)s::xid8 AND o.xid < %(horizon)s::xid8
        AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s)
@@ -123,28 +124,22 @@ FROM (
      WHERE o.xid = ANY (%(since_xip)s::xid8[])
        AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s)
        AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector})
-) AS o
+
+-- name: read_window
+-- One window's rows after (xid, id), in that order.
+SELECT %(window)s::bigint, {columns}
+FROM ({rows}) AS o
 ORDER BY o.xid, o.id
 LIMIT %(limit)s
 
 -- name: read_span
--- The rows of windows (since, through], first `limit` in (xid, id) order,
--- each with the window it belongs to: the first window whose snapshot sees
--- its transaction (one probe of relay_windows_horizon_idx). Transaction ids
--- below the limit's last are complete, so the caller keeps the windows whose
--- horizon is at or below it (see span_complete_through). Bounds as above.
+-- The rows of several windows, first `limit` in (xid, id) order, each with
+-- the window it belongs to: the first window whose snapshot sees its
+-- transaction (one probe of relay_windows_horizon_idx). Transaction ids below
+-- the limit's last are complete, so the caller keeps the windows whose
+-- horizon is at or below it (see span_complete_through).
 SELECT w.window_id, {columns}
-FROM (
-    (SELECT * FROM relay_outbox AS o
-     WHERE o.xid >= %(since_horizon)s::xid8 AND o.xid < %(horizon)s::xid8
-       AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector}
-     ORDER BY o.xid, o.id
-     LIMIT %(limit)s)
-    UNION ALL
-    (SELECT * FROM relay_outbox AS o
-     WHERE o.xid = ANY (%(since_xip)s::xid8[])
-       AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector})
-) AS o
+FROM ({rows}) AS o
 CROSS JOIN LATERAL (
     SELECT w.window_id FROM relay_windows AS w
     WHERE w.horizon > o.xid AND pg_visible_in_snapshot(o.xid, w.snapshot)

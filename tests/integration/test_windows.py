@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from relay import log as event_log
+from relay.errors import LogPruned
 from relay.log import ORIGIN, LogEvent, Position, Rejected, Selector, notify
 from relay.log.reads import _selected  # the reads' SQL exactly as they run it
 from relay.outbox import OutboxEvent, enqueue
@@ -671,7 +672,8 @@ def test_window_reads_stay_on_their_indexes(
         assert "Seq Scan on relay_outbox" not in plan(url, text, {**params, **window, **bounds})
         text, params = _selected("read_span", selector)
         bounds = _bounds(url, newest - 2, newest)
-        assert "Seq Scan on relay_outbox" not in plan(url, text, {**params, **bounds, "limit": 100})
+        span = {"after_xid": "0", "after_id": -1, "limit": 100}
+        assert "Seq Scan on relay_outbox" not in plan(url, text, {**params, **bounds, **span})
 
 
 def test_the_idle_probe_stays_on_its_index(
@@ -681,3 +683,28 @@ def test_the_idle_probe_stays_on_its_index(
     must cost two index probes whatever the outbox retains."""
     url = long_history[0]
     assert "Seq Scan on relay_outbox" not in plan(url, query("window_due"), {})
+
+
+async def test_a_read_below_what_retention_kept_raises_instead_of_skipping(
+    database_url: str,
+) -> None:
+    """Once retention removed a window, a read that starts in it cannot know
+    what it held: it must fail loudly, never return an empty page that jumps
+    past the events."""
+    with recording(database_url) as conn:
+        with conn.transaction():
+            enqueue_one(conn, uuid.uuid4())
+        first = record(conn)
+        with conn.transaction():
+            enqueue_one(conn, uuid.uuid4())
+        newest = record(conn)
+        # Retention with its cut at ``first``: the windows below it are gone.
+        conn.execute("DELETE FROM relay_windows WHERE window_id < %s", (first,))
+    aconn = await reader(database_url)
+    try:
+        with pytest.raises(LogPruned, match=f"window {first - 1} is not in the log"):
+            await event_log.read(aconn, Position.end_of(first - 1), newest)
+        page = await event_log.read(aconn, Position.end_of(first), newest)
+        assert len(page.events) == 1 and page.reached == Position.end_of(newest)
+    finally:
+        await aconn.close()
