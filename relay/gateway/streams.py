@@ -32,7 +32,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from relay import log as event_log
-from relay.errors import InvalidCursor
+from relay.errors import InvalidCursor, LogPruned
 from relay.gateway import frames
 from relay.gateway.hub import Hub, Subscriber, frame
 from relay.log import (
@@ -66,9 +66,11 @@ _IO_TIMEOUT = 15.0  # a read that takes longer is on a dead connection
 _CLOSED_CHECK = 0.25
 
 # A log read that failed (pool exhausted, database down, read timed out; psycopg
-# wraps socket errors in OperationalError): the stream ends with a retry hint
-# and the client resumes by Last-Event-ID; a plain request answers 503.
-DATABASE_TROUBLE = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError)
+# wraps socket errors in OperationalError; or retention cut the log under a
+# replay that had started above the cut): the stream ends with a retry hint
+# and the client resumes by Last-Event-ID (a cursor below the cut then gets
+# `reset`); a plain request answers 503.
+DATABASE_TROUBLE = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, LogPruned)
 
 
 @dataclass(frozen=True)
