@@ -129,7 +129,11 @@ async def serve(
                 not_accepted=settings.sla_not_accepted,
                 not_ready=settings.sla_not_ready,
                 delivery_grace=settings.sla_delivery_grace,
+                park_beyond=settings.retention / 2,
             ),
+            # Beside the recorder's lease: its pages come in hand, and the
+            # open deadlines stay in one process's memory.
+            active=lambda: worker is not None and worker.leading,
         )
         if dispatcher and settings.sla_enabled
         else None

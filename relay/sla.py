@@ -1,29 +1,38 @@
-"""SLA / delay alerts: derived events, raised from PostgreSQL state, exactly once.
+"""SLA / delay alerts: derived events, raised from the log, exactly once, with no write per event.
 
-One replica at a time follows the windows of the log from the ``relay.sla``
-offset (held with ``take_offset``: a second replica skips, never waits) and
-keeps each open order's next deadline in ``relay_sla_deadlines``: paid → must
-be accepted within ``not_accepted``; accepted → must be ready within
-``not_ready``; ready → must be delivered by its ``estimatedDeliveryTime`` plus
-``delivery_grace``. The awaited event replaces or clears the deadline, which
-cancels the alert.
+One replica at a time (the recorder's, and under the ``relay.sla`` offset
+taken with ``take_offset``: a second replica skips, never waits) follows the
+windows of the log and keeps each open order's next deadline **in memory**:
+paid → must be accepted within ``not_accepted``; accepted → must be ready
+within ``not_ready``; ready → must be delivered by its
+``estimatedDeliveryTime`` plus ``delivery_grace``. The awaited event replaces
+or clears the deadline, which cancels the alert.
 
-Each page of the log is read with ``relay.log.read`` (the events every reader
-sees, already validated and rendered), reduced in Python to one change per
-order, and applied with one statement in the transaction that advances the
-offset, so a crash replays a page at most, never skips one. A due deadline
-becomes an ``OrderDelayAlert`` outbox row in the same transaction that deletes
-it, so the alert flows through the normal pipeline (restaurant stream, the
-customer's order stream, resume, ordering) and a crash never doubles it.
-Timers live in the database, so they survive restarts and replica changes.
+Nothing is written per event. The memory is a function of the log, so a new
+leader (or a restarted one) rebuilds it by reading the log again from the
+*replay point*: just before the oldest open deadline's event, kept in
+``relay_offsets`` (``relay.sla.replay``) and moved at most once per step.
+Deadlines due further ahead than ``park_beyond`` after their event (a
+delivery estimate days away) would pin that point past retention, so they
+are *parked*: also stored in ``relay_sla_deadlines``, which a rebuild loads
+first. Whether a deadline is parked depends on its event alone, so every
+rebuild decides alike.
+
+A due deadline becomes an ``OrderDelayAlert`` outbox row whose event id is
+derived from (order, kind, due time): the alert flows through the normal
+pipeline (restaurant stream, the customer's order stream, resume, ordering),
+and a rebuilt watcher that raises it again adds nothing. Reading the alert
+back from the log closes the deadline on every rebuild.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -37,21 +46,25 @@ from relay.log import LogEvent, Page, Position
 from relay.sessions import hold_session
 from relay.sql import query
 
-__all__ = ["SLA", "Change", "SlaConfig", "SlaWatcher", "deadline_changes"]
+__all__ = ["REPLAY", "SLA", "Deadline", "SlaConfig", "SlaWatcher"]
 
 log = logging.getLogger("relay.sla")
 
 SLA = "relay.sla"  # the watcher's offset in relay_offsets
+REPLAY = "relay.sla.replay"  # where a rebuild of the open deadlines starts reading
 
 # What each event type does to its order's deadline. Anything else
-# (Preparing, the alerts themselves) leaves the current deadline standing.
+# (Preparing) leaves the current deadline standing.
 _CLEARS = frozenset({"OrderDelivered", "OrderRejected", "OrderCancelled", "OrderPaymentFailed"})
 _SETS = {"OrderPaymentSucceeded": "NotAccepted", "OrderAccepted": "NotReady"}
 _READY = "OrderReadyForDelivery"
+_ALERT = "OrderDelayAlert"
+_KINDS = ("NotAccepted", "NotReady", "DeliveryLate")  # as relay_sla_thresholds' columns
 # Pages this process's recorder read, kept for the watcher's next step so it
 # need not read and validate them again (a full queue drops the oldest: the
 # watcher then reads those from the log).
 _HANDED_PAGES = 4096
+_RAISE_AT_MOST = 500  # alerts per step
 
 
 @dataclass(frozen=True)
@@ -59,20 +72,40 @@ class SlaConfig:
     not_accepted: timedelta = timedelta(minutes=3)
     not_ready: timedelta = timedelta(minutes=25)
     delivery_grace: timedelta = timedelta(0)
+    park_beyond: timedelta = timedelta(hours=12)  # keep RELAY_RETENTION / 2 or less
     scan_every: float = 1.0
     page_size: int = 1000  # rows of the log per transaction
     step_pages: int = 20  # pages per step before raising (and before the next step)
 
 
-class Change(NamedTuple):
-    """An order's new deadline (``kind``, counted from ``since``), or ``clear``."""
+class Deadline(NamedTuple):
+    """An open order's next deadline, and the event that set it."""
 
-    order_id: UUID
+    kind: str  # "NotAccepted", "NotReady" or "DeliveryLate"
+    due: datetime
     restaurant_id: UUID
     customer_id: UUID | None
     order_number: str | None
-    kind: str  # "clear", "NotAccepted", "NotReady" or "DeliveryLate"
-    since: datetime | None
+    since: Position | None  # None: loaded from relay_sla_deadlines
+    parked: bool
+
+
+class _Thresholds:
+    """Each kind's threshold for a restaurant: its override, else the default."""
+
+    def __init__(self, config: SlaConfig, rows: list[tuple[Any, ...]]) -> None:
+        defaults = (config.not_accepted, config.not_ready, config.delivery_grace)
+        self._default = dict(zip(_KINDS, defaults, strict=True))
+        self._by_restaurant: dict[UUID, dict[str, timedelta]] = {}
+        for restaurant, *limits in rows:
+            kinds = zip(_KINDS, limits, strict=True)
+            self._by_restaurant[restaurant] = {k: v for k, v in kinds if v is not None}
+
+    def __call__(self, restaurant: UUID, kind: str) -> timedelta:
+        override = self._by_restaurant.get(restaurant)
+        if override is not None and kind in override:
+            return override[kind]
+        return self._default[kind]
 
 
 def _time(data: dict[str, Any], key: str) -> datetime | None:
@@ -87,61 +120,170 @@ def _time(data: dict[str, Any], key: str) -> datetime | None:
         return None
 
 
-def _change(event: LogEvent) -> Change | None:
-    """What one event does to its order's deadline; None if nothing."""
-    if event.order_id is None:
-        return None
+class _Park(NamedTuple):
+    """A change to relay_sla_deadlines: ``kind`` "clear" deletes the order's row."""
+
+    order_id: UUID
+    restaurant_id: UUID
+    customer_id: UUID | None
+    order_number: str | None
     kind: str
-    since: datetime | None = None
-    data: dict[str, Any] = {}
-    if event.event_type in _CLEARS:
-        kind = "clear"
-    elif event.event_type in _SETS or event.event_type == _READY:
-        data = json.loads(event.data)
-        if event.event_type == _READY:
-            since = _time(data, "estimatedDeliveryTime")
-            kind = "clear" if since is None else "DeliveryLate"
-        else:
-            since = _time(data, "lastUpdateTimestamp") or _time(data, "occurredOnUtc")
-            if since is None:
+    due: datetime | None
+
+
+class OpenDeadlines:
+    """The open deadlines as of log position ``at``, in the order their events came.
+
+    Not parked deadlines are kept in event order (a dict keeps insertion
+    order; a replaced deadline moves to the end), so the oldest one, which
+    fixes the replay point, is the first. A heap orders every deadline by due
+    time; entries a later event replaced are dropped when they surface.
+    """
+
+    def __init__(self, at: Position) -> None:
+        self.at = at
+        self._open: dict[UUID, Deadline] = {}
+        self._parked: dict[UUID, Deadline] = {}
+        self._by_due: list[tuple[datetime, int, UUID]] = []
+        self._pushed = 0
+
+    def __len__(self) -> int:
+        return len(self._open) + len(self._parked)
+
+    def get(self, order: UUID) -> Deadline | None:
+        return self._open.get(order) or self._parked.get(order)
+
+    def items(self) -> list[tuple[UUID, Deadline]]:
+        return [*self._parked.items(), *self._open.items()]
+
+    @property
+    def replay_point(self) -> Position:
+        """A rebuild reading the log after this position restores every
+        deadline that is not parked."""
+        for deadline in self._open.values():
+            since = deadline.since
+            if since is not None:  # always, for a deadline that is not parked
+                return Position(since.window, since.xid, since.id - 1)
+        return self.at
+
+    def put(self, order: UUID, deadline: Deadline) -> None:
+        """Open (or replace) the order's deadline: it is now the newest."""
+        self.drop(order)
+        (self._parked if deadline.parked else self._open)[order] = deadline
+        self.remind(order, deadline)
+
+    def drop(self, order: UUID) -> Deadline | None:
+        return self._open.pop(order, None) or self._parked.pop(order, None)
+
+    def due(self, now: datetime, limit: int) -> list[tuple[UUID, Deadline]]:
+        """Deadlines due by ``now``, earliest first. They stay open, but off
+        the due-time heap: ``remind`` of the ones not raised."""
+        found: dict[UUID, Deadline] = {}
+        heap = self._by_due
+        while heap and heap[0][0] <= now and len(found) < limit:
+            due, _, order = heapq.heappop(heap)
+            deadline = self.get(order)
+            if deadline is not None and deadline.due == due:
+                found[order] = deadline
+        return list(found.items())
+
+    def remind(self, order: UUID, deadline: Deadline) -> None:
+        """Put a due deadline back on the heap (its place in event order stays)."""
+        self._pushed += 1
+        heapq.heappush(self._by_due, (deadline.due, self._pushed, order))
+
+    def apply(
+        self, event: LogEvent, threshold: Callable[[UUID, str], timedelta], park_beyond: timedelta
+    ) -> _Park | None:
+        """Apply one event; returns the change to relay_sla_deadlines it
+        needs, if the order's deadline is or was parked."""
+        order = event.order_id
+        if order is None:
+            return None
+        kind: str
+        due: datetime | None = None
+        data: dict[str, Any] = {}
+        if event.event_type in _CLEARS:
+            kind = "clear"
+        elif event.event_type == _ALERT:
+            current = self.get(order)
+            data = json.loads(event.data)
+            if current is None or data.get("kind") != current.kind:
                 return None
-            kind = _SETS[event.event_type]
-    else:
+            expected = _time(data, "expectedBy")
+            if expected is not None and expected != current.due:
+                return None  # an alert for an earlier deadline of the same kind
+            kind = "clear"  # already raised: by this watcher or one before it
+        elif event.event_type in _SETS or event.event_type == _READY:
+            data = json.loads(event.data)
+            if event.event_type == _READY:
+                since = _time(data, "estimatedDeliveryTime")
+                kind = "clear" if since is None else "DeliveryLate"
+            else:
+                since = _time(data, "lastUpdateTimestamp") or _time(data, "occurredOnUtc")
+                if since is None:
+                    return None
+                kind = _SETS[event.event_type]
+            if since is not None:
+                due = since + threshold(event.restaurant_id, kind)
+        else:
+            return None
+        previous = self.drop(order)
+        if due is None:
+            if previous is None or not previous.parked:
+                return None
+            return _Park(order, previous.restaurant_id, None, None, "clear", None)
+        number = data.get("orderNumber")
+        deadline = Deadline(
+            kind,
+            due,
+            event.restaurant_id,
+            event.customer_id,
+            str(number) if isinstance(number, str | int) else None,
+            event.at,
+            parked=due - event.enqueued_at > park_beyond,
+        )
+        self.put(order, deadline)
+        if deadline.parked:
+            return _Park(
+                order, event.restaurant_id, deadline.customer_id, deadline.order_number,
+                deadline.kind, due,
+            )  # fmt: skip
+        if previous is not None and previous.parked:
+            return _Park(order, previous.restaurant_id, None, None, "clear", None)
         return None
-    number = data.get("orderNumber")
-    return Change(
-        event.order_id,
-        event.restaurant_id,
-        event.customer_id,
-        str(number) if isinstance(number, str | int) else None,
-        kind,
-        since,
-    )
-
-
-def deadline_changes(events: list[LogEvent]) -> list[Change]:
-    """Each order's last deadline-changing event among ``events`` (in log order)."""
-    latest: dict[UUID, Change] = {}
-    for event in events:
-        change = _change(event)
-        if change is not None:
-            latest[change.order_id] = change
-    return list(latest.values())
 
 
 class SlaWatcher:
-    def __init__(self, database_url: str, config: SlaConfig | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        config: SlaConfig | None = None,
+        *,
+        active: Callable[[], bool] | None = None,
+    ) -> None:
+        """``active`` says whether this process should watch now (the
+        recorder's lease: the leader's pages come in hand and its memory
+        stays warm); None watches whenever the offset is free."""
         self._url = database_url
         self.config = config or SlaConfig()
+        self._active = active
         self.raised = 0
         self.events = 0  # events this watcher applied
-        self.writes = 0  # deadline rows it wrote for them
+        self.writes = 0  # relay_sla_deadlines rows it wrote for them (parked only)
+        self.rebuilds = 0
         self.behind = False  # the last step stopped before the newest window
         self._handed: deque[Page] = deque(maxlen=_HANDED_PAGES)
+        self._state: OpenDeadlines | None = None
+        self._replay_saved: Position | None = None
 
     def handed(self, page: Page) -> None:
         """A page this process's recorder read (used when it continues the offset)."""
         self._handed.append(page)
+
+    def deadlines(self) -> dict[UUID, Deadline]:
+        """The open deadlines as of the last step (empty before the first)."""
+        return dict(self._state.items()) if self._state is not None else {}
 
     def _in_hand(self, at: Position) -> tuple[list[LogEvent], Position] | None:
         """The handed pages that continue ``at``, as one page; None if none does."""
@@ -171,31 +313,118 @@ class SlaWatcher:
         returns alerts raised (0 when another replica holds the watcher).
 
         One transaction per page; the last one also raises, so the guard
-        against unread rows sees the offset it has just advanced.
+        against unread rows sees the offset it has just advanced. Memory
+        changes before the commit: if a step fails, the memory is dropped
+        and the next step rebuilds it from what committed.
         """
+        if self._active is not None and not self._active():
+            self._state = None  # another replica leads: this memory goes stale
+            return 0
+        try:
+            return await self._step(conn)
+        except BaseException:
+            self._state = None
+            raise
+
+    async def _step(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        cur = await conn.execute(query("sla_thresholds"))
+        threshold = _Thresholds(self.config, await cur.fetchall())
         pages = 0
         while True:
             async with conn.transaction():
                 at = await event_log.take_offset(conn, SLA)
                 if at is None:
+                    self._state = None
                     return 0
+                state = self._state
+                if state is None or state.at != at:
+                    state = self._state = await self._rebuild(conn, at, threshold)
                 pages += 1
-                self.behind = not await self._apply_page(conn, at)
-                if self.behind and pages < self.config.step_pages:
-                    continue
-                cur = await conn.execute(query("sla_raise_due"), {"limit": 100})
-                raised = await cur.fetchall()
-            break
+                self.behind = not await self._apply_page(conn, state, threshold)
+                last = not self.behind or pages >= self.config.step_pages
+                raised = await self._raise(conn, state) if last else []
+                await self._save_replay_point(conn, state)
+            if last:
+                break
         for order_id, kind in raised:
             log.info("delay alert %s for order %s", kind, order_id)
         self.raised += len(raised)
         return len(raised)
 
-    async def _apply_page(self, conn: psycopg.AsyncConnection[Any], at: Position) -> bool:
-        """Apply the next page after ``at`` and advance the offset past it;
-        returns whether the watcher has reached the newest window."""
+    async def _rebuild(
+        self, conn: psycopg.AsyncConnection[Any], at: Position, threshold: _Thresholds
+    ) -> OpenDeadlines:
+        """The open deadlines as of ``at``: the parked ones, then the log
+        read again from the replay point (its parked changes are re-applied:
+        they write nothing when they match)."""
+        replay = await event_log.take_offset(conn, REPLAY, start=at)
+        assert replay is not None  # held only inside the SLA offset's transaction
         head = await event_log.head(conn)
-        at = max(at, head.oldest)  # retention passed the offset: resume at the oldest row
+        if replay < head.oldest:
+            log.warning(
+                "SLA replay point %s is below retention (oldest %s): deadlines set in "
+                "between are lost; RELAY_RETENTION should exceed the longest deadline",
+                replay.encode(),
+                head.oldest.encode(),
+            )
+        state = OpenDeadlines(max(min(replay, at), head.oldest))
+        cur = await conn.execute(query("sla_parked"))
+        for order, restaurant, customer, number, kind, due in await cur.fetchall():
+            state.put(order, Deadline(kind, due, restaurant, customer, number, None, parked=True))
+        read = 0
+        while state.at < at:
+            page = await event_log.read(conn, state.at, at.window, limit=self.config.page_size)
+            events = [e for e in page.events if e.at <= at]
+            await self._apply(conn, state, events, threshold)
+            read += len(events)
+            state.at = min(page.reached, at)
+            if page.reached == page.after:
+                break  # nothing more to read below the offset
+        state.at = at
+        self.rebuilds += 1
+        self._replay_saved = replay
+        log.info("SLA deadlines rebuilt: %d open, %d events read again", len(state), read)
+        return state
+
+    async def _apply(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        state: OpenDeadlines,
+        events: list[LogEvent],
+        threshold: _Thresholds,
+    ) -> None:
+        park_beyond = self.config.park_beyond
+        changes: dict[UUID, _Park] = {}
+        for event in events:
+            change = state.apply(event, threshold, park_beyond)
+            if change is not None:
+                changes[change.order_id] = change
+        if not changes:
+            return
+        values = list(changes.values())
+        cur = await conn.execute(
+            query("sla_park"),
+            {
+                "orders": [c.order_id for c in values],
+                "restaurants": [c.restaurant_id for c in values],
+                "customers": [c.customer_id for c in values],
+                "numbers": [c.order_number for c in values],
+                "kinds": [c.kind for c in values],
+                "due": [c.due for c in values],
+            },
+        )
+        row = await cur.fetchone()
+        self.writes += int(row[0]) if row else 0
+
+    async def _apply_page(
+        self, conn: psycopg.AsyncConnection[Any], state: OpenDeadlines, threshold: _Thresholds
+    ) -> bool:
+        """Apply the next page after the state's position and advance the
+        offset past it; returns whether the watcher has reached the newest window."""
+        head = await event_log.head(conn)
+        if state.at < head.oldest:  # retention passed the offset: resume at the oldest row
+            state.at = head.oldest
+        at = state.at
         if at >= head.end:
             return True
         in_hand = self._in_hand(at)
@@ -204,25 +433,49 @@ class SlaWatcher:
             events, reached = page.events, page.reached
         else:
             events, reached = in_hand
-        changes = deadline_changes(events)
-        if changes:
-            cfg = self.config
-            cur = await conn.execute(
-                query("sla_apply"),
-                {
-                    "orders": [c.order_id for c in changes],
-                    "restaurants": [c.restaurant_id for c in changes],
-                    "customers": [c.customer_id for c in changes],
-                    "numbers": [c.order_number for c in changes],
-                    "kinds": [c.kind for c in changes],
-                    "since": [c.since for c in changes],
-                    "not_accepted": cfg.not_accepted,
-                    "not_ready": cfg.not_ready,
-                    "delivery_grace": cfg.delivery_grace,
-                },
-            )
-            row = await cur.fetchone()
-            self.writes += int(row[0]) if row else 0
+        await self._apply(conn, state, events, threshold)
         self.events += len(events)
+        state.at = reached
         await event_log.advance_offset(conn, SLA, reached)
         return reached >= head.end
+
+    async def _raise(
+        self, conn: psycopg.AsyncConnection[Any], state: OpenDeadlines
+    ) -> list[tuple[UUID, str]]:
+        """Raise the deadlines that are due and whose orders have nothing unread."""
+        cur = await conn.execute("SELECT now()")
+        row = await cur.fetchone()
+        assert row is not None
+        candidates = state.due(row[0], _RAISE_AT_MOST)
+        if not candidates:
+            return []
+        cur = await conn.execute(
+            query("sla_raise"),
+            {
+                "orders": [o for o, _ in candidates],
+                "restaurants": [d.restaurant_id for _, d in candidates],
+                "customers": [d.customer_id for _, d in candidates],
+                "numbers": [d.order_number for _, d in candidates],
+                "kinds": [d.kind for _, d in candidates],
+                "due": [d.due for _, d in candidates],
+            },
+        )
+        settled = {order: (kind, new) for order, kind, new in await cur.fetchall()}
+        raised: list[tuple[UUID, str]] = []
+        for order, deadline in candidates:
+            if order in settled:
+                state.drop(order)
+                kind, new = settled[order]
+                if new:
+                    raised.append((order, kind))
+            else:
+                state.remind(order, deadline)  # waits for the order's unread rows
+        return raised
+
+    async def _save_replay_point(
+        self, conn: psycopg.AsyncConnection[Any], state: OpenDeadlines
+    ) -> None:
+        point = state.replay_point
+        if point != self._replay_saved:
+            await event_log.advance_offset(conn, REPLAY, point)
+            self._replay_saved = point

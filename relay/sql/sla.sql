@@ -1,57 +1,57 @@
 -- SLA / delay alerts (relay/sla.py). One replica at a time: every statement
 -- below runs inside a transaction that holds the `relay.sla` offset row
 -- (take_offset: FOR UPDATE SKIP LOCKED), so a second replica skips the step.
+-- Open deadlines live in the watcher's memory, rebuilt from the log; only
+-- deadlines due far ahead (parked) are kept in relay_sla_deadlines.
 
--- name: sla_apply
--- Apply one page of the log, as the watcher computed it: each order's last
--- deadline-changing event of the page, one row per order, in parallel arrays.
--- kind 'clear' deletes the order's deadline; any other kind replaces it,
--- due at `since` plus the restaurant's threshold (relay_sla_thresholds, a
--- NULL column falling back to RELAY_SLA_*). A deadline that would not change
--- is not rewritten. Returns the deadline rows written (the write cost per
--- event, which the tests measure).
+-- name: sla_thresholds
+-- Per-restaurant overrides; a NULL column falls back to RELAY_SLA_*.
+SELECT restaurant_id, not_accepted, not_ready, delivery_grace FROM relay_sla_thresholds
+
+-- name: sla_parked
+SELECT order_id, restaurant_id, customer_id, order_number, kind, due_at
+FROM relay_sla_deadlines
+
+-- name: sla_park
+-- Store or clear parked deadlines, one row per order in parallel arrays:
+-- kind 'clear' deletes the order's row, any other kind replaces it. A row
+-- that would not change is not rewritten (a rebuild re-applies the same
+-- events). Returns the rows written.
 WITH change AS (
     SELECT *
     FROM unnest(%(orders)s::uuid[], %(restaurants)s::uuid[], %(customers)s::uuid[],
-                %(numbers)s::text[], %(kinds)s::text[], %(since)s::timestamptz[])
-         AS c (order_id, restaurant_id, customer_id, order_number, kind, since)
+                %(numbers)s::text[], %(kinds)s::text[], %(due)s::timestamptz[])
+         AS c (order_id, restaurant_id, customer_id, order_number, kind, due_at)
 ), cleared AS (
     DELETE FROM relay_sla_deadlines AS d
     USING change AS c
     WHERE d.order_id = c.order_id AND c.kind = 'clear'
     RETURNING d.order_id
-), deadlines AS (
+), parked AS (
     INSERT INTO relay_sla_deadlines AS d
         (order_id, restaurant_id, customer_id, order_number, kind, due_at)
-    SELECT c.order_id, c.restaurant_id, c.customer_id, c.order_number, c.kind,
-           c.since + coalesce(
-               CASE c.kind WHEN 'NotAccepted' THEN t.not_accepted
-                           WHEN 'NotReady' THEN t.not_ready
-                           ELSE t.delivery_grace END,
-               CASE c.kind WHEN 'NotAccepted' THEN %(not_accepted)s::interval
-                           WHEN 'NotReady' THEN %(not_ready)s::interval
-                           ELSE %(delivery_grace)s::interval END)
-    FROM change AS c
-    LEFT JOIN relay_sla_thresholds AS t ON t.restaurant_id = c.restaurant_id
-    WHERE c.kind <> 'clear'
+    SELECT order_id, restaurant_id, customer_id, order_number, kind, due_at
+    FROM change
+    WHERE kind <> 'clear'
     ON CONFLICT (order_id) DO UPDATE
     SET kind = EXCLUDED.kind, due_at = EXCLUDED.due_at,
-        order_number = coalesce(EXCLUDED.order_number, d.order_number),
-        customer_id = coalesce(EXCLUDED.customer_id, d.customer_id)
-    WHERE (d.kind, d.due_at, d.order_number, d.customer_id) IS DISTINCT FROM
-          (EXCLUDED.kind, EXCLUDED.due_at, coalesce(EXCLUDED.order_number, d.order_number),
-           coalesce(EXCLUDED.customer_id, d.customer_id))
+        order_number = EXCLUDED.order_number, customer_id = EXCLUDED.customer_id,
+        restaurant_id = EXCLUDED.restaurant_id
+    WHERE (d.kind, d.due_at, d.order_number, d.customer_id, d.restaurant_id) IS DISTINCT FROM
+          (EXCLUDED.kind, EXCLUDED.due_at, EXCLUDED.order_number, EXCLUDED.customer_id,
+           EXCLUDED.restaurant_id)
     RETURNING d.order_id
 )
-SELECT (SELECT count(*) FROM cleared) + (SELECT count(*) FROM deadlines)
+SELECT (SELECT count(*) FROM cleared) + (SELECT count(*) FROM parked)
 
--- name: sla_raise_due
--- Deadlines that passed become OrderDelayAlert rows in the outbox, exactly once:
--- the deadline row is deleted in the same transaction, and the event id is
--- derived from (order, kind, due time) so a replay could never alert twice.
+-- name: sla_raise
+-- Deadlines that passed (by the database's clock) become OrderDelayAlert rows
+-- in the outbox. The event id is derived from (order, kind, due time), so a
+-- deadline raised again (a rebuilt watcher that had not yet read its alert)
+-- adds nothing. A parked deadline's row goes in the same transaction.
 --
--- An order with a row the watcher has not read yet is left for the next
--- scan: the awaited event may be that row. Not read means not at or before
+-- An order with a row the watcher has not read yet is left for a later
+-- step: the awaited event may be that row. Not read means not at or before
 -- the `relay.sla` offset (window W, xid X, id I): neither visible in window
 -- W-1's snapshot nor (visible in W's and at or before (X, I)). That covers
 -- rows of later windows and committed rows no window holds yet alike: every
@@ -59,7 +59,7 @@ SELECT (SELECT count(*) FROM cleared) + (SELECT count(*) FROM deadlines)
 -- never raised for an order whose awaited event had committed. When the
 -- offset is a whole window, "read" is just "visible in W's snapshot". If the
 -- offset's window is gone (retention passed it), nothing is raised until the
--- watcher has caught up.
+-- watcher has caught up. Returns the orders dealt with (alerted now or before).
 WITH sla AS (
     SELECT o.xid AS at_xid, o.id AS at_id, cur.snapshot AS upto,
            CASE WHEN o.xid = 9223372036854775807 THEN cur.snapshot ELSE prev.snapshot END
@@ -69,34 +69,37 @@ WITH sla AS (
     LEFT JOIN relay_windows AS prev ON prev.window_id = o.window_id - 1
     WHERE o.follower = 'relay.sla'
 ), due AS (
-    DELETE FROM relay_sla_deadlines AS d
-    USING sla
-    WHERE d.order_id IN (
-        SELECT order_id FROM relay_sla_deadlines
-        WHERE due_at <= now()
-        ORDER BY due_at
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    )
-    AND NOT EXISTS (
+    SELECT c.*
+    FROM unnest(%(orders)s::uuid[], %(restaurants)s::uuid[], %(customers)s::uuid[],
+                %(numbers)s::text[], %(kinds)s::text[], %(due)s::timestamptz[])
+         AS c (order_id, restaurant_id, customer_id, order_number, kind, due_at),
+         sla
+    WHERE c.due_at <= now()
+      AND NOT EXISTS (
         SELECT FROM relay_outbox AS r
-        WHERE r.order_id = d.order_id
+        WHERE r.order_id = c.order_id
           AND NOT coalesce(pg_visible_in_snapshot(r.xid, sla.before), false)
           AND NOT (pg_visible_in_snapshot(r.xid, sla.upto)
                    AND (r.xid::text::bigint, r.id) <= (sla.at_xid, sla.at_id))
-    )
-    RETURNING d.*
+      )
+), unparked AS (
+    DELETE FROM relay_sla_deadlines AS d
+    USING due
+    WHERE d.order_id = due.order_id AND d.kind = due.kind AND d.due_at = due.due_at
+), alerts AS (
+    INSERT INTO relay_outbox
+        (event_id, event_type, schema_version, restaurant_id, order_id, customer_id, payload,
+         occurred_on_utc, derived)
+    SELECT md5(due.order_id::text || due.kind || due.due_at::text)::uuid, 'OrderDelayAlert', 1,
+           due.restaurant_id, due.order_id, due.customer_id,
+           jsonb_build_object(
+               'orderId', due.order_id, 'restaurantId', due.restaurant_id,
+               'orderNumber', due.order_number, 'kind', due.kind,
+               'expectedBy', due.due_at, 'detectedAt', now()),
+           now(), true
+    FROM due
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING order_id
 )
-INSERT INTO relay_outbox
-    (event_id, event_type, schema_version, restaurant_id, order_id, customer_id, payload,
-     occurred_on_utc, derived)
-SELECT md5(due.order_id::text || due.kind || due.due_at::text)::uuid, 'OrderDelayAlert', 1,
-       due.restaurant_id, due.order_id, due.customer_id,
-       jsonb_build_object(
-           'orderId', due.order_id, 'restaurantId', due.restaurant_id,
-           'orderNumber', due.order_number, 'kind', due.kind,
-           'expectedBy', due.due_at, 'detectedAt', now()),
-       now(), true
+SELECT due.order_id, due.kind, due.order_id IN (SELECT order_id FROM alerts)
 FROM due
-ON CONFLICT (event_id) DO NOTHING
-RETURNING order_id, payload->>'kind'
