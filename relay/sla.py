@@ -260,14 +260,16 @@ class SlaWatcher:
         database_url: str,
         config: SlaConfig | None = None,
         *,
-        active: Callable[[], bool] | None = None,
+        local_check: Callable[[], Position | None] | None = None,
     ) -> None:
-        """``active`` says whether this process should watch now (the
-        recorder's lease: the leader's pages come in hand and its memory
-        stays warm); None watches whenever the offset is free."""
+        """``local_check`` is how far this process's recorder has checked
+        the log while it leads, None while it does not: the watcher then
+        watches only while it leads (the pages come in hand, and the open
+        deadlines stay warm in one process) and never reads ahead of the
+        check. Without it the watcher runs whenever the offset is free."""
         self._url = database_url
         self.config = config or SlaConfig()
-        self._active = active
+        self._local_check = local_check
         self.raised = 0
         self.events = 0  # events this watcher applied
         self.writes = 0  # relay_sla_deadlines rows it wrote for them (parked only)
@@ -292,9 +294,11 @@ class SlaWatcher:
             handed.popleft()  # already applied (by this or another replica)
         events: list[LogEvent] = []
         reached = at
-        while handed and handed[0].after == reached and len(events) < self.config.page_size:
+        # A page may start before ``at`` (the watcher read part of it from
+        # the log): its events after ``at`` continue the watcher's position.
+        while handed and handed[0].after <= reached and len(events) < self.config.page_size:
             page = handed.popleft()
-            events.extend(page.events)
+            events.extend(e for e in page.events if e.at > reached)
             reached = page.reached
         return (events, reached) if reached != at else None
 
@@ -317,7 +321,7 @@ class SlaWatcher:
         changes before the commit: if a step fails, the memory is dropped
         and the next step rebuilds it from what committed.
         """
-        if self._active is not None and not self._active():
+        if self._local_check is not None and self._local_check() is None:
             self._state = None  # another replica leads: this memory goes stale
             return 0
         try:
@@ -425,7 +429,11 @@ class SlaWatcher:
         if state.at < head.oldest:  # retention passed the offset: resume at the oldest row
             state.at = head.oldest
         at = state.at
-        if at >= head.end:
+        end = head.end
+        checked = self._local_check() if self._local_check is not None else None
+        if checked is not None and checked < end:
+            end = checked  # the check hands the rest over: no read of it here
+        if at >= end:
             return True
         in_hand = self._in_hand(at)
         if in_hand is None:
@@ -437,7 +445,7 @@ class SlaWatcher:
         self.events += len(events)
         state.at = reached
         await event_log.advance_offset(conn, SLA, reached)
-        return reached >= head.end
+        return reached >= end
 
     async def _raise(
         self, conn: psycopg.AsyncConnection[Any], state: OpenDeadlines

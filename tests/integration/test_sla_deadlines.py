@@ -177,7 +177,8 @@ async def test_a_watcher_that_does_not_lead_keeps_no_memory(database_url: str) -
                                   order_id=order, at=AT)])  # fmt: skip
     _record(database_url)
     leading = True
-    watcher = SlaWatcher(database_url, CONFIG, active=lambda: leading)
+    checked = Position.end_of(10**6)  # the local check is far ahead: no limit
+    watcher = SlaWatcher(database_url, CONFIG, local_check=lambda: checked if leading else None)
     await _step(database_url, watcher)
     assert set(watcher.deadlines()) == {order}
     leading = False
@@ -186,6 +187,27 @@ async def test_a_watcher_that_does_not_lead_keeps_no_memory(database_url: str) -
     leading = True
     await _step(database_url, watcher)
     assert set(watcher.deadlines()) == {order} and watcher.rebuilds == 2
+
+
+async def test_the_watcher_never_reads_ahead_of_the_local_check(database_url: str) -> None:
+    """Beside a recorder that leads, the watcher stops where the check has
+    handed the log over (a backlog is read once, by the check), and goes on
+    when the check does."""
+    restaurant, first, second = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    _enqueue(database_url, [event("OrderPaymentSucceeded", restaurant_id=restaurant,
+                                  order_id=first, at=AT)])  # fmt: skip
+    checked = Position.end_of(_record(database_url))
+    _enqueue(database_url, [event("OrderPaymentSucceeded", restaurant_id=restaurant,
+                                  order_id=second, at=AT)])  # fmt: skip
+    newest = Position.end_of(_record(database_url))
+    watcher = SlaWatcher(database_url, CONFIG, local_check=lambda: checked)
+    await _step(database_url, watcher)
+    assert set(watcher.deadlines()) == {first} and not watcher.behind
+    offset, _, _ = await _offsets(database_url)
+    assert offset == checked
+    checked = newest
+    await _step(database_url, watcher)
+    assert set(watcher.deadlines()) == {first, second}
 
 
 async def test_a_due_deadline_waits_for_the_orders_unread_rows(database_url: str) -> None:
@@ -450,3 +472,25 @@ async def test_pages_handed_by_the_recorder_give_the_deadlines_a_read_of_the_log
         orders[2]: "DeliveryLate",
     }
     assert await _deadlines(url) == by_hand
+
+
+async def test_a_handed_page_that_began_before_the_offset_continues_it(database_url: str) -> None:
+    """The watcher read the first event of a window from the log; the
+    recorder's page of the whole window then supplies the rest, each event once."""
+    restaurant = uuid.uuid4()
+    orders = [uuid.uuid4() for _ in range(3)]
+    _enqueue(database_url, [event("OrderPaymentSucceeded", restaurant_id=restaurant, order_id=o,
+                                  at=AT) for o in orders])  # fmt: skip
+    window = _record(database_url)
+    watcher = SlaWatcher(database_url, dataclasses.replace(CONFIG, page_size=1, step_pages=1))
+    await _step(database_url, watcher)
+    assert watcher.events == 1 and watcher.behind
+    conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    try:
+        page = await event_log.read(conn, Position.end_of(0), window, limit=1000)
+    finally:
+        await conn.close()
+    watcher.handed(page)
+    await _step(database_url, watcher)
+    assert watcher.events == 3 and not watcher._handed
+    assert set(watcher.deadlines()) == set(orders)
