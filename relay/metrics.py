@@ -42,6 +42,13 @@ class _Metrics:
         self.deliveries = Counter(
             "relay_sse_deliveries", "Events written to SSE subscribers", registry=r
         )
+        self.replayed = Counter(
+            "relay_replayed_events",
+            "Events sent to resuming streams, by where they came from: memory (the hub's "
+            "recent events) or log (read and rendered again)",
+            ["source"],
+            registry=r,
+        )
         self.hub_read_back = Counter(
             "relay_hub_read_back_events",
             "Events the hub read from the log instead of having them in hand (recorded "

@@ -40,7 +40,7 @@ import psycopg
 
 from relay import log as event_log
 from relay.errors import clip
-from relay.log import Page, Position
+from relay.log import CHECK, Page, Position
 from relay.metrics import M
 from relay.sessions import Listener, hold_session
 from relay.sql import query
@@ -49,7 +49,6 @@ __all__ = ["CHECK", "Recorder", "RecorderConfig"]
 
 log = logging.getLogger("relay.recorder")
 
-CHECK = "relay.check"  # the follower that files dead letters
 
 _FIRST_BACKOFF = 0.0005
 # For this long after a window with events the probe does not back off: live
@@ -107,7 +106,12 @@ class Recorder:
         self.published = 0  # events checked by this process
         self.dead_lettered = 0
         self.windows = 0
+        self._checked: Position | None = None
         self._listener: Listener | None = None
+
+    def checked(self) -> Position | None:
+        """How far this process's check has handed the log over, while it leads."""
+        return self._checked if self.leading else None
 
     @property
     def listener_connected(self) -> bool | None:
@@ -222,6 +226,7 @@ class Recorder:
                 backoff = _FIRST_BACKOFF
 
     def _handed(self, page: Page) -> None:
+        self._checked = page.reached
         self.published += len(page.events)
         self.dead_lettered += len(page.rejected)
         if self._on_page is not None:

@@ -111,7 +111,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     roles = [r for r, on in (("dispatcher", dispatcher), ("gateway", gateway)) if on]
     hub = (
-        Hub(url, local_recorder=lambda: worker.backend_pid if worker is not None else None)
+        Hub(
+            url,
+            local_recorder=lambda: worker.backend_pid if worker is not None else None,
+            local_check=lambda: worker.checked() if worker is not None else None,
+            recent=settings.replay_memory,
+        )
         if gateway
         else None
     )
@@ -133,7 +138,7 @@ async def serve(
             ),
             # Beside the recorder's lease: its pages come in hand, and the
             # open deadlines stay in one process's memory.
-            active=lambda: worker is not None and worker.leading,
+            local_check=lambda: worker.checked() if worker is not None else None,
         )
         if dispatcher and settings.sla_enabled
         else None

@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(
         5000, alias="RELAY_BATCH_SIZE", ge=1, le=10000, description="rows per read of a window"
     )
+    replay_memory: int = Field(
+        50_000,
+        alias="RELAY_REPLAY_MEMORY",
+        ge=0,
+        le=1_000_000,
+        description="events the gateway keeps for resuming streams (0: every resume reads the log)",
+    )
     subscriber_buffer: int = Field(
         1000,
         alias="RELAY_SUBSCRIBER_BUFFER",

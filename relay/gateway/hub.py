@@ -9,6 +9,11 @@ hold in hand it reads from the log, so every subscriber sees the events in
 log order with no gap, whichever replica recorded them. Each event is
 encoded into one SSE frame, once, and the same bytes go to every subscriber
 of its channels.
+
+The hub starts where the recorder's check stands (its pages then continue
+the hub's position in hand, even on a backlog), and remembers the events it
+delivered last (``Recent``), so a stream resuming among them replays from
+memory. A stream opened without a cursor still starts at the head.
 """
 
 from __future__ import annotations
@@ -16,17 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
 from relay import log as event_log
 from relay.gateway import frames
-from relay.log import LogEvent, Page, Position, notify
+from relay.gateway.recent import Recent, Remembered
+from relay.log import CHECK, LogEvent, Page, Position, notify
 from relay.metrics import M
 from relay.sessions import LOST, Listener, hold_session
 
-__all__ = ["FanIn", "Hub", "Subscriber", "frame"]
+__all__ = ["FanIn", "Framed", "Hub", "Subscriber", "frame"]
 
 _READ_LIMIT = 5000
 # Events fanned out between two turns of the streams: a page (up to
@@ -38,7 +44,18 @@ _IO_TIMEOUT = 15.0  # seconds any one log read may take before the connection is
 log = logging.getLogger("relay.hub")
 
 
-def frame(event: LogEvent) -> bytes:
+class Framed(Protocol):
+    """What a frame is made of: a ``LogEvent``, or one recalled from memory."""
+
+    @property
+    def at(self) -> Position: ...
+    @property
+    def sse_event(self) -> str: ...
+    @property
+    def data(self) -> str: ...
+
+
+def frame(event: Framed) -> bytes:
     """The SSE frame of one event, shared by every stream on its channels that
     needs no fingerprint in its cursors: the event's position as the id."""
     return frames.event(event.at.encode(), event.sse_event, event.data)
@@ -143,11 +160,20 @@ class Hub:
         *,
         sweep_every: float = 1.0,
         local_recorder: Callable[[], int | None] = lambda: None,
+        local_check: Callable[[], Position | None] = lambda: None,
+        recent: int = 0,
     ) -> None:
+        """``local_check`` is where this process's recorder has checked the
+        log to while it leads (its pages come in hand), else None; ``recent``
+        is how many delivered events are kept for replays."""
         self._url = database_url
         # The backend pid of this process's recorder: its windows arrive in
         # hand (``handed``), so its NOTIFYs need no read of the log.
         self._local_recorder = local_recorder
+        self._local_check = local_check
+        self._check_seen: Position | None = None
+        self._recent = Recent(recent)
+        self._joined = Position.end_of(-1)  # the head when the hub started
         self._sweep_every = sweep_every
         self._channels: dict[str, set[Subscriber]] = {}
         self.delivered = Position.end_of(-1)
@@ -190,7 +216,25 @@ class Hub:
         stream that starts here (fresh, or resuming from exactly here) has no
         gap and needs no replay. None until the hub has loaded the head.
         """
-        return self.delivered if self.ready.is_set() else None
+        if not self.ready.is_set():
+            return None
+        # The hub may start below the head (at the check): a fresh stream
+        # still starts at the head, and skips what the hub delivers below it.
+        return max(self.delivered, self._joined)
+
+    def recent(self, channels: Sequence[str], after: Position) -> Remembered | None:
+        """The events on ``channels`` after ``after`` up to ``delivered``,
+        from memory, and ``delivered``; None if memory does not reach back
+        to ``after``.
+
+        A stream subscribed before this call gets every event after
+        ``delivered`` live, so replaying this list and then going live
+        leaves no gap.
+        """
+        if not self.ready.is_set():
+            return None
+        events = self._recent.since(channels, after)
+        return None if events is None else Remembered(events, self.delivered)
 
     def unsubscribe(self, sub: Subscriber) -> None:
         removed = False
@@ -253,7 +297,7 @@ class Hub:
 
         async def follow(conn: psycopg.AsyncConnection[Any]) -> None:
             if not self.ready.is_set():
-                self.delivered = (await event_log.head(conn)).end
+                await self._start(conn)
                 self.ready.set()
             else:
                 await self._sweep(conn)  # catch up on whatever passed while down
@@ -262,6 +306,17 @@ class Hub:
         await hold_session(
             self._url, stop, follow, label="gateway", logger=log, lost=(psycopg.Error, *LOST)
         )
+
+    async def _start(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Start at the recorder's check, when it is behind the head: a
+        recorder in this process hands its pages over from there, so a
+        backlog is read once, not once by the check and again by the hub."""
+        head = await event_log.head(conn)
+        checked = await event_log.read_offset(conn, CHECK)
+        start = head.end if checked is None else max(min(checked, head.end), head.oldest)
+        self._joined = head.end
+        self.delivered = start
+        self._recent.reset(start)
 
     async def _apply_forever(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -304,11 +359,16 @@ class Hub:
             if events and events[0].at <= delivered:
                 events = tuple(e for e in events if e.at > delivered)
             await self._offer(events)
-            self.delivered = reached
+            self._moved(reached)
             return True
         return False
 
     async def _sweep(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        checked = self._local_check()
+        progressing = checked is not None and checked != self._check_seen
+        self._check_seen = checked
+        if progressing:
+            return  # this process's recorder is handing the log over: no read
         reached = (await event_log.head(conn)).end
         if reached > self.delivered:
             await self._advance(conn, reached)
@@ -321,13 +381,15 @@ class Hub:
             # subscribes later replays from the log or starts live above
             # ``delivered`` (no await between this check and the jump, so no
             # subscriber can register in between).
-            self.delivered = max(self.delivered, reached)
+            if reached > self.delivered:
+                self._recent.reset(reached)
+                self.delivered = reached
             return
         while self.delivered < reached:
             page = await event_log.read(conn, self.delivered, reached.window, limit=_READ_LIMIT)
             M.hub_read_back.inc(len(page.events))
             await self._offer(page.events)
-            self.delivered = page.reached
+            self._moved(page.reached)
 
     async def _offer(self, events: Sequence[LogEvent]) -> None:
         """Fan ``events`` out in slices, letting the streams write between them.
@@ -340,7 +402,16 @@ class Hub:
                 await asyncio.sleep(0)
             part = events[start : start + _SLICE]
             self._deliver(part)
+            self._recent.add(part)
             self.delivered = part[-1].at
+
+    def _moved(self, reached: Position) -> None:
+        """Everything up to ``reached`` is delivered (what was in between is)."""
+        if reached > self.delivered:
+            self.delivered = reached
+            self._recent.reach(reached)
+        if self._recent.end != self.delivered:  # the start, or a gap
+            self._recent.reset(self.delivered)
 
     def _deliver(self, events: Iterable[LogEvent]) -> None:
         channels = self._channels

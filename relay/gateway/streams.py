@@ -34,7 +34,8 @@ from psycopg_pool import AsyncConnectionPool
 from relay import log as event_log
 from relay.errors import InvalidCursor, LogPruned
 from relay.gateway import frames
-from relay.gateway.hub import Hub, Subscriber, frame
+from relay.gateway.hub import Framed, Hub, Subscriber, frame
+from relay.gateway.recent import Remembered as _Recalled
 from relay.log import (
     Head,
     LogEvent,
@@ -44,6 +45,7 @@ from relay.log import (
     customer_scope,
     restaurant_set_scope,
 )
+from relay.metrics import M
 
 __all__ = [
     "DATABASE_TROUBLE",
@@ -172,7 +174,7 @@ class _Plan:
     def admits(self, event: LogEvent) -> bool:
         return self.owners is None or self.owners.admits(event)
 
-    def render(self, event: LogEvent, shared: bytes | None) -> bytes:
+    def render(self, event: Framed, shared: bytes | None) -> bytes:
         """An event's frame, its position as the id."""
         if not self.scope:
             return shared if shared is not None else frame(event)
@@ -370,7 +372,7 @@ async def sse(
         sent = _joins_live(hub, plan, cursor_text)
         if sent is None:
             caught_up: list[Position] = []
-            async for chunk in _catch_up(pool, sub, plan, cursor_text, options, caught_up):
+            async for chunk in _catch_up(hub, pool, sub, plan, cursor_text, options, caught_up):
                 yield chunk
             sent = caught_up[0]
         else:
@@ -414,9 +416,11 @@ async def sse(
 
 
 _Replayed = tuple[list[LogEvent], Position]  # a replay page's events, and how far it reached
+_Opened = tuple["_Start", "_Replayed | _Recalled"]  # where a stream starts, and its first page
 
 
 async def _catch_up(
+    hub: Hub,
     pool: AsyncConnectionPool[Any],
     sub: Subscriber,
     plan: _Plan,
@@ -429,24 +433,39 @@ async def _catch_up(
 
     The stream subscribed before the head was read, so every window after
     the head reaches it live: the replay stops at the head, also after a
-    reset (which starts at the head).
+    reset (which starts at the head). A resume among the hub's recent events
+    replays them from memory instead (no read, no rendering), up to the hub's
+    position: every later event reaches the stream live.
     """
 
-    async def opening(conn: psycopg.AsyncConnection[Any]) -> tuple[_Start, _Replayed]:
+    async def opening(conn: psycopg.AsyncConnection[Any]) -> _Opened:
         # The cursor and the first page on one pooled connection (a storm of
         # resuming dashboards queues for the pool half as often).
         start = await _resolve(conn, plan, cursor_text)
+        if start.reset is None and plan.owners is None:  # owners are asked of the log
+            recalled = hub.recent(plan.channels, start.after)
+            if recalled is not None:
+                M.replayed.labels("memory").inc(len(recalled[0]))
+                return start, recalled
         return start, await _replay_page(conn, plan, start.after, start.head.window)
 
-    opened: list[tuple[_Start, _Replayed]] = []
+    opened: list[_Opened] = []
     async for beat in _reading(pool, sub, options.heartbeat, opening, opened):
         yield beat
-    start, (events, reached) = opened[0]
+    start, first_page = opened[0]
+    del opened
     sent = start.after
     if start.reset is not None:
         yield frames.reset(options.retry_ms, start.reset, sent.encode(plan.scope))
     else:
         yield frames.opening(options.retry_ms, sent.encode(plan.scope))
+    if isinstance(first_page, _Recalled):
+        for first in range(0, len(first_page.events), _REPLAY_PAGE):
+            part = first_page.events[first : first + _REPLAY_PAGE]
+            yield b"".join(plan.render(e, None) for e in part)  # all after the cursor
+        caught_up.append(max(sent, first_page.reached))
+        return
+    events, reached = first_page
     end = start.head.end
     while True:
         chunk, sent = _above(plan, sent, ((e, None) for e in events))
@@ -472,6 +491,7 @@ async def _replay_page(
     ``through``), with what ``plan.admits`` needs to know, and how far it reached."""
     page = await event_log.read(conn, after, through, selector=plan.selector, limit=_REPLAY_PAGE)
     events = [e for e in page.events if plan.wants(e)]
+    M.replayed.labels("log").inc(len(events))
     if plan.owners is not None:
         await plan.owners.learn(conn, plan.owners.unknown(events))
     return events, page.reached

@@ -23,6 +23,7 @@ from relay.log.cursor import (
     restaurant_set_scope,
 )
 from relay.log.reads import (
+    CHECK,
     Head,
     advance_offset,
     head,
@@ -35,6 +36,7 @@ from relay.log.reads import (
 from relay.log.records import LogEvent, Page, Rejected
 
 __all__ = [
+    "CHECK",
     "END",
     "ORIGIN",
     "Head",

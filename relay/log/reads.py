@@ -24,6 +24,7 @@ from relay.log.rows import COLUMNS, render_row
 from relay.sql import query
 
 __all__ = [
+    "CHECK",
     "Head",
     "advance_offset",
     "head",
@@ -34,6 +35,9 @@ __all__ = [
     "take_offset",
 ]
 
+# The recorder's check of each new window (it files dead letters): a
+# follower whose position the gateway's hub also starts from.
+CHECK = "relay.check"
 _PAGE = 1000
 _EVERYTHING = Selector()
 _KNOWN_WINDOWS = 256  # window bounds remembered per connection

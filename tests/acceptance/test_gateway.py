@@ -306,6 +306,69 @@ async def test_resume_exact_continuation_across_replicas(database_url: str) -> N
     assert third.events == []  # nothing replayed twice
 
 
+async def test_resumes_among_recent_events_replay_from_memory_as_the_log_would(
+    database_url: str,
+) -> None:
+    """A resume among the hub's recent events is served from memory (no read
+    of the log, no rendering): byte for byte what a replica replaying from
+    the log sends, then live with nothing missed or repeated; also for a
+    multi-restaurant stream, whose ids carry its fingerprint."""
+    one, other = uuid.uuid4(), uuid.uuid4()
+    env = {"RELAY_HEARTBEAT_SECONDS": "1", "RELAY_JWT_AUDIENCE": AUDIENCE}
+    mixed = [e for _ in range(6) for r in (one, other) for e in chain(r)]  # 30 events each
+    path = f"/v1/restaurants/{one}/stream"
+    several = f"/v1/restaurants/stream?restaurant={one}&restaurant={other}"
+    with (
+        RelayProcess(database_url, env=env) as memory,
+        RelayProcess(database_url, ("--gateway-only",), {**env, "RELAY_REPLAY_MEMORY": "0"}) as log,
+    ):
+        relays = {"memory": memory, "log": log}
+        await asyncio.to_thread(produce, database_url, *mixed)
+        got: dict[str, list[tuple[str | None, str | None, str]]] = {}
+        async with client() as http:
+            joined: dict[str, Subscriber] = {}
+            for name, relay in relays.items():
+                whole = Subscriber(http, relay.url + path, staff(one), last_id=from_start())
+                first = await whole.start().wait_for(30)
+                await whole.close()
+                resumed = Subscriber(http, relay.url + path, staff(one), last_id=first[9].id)
+                rest = await resumed.start().wait_for(20)
+                await resumed.close()
+                got[name] = [(f.id, f.event, f.data) for f in first + rest]
+                # A set's cursor: the reset a placeholder cursor gets, at the head.
+                joined[name] = Subscriber(http, relay.url + several, staff(one, other),
+                                          last_id="join").start()  # fmt: skip
+                await asyncio.wait_for(joined[name].ready.wait(), 10)
+            await asyncio.sleep(0.5)
+            for sub in joined.values():
+                await sub.close()
+            late = [*chain(one), *chain(other)]
+            await asyncio.to_thread(produce, database_url, *late)
+            await asyncio.sleep(1.0)  # recorded, and in the memory relay's hub
+            for name, relay in relays.items():
+                cursor = joined[name].frames[0]
+                assert cursor.event == "reset"
+                again = Subscriber(http, relay.url + several, staff(one, other),
+                                   last_id=cursor.id).start()  # fmt: skip
+                await again.wait_for(10)
+                await asyncio.sleep(0.3)  # a repeat would arrive now
+                await again.close()
+                got[name + " set"] = [(f.id, f.event, f.data) for f in again.events]
+        from_memory = metric(memory, 'relay_replayed_events_total{source="memory"}')
+        read_back = metric(memory, 'relay_replayed_events_total{source="log"}')
+        assert metric(log, 'relay_replayed_events_total{source="memory"}') == 0
+        # The resume and the set's replay at least (a first stream from the
+        # start may join the hub live, if it has not moved yet).
+        assert metric(log, 'relay_replayed_events_total{source="log"}') >= 30
+    assert got["memory"] == got["log"]  # the same bytes, from memory or from the log
+    assert len(got["memory"]) == 50
+    assert [d for _, _, d in got["memory"][30:]] == [d for _, _, d in got["memory"][10:30]]
+    assert got["memory set"] == got["log set"]
+    want = [(STATUS_OF.get(e.event_type, "Paid"), str(e.order_id)) for e in late]
+    assert [identity(d) for _, _, d in got["memory set"]] == want  # once each, in order
+    assert from_memory >= 30 and read_back == 0
+
+
 async def test_a_replica_reads_the_log_only_while_streams_follow_it(
     database_url: str,
 ) -> None:

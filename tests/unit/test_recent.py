@@ -1,0 +1,74 @@
+"""The hub's memory of recent events: what a replay from it may and may not answer."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from relay.gateway.recent import Recalled, Recent
+from relay.log import LogEvent, Position
+
+A, B = "restaurant:a", "restaurant:b"
+
+
+def _event(n: int, *channels: str) -> LogEvent:
+    now = datetime.now(UTC)
+    return LogEvent(
+        at=Position(1, 700, n), sse_event="OrderStatusChanged", channels=channels,
+        data=f'{{"n":{n}}}', event_id=uuid.uuid4(), event_type="OrderAccepted",
+        schema_version=1, restaurant_id=uuid.uuid4(), order_id=None, customer_id=None,
+        occurred_on_utc=now, enqueued_at=now,
+    )  # fmt: skip
+
+
+def _ids(events: list[Recalled] | None) -> list[int] | None:
+    return None if events is None else [e.at.id for e in events]
+
+
+def test_a_replay_gets_its_channels_events_after_the_cursor_in_log_order() -> None:
+    recent = Recent(100)
+    recent.reset(Position.end_of(0))
+    recent.add([_event(1, A, "order:a:1"), _event(2, B), _event(3, A), _event(4, B, A)])
+    recent.reach(Position.end_of(1))
+    assert recent.end == Position.end_of(1)
+    assert _ids(recent.since([A], Position.end_of(0))) == [1, 3, 4]
+    assert _ids(recent.since([A], Position(1, 700, 1))) == [3, 4]
+    assert _ids(recent.since([A, B], Position.end_of(0))) == [1, 2, 3, 4]  # 4 once
+    assert _ids(recent.since(["order:a:1"], Position.end_of(0))) == [1]
+    assert recent.since(["restaurant:none"], Position.end_of(0)) == []
+
+
+def test_memory_answers_nothing_it_cannot_answer_whole() -> None:
+    recent = Recent(100)
+    recent.reset(Position.end_of(1))
+    recent.add([_event(5, A)])
+    assert recent.since([A], Position.end_of(0)) is None  # before what it saw
+    assert recent.since([A], Position(1, 700, 6)) is None  # after what it saw
+    customer = Recent(100)
+    customer.add([_event(1, A, "customer:c")])
+    assert customer.since(["customer:c"], Position.end_of(-1)) == []  # never kept
+    off = Recent(0)
+    off.add([_event(1, A)])
+    assert off.since([A], Position.end_of(-1)) is None
+
+
+def test_eviction_moves_the_start_and_memory_stays_bounded() -> None:
+    recent = Recent(10)
+    recent.reset(Position.end_of(0))
+    for n in range(1, 101):
+        recent.add([_event(n, A, f"order:a:{n}")])
+    assert len(recent) == 10
+    assert recent.start == Position(1, 700, 90)
+    assert recent.since([A], Position(1, 700, 89)) is None
+    assert _ids(recent.since([A], Position(1, 700, 90))) == list(range(91, 101))
+    # Evicted events leave the channels' lists too, a capacity's worth at a time.
+    assert len(recent._by_channel) <= 2 * 10 + 1
+    assert sum(len(kept) for kept in recent._by_channel.values()) <= 2 * 2 * 10
+
+
+def test_a_reset_forgets_everything() -> None:
+    recent = Recent(10)
+    recent.add([_event(1, A)])
+    recent.reset(Position.end_of(5))
+    assert recent.since([A], Position.end_of(5)) == []
+    assert recent.since([A], Position.end_of(4)) is None
