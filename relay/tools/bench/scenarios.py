@@ -238,7 +238,8 @@ def drain_rate(
         "seconds": round(elapsed, 2),
         "events_per_s": round(delivered / elapsed),
         "cpu_us_per_event": cpu,
-        "wal_bytes_per_event": round(drained / events),
+        "wal_bytes": drained,  # windows and offsets: a few bytes per event at most
+        "wal_bytes_per_event": round(drained / events, 2),
         "producer_wal_bytes_per_event": round(produced / events),
     }
 

@@ -124,8 +124,8 @@ def wal(bench: Bench, events: int, restaurants: int = 100) -> dict[str, Any]:
     return {
         "events": events,
         "producer_wal_bytes_per_event": round(producer_per_event),
-        "wal_bytes_per_event": round(relay_per_event),
-        "relay_to_producer": round(relay_per_event / producer_per_event, 3),
-        "sla_off_wal_bytes_per_event": round(bare / events),
-        "sla_off_to_producer": round(bare / events / producer_per_event, 3),
+        "wal_bytes_per_event": round(relay_per_event, 1),
+        "relay_to_producer": round(relay_per_event / producer_per_event, 4),
+        "sla_off_wal_bytes_per_event": round(bare / events, 1),
+        "sla_off_to_producer": round(bare / events / producer_per_event, 4),
     }
