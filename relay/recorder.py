@@ -196,9 +196,9 @@ class Recorder:
                 if check.behind:
                     await asyncio.sleep(0)  # a big window: its next page at once
                     continue
-                due, head = await _window_due(conn)
+                head, recorded = await _record_if_due(conn)
                 check.saw(head)
-                if due and (recorded := await _record(conn)) is not None:
+                if recorded is not None:
                     self.windows += 1
                     M.windows.inc()
                     check.saw(recorded)
@@ -258,21 +258,16 @@ async def _take_lease(conn: psycopg.AsyncConnection[Any]) -> bool:
     return bool(row and row[0])
 
 
-async def _window_due(conn: psycopg.AsyncConnection[Any]) -> tuple[bool, int]:
-    """Whether a new window would hold anything, and the newest window."""
-    cur = await conn.execute(query("window_due"), prepare=True)
+async def _record_if_due(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int | None]:
+    """The newest window, and the window recorded now if one was due (one
+    round trip either way)."""
+    cur = await conn.execute(query("record_window_if_due"), prepare=True)
     row = await cur.fetchone()
     assert row is not None
-    return bool(row[1]), int(row[0])
-
-
-async def _record(conn: psycopg.AsyncConnection[Any]) -> int | None:
-    cur = await conn.execute(query("record_window"), prepare=True)
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    event_log.remember_window(conn, int(row[0]), row[1])  # the check reads it next
-    return int(row[0])
+    if row[1] is None:
+        return int(row[0]), None
+    event_log.remember_window(conn, int(row[1]), row[2])  # the check reads it next
+    return int(row[1]), int(row[1])
 
 
 class _Check:

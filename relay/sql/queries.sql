@@ -22,24 +22,39 @@ ON CONFLICT (event_id) DO NOTHING
 -- tick). Never waits: a replica that does not get it just reads.
 SELECT pg_try_advisory_lock(hashtextextended('relay.recorder', 0))
 
--- name: window_due
--- The newest window, and whether a new one would hold anything: a committed
--- row of a transaction its snapshot did not see (one that started since, or
--- was in progress then). Two index probes; an idle relay runs only this.
--- (The newest committed xid, not EXISTS (xid >= horizon): the planner
--- estimates an unknown bound to match a third of the rows and would scan the
--- table; max() is one step down the (xid, id) index.)
-SELECT w.window_id,
-       (SELECT max(o.xid) FROM relay_outbox AS o) >= w.horizon
-       OR EXISTS (SELECT FROM pg_snapshot_xip(w.snapshot) AS t (xid)
+-- name: record_window_if_due
+-- The recorder's one statement per turn: close the next window at this
+-- statement's snapshot if it would hold anything (a committed row of a
+-- transaction the newest window's snapshot did not see: one that started
+-- since, or was in progress then), and say which window is the newest. Two
+-- index probes when nothing is due; then nothing is written and the commit
+-- flushes nothing, so an idle relay costs no WAL. When due: the one write
+-- per window, and a NOTIFY naming it to every relay process. (The newest
+-- committed xid, not EXISTS (xid >= horizon): the planner estimates an
+-- unknown bound to match a third of the rows and would scan the table;
+-- max() is one step down the (xid, id) index.)
+WITH newest AS (
+    SELECT window_id, snapshot, horizon FROM relay_windows
+    ORDER BY window_id DESC
+    LIMIT 1
+), recorded AS (
+    INSERT INTO relay_windows (window_id, snapshot, horizon)
+    SELECT n.window_id + 1, pg_current_snapshot(), pg_snapshot_xmax(pg_current_snapshot())
+    FROM newest AS n
+    WHERE (SELECT max(o.xid) FROM relay_outbox AS o) >= n.horizon
+       OR EXISTS (SELECT FROM pg_snapshot_xip(n.snapshot) AS t (xid)
                   JOIN relay_outbox AS o ON o.xid = t.xid)
-FROM relay_windows AS w
-ORDER BY w.window_id DESC
-LIMIT 1
+    ON CONFLICT (window_id) DO NOTHING
+    RETURNING window_id, snapshot::text AS snapshot,
+              pg_notify('relay_windows', window_id::text) AS notified
+)
+SELECT n.window_id, r.window_id, r.snapshot
+FROM newest AS n
+LEFT JOIN recorded AS r ON true
 
 -- name: record_window
--- Close the next window at this statement's snapshot: the one write per
--- window, and a NOTIFY naming it to every relay process. The snapshot is
+-- Close the next window at this statement's snapshot, whatever it holds
+-- (tests and tools; the recorder runs record_window_if_due). The snapshot is
 -- taken after the newest window committed, so windows never overlap.
 INSERT INTO relay_windows (window_id, snapshot, horizon)
 SELECT max(window_id) + 1, pg_current_snapshot(), pg_snapshot_xmax(pg_current_snapshot())
@@ -115,14 +130,14 @@ SELECT window_id, snapshot::text FROM relay_windows WHERE window_id = ANY (%(ids
 -- rows by the producer's columns.
     (SELECT * FROM relay_outbox AS o
      WHERE o.xid >= %(since_horizon)s::xid8 AND o.xid < %(horizon)s::xid8
-       AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s)
+       AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s::bigint)
        AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector}
      ORDER BY o.xid, o.id
      LIMIT %(limit)s)
     UNION ALL
     (SELECT * FROM relay_outbox AS o
      WHERE o.xid = ANY (%(since_xip)s::xid8[])
-       AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s)
+       AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s::bigint)
        AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector})
 
 -- name: read_window
