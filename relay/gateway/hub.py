@@ -10,8 +10,9 @@ log order with no gap, whichever replica recorded them. Each event is
 encoded into one SSE frame, once, and the same bytes go to every subscriber
 of its channels.
 
-The hub starts where the recorder's check stands (its pages then continue
-the hub's position in hand, even on a backlog), and remembers the events it
+In the recorder's process the hub starts where the check stands (its pages
+then continue the hub's position in hand, even on a backlog), and it
+remembers the events it
 delivered last (``Recent``), so a stream resuming among them replays from
 memory. A stream opened without a cursor still starts at the head.
 """
@@ -28,7 +29,7 @@ import psycopg
 from relay import log as event_log
 from relay.gateway import frames
 from relay.gateway.recent import Recent, Remembered
-from relay.log import CHECK, LogEvent, Page, Position, notify
+from relay.log import LogEvent, Page, Position, notify
 from relay.metrics import M
 from relay.sessions import LOST, Listener, hold_session
 
@@ -161,16 +162,19 @@ class Hub:
         sweep_every: float = 1.0,
         local_recorder: Callable[[], int | None] = lambda: None,
         local_check: Callable[[], Position | None] = lambda: None,
+        local_pending: Callable[[], bool] = lambda: False,
         recent: int = 0,
     ) -> None:
         """``local_check`` is where this process's recorder has checked the
-        log to while it leads (its pages come in hand), else None; ``recent``
-        is how many delivered events are kept for replays."""
+        log to while it leads (its pages come in hand), else None;
+        ``local_pending`` whether that recorder has yet to try the lease;
+        ``recent`` is how many delivered events are kept for replays."""
         self._url = database_url
         # The backend pid of this process's recorder: its windows arrive in
         # hand (``handed``), so its NOTIFYs need no read of the log.
         self._local_recorder = local_recorder
         self._local_check = local_check
+        self._local_pending = local_pending
         self._check_seen: Position | None = None
         self._recent = Recent(recent)
         self._joined = Position.end_of(-1)  # the head when the hub started
@@ -308,11 +312,17 @@ class Hub:
         )
 
     async def _start(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Start at the recorder's check, when it is behind the head: a
-        recorder in this process hands its pages over from there, so a
-        backlog is read once, not once by the check and again by the hub."""
+        """Start at the head, or where this process's leading recorder's check
+        stands when that is behind the head: its pages then continue the
+        hub's position in hand, so a backlog is read once (by the check), not
+        again by the hub or by each resuming stream. Another replica's hub
+        starts at the head: its streams replay only their own rows."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _IO_TIMEOUT
+        while self._local_pending() and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # the lease is tried at the recorder's first turn
         head = await event_log.head(conn)
-        checked = await event_log.read_offset(conn, CHECK)
+        checked = self._local_check()
         start = head.end if checked is None else max(min(checked, head.end), head.oldest)
         self._joined = head.end
         self.delivered = start
