@@ -73,6 +73,7 @@ class RecorderConfig:
     wakeup: str = "poll"
     poll_idle: float = 0.010
     linger: float = 0.025
+    window_interval: float = 0.002  # shortest time between two windows
     safety_sweep: float = 1.0
     # Client-side bound on any one round trip: a half-open connection (a
     # network that silently drops packets) must not stall the loop forever.
@@ -107,6 +108,7 @@ class Recorder:
         self.dead_lettered = 0
         self.windows = 0
         self._checked: Position | None = None
+        self.decided = False  # the lease was tried once (leading or standing by)
         self._listener: Listener | None = None
 
     def checked(self) -> Position | None:
@@ -178,6 +180,7 @@ class Recorder:
         last_event = loop.time()
         next_sweep = 0.0  # try the lease at once
         backoff = _FIRST_BACKOFF
+        window_at = 0.0
         while not stop.is_set():
             now = loop.time()
             if not self.leading:
@@ -188,6 +191,8 @@ class Recorder:
                     if self.leading:
                         log.info("recording windows (this replica holds the recorder lease)")
                         await check.start()
+                        self._checked = check.at
+                    self.decided = True
                 if not self.leading:
                     await self._pause(stop, cfg.safety_sweep)
                     continue
@@ -199,6 +204,7 @@ class Recorder:
                 head, recorded = await _record_if_due(conn)
                 check.saw(head)
                 if recorded is not None:
+                    window_at = loop.time()
                     self.windows += 1
                     M.windows.inc()
                     check.saw(recorded)
@@ -212,6 +218,10 @@ class Recorder:
                 # few rows it holds): at a few events latency wins, at
                 # thousands CPU does.
                 linger = 0.0 if rows < _LINGER_FROM else min(cfg.linger, _LINGER_PER_EVENT * rows)
+                # Never two windows closer than the interval: each is a
+                # statement and a commit on the producers' database, and
+                # back-to-back windows of a few rows took their CPU.
+                linger = max(linger, cfg.window_interval - (loop.time() - window_at))
                 await asyncio.sleep(0 if check.behind else linger)
                 continue
             if check.behind:

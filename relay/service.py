@@ -115,6 +115,7 @@ async def serve(
             url,
             local_recorder=lambda: worker.backend_pid if worker is not None else None,
             local_check=lambda: worker.checked() if worker is not None else None,
+            local_pending=lambda: worker is not None and not worker.decided,
             recent=settings.replay_memory,
         )
         if gateway
@@ -159,6 +160,7 @@ async def serve(
                 wakeup=settings.wakeup,
                 poll_idle=settings.poll_idle.total_seconds(),
                 linger=settings.linger.total_seconds(),
+                window_interval=settings.window_interval.total_seconds(),
                 safety_sweep=settings.safety_sweep.total_seconds(),
                 query_timeout=settings.query_timeout.total_seconds(),
             ),

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         description="after a window, the next waits 0.25 ms per event of it, up to this: "
         "fewer, larger windows under load, ms latency at low rates",
     )
+    window_interval: Duration = Field(
+        timedelta(milliseconds=2),
+        alias="RELAY_WINDOW_INTERVAL",
+        le=timedelta(seconds=1),
+        description="shortest time between two windows: bounds the recorder's commits "
+        "beside busy producers (0: a window per turn)",
+    )
     safety_sweep: Duration = Field(
         timedelta(seconds=1),
         alias="RELAY_SAFETY_SWEEP",

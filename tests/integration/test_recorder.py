@@ -285,3 +285,44 @@ async def test_the_check_resumes_from_its_offset(database_url: str) -> None:
             enqueue(conn, item)
         await until(lambda: len(second.events) >= 1)
     assert [e.event_id for e in second.events] == [item.event_id]
+
+
+async def test_windows_are_never_closer_than_the_interval(database_url: str) -> None:
+    """A producer committing every 5 ms: with a 50 ms interval the recorder
+    closes at most one window per 50 ms, and every row still arrives, in
+    order; without one it closes a window for nearly every commit."""
+    restaurant = uuid.uuid4()
+
+    async def produce_for(seconds: float) -> list[uuid.UUID]:
+        written: list[uuid.UUID] = []
+        conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+        try:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                item = event("OrderAccepted", restaurant_id=restaurant)
+                await conn.execute(
+                    INSERT_SQL,
+                    (item.event_id, item.event_type, item.restaurant_id, item.order_id,
+                     item.customer_id, json.dumps(item.payload)),
+                )  # fmt: skip
+                written.append(item.event_id)
+                await asyncio.sleep(0.005)
+        finally:
+            await conn.close()
+        return written
+
+    counts = {}
+    for interval in (0.05, 0.0):
+        config = RecorderConfig(poll_idle=0.005, safety_sweep=0.3, window_interval=interval)
+        async with recorder(database_url, config) as running:
+            before = windows(database_url)
+            written = await produce_for(1.0)
+            expected = len(written)
+            await until(
+                lambda r=running, n=expected: len(r.events) >= n,  # type: ignore[misc]
+                what="every row checked",
+            )
+            counts[interval] = windows(database_url) - before
+            assert [e.event_id for e in running.events][-len(written) :] == written
+    assert counts[0.05] <= 1.0 / 0.05 + 3, counts
+    assert counts[0.0] > 2 * counts[0.05], counts
