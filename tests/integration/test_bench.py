@@ -94,7 +94,9 @@ def test_quick_bench_runs_every_scenario_and_prints_the_json(database_url: str) 
     )
     for floor in ("ceiling", "snapshot_floor"):
         assert drain[f"{floor}_cpu_us_per_event"]["client"] > 0, floor
-    assert drain["snapshot_floor_cpu_us_per_event"]["postgres"] > 0  # its session is counted
+    # Its session is counted (in /proc's 10 ms ticks: a quick run's floor may
+    # take fewer than one, so 0 is a reading, not a missing figure).
+    assert drain["snapshot_floor_cpu_us_per_event"]["postgres"] >= 0
     assert drain["ceiling_cpu_us_per_event"]["total"] < spent["total"]
     assert drain["cpu_limit_ratio"] > 0
     # WAL around the drain (the relay's windows and followers) and around the
