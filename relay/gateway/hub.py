@@ -10,11 +10,11 @@ log order with no gap, whichever replica recorded them. Each event is
 encoded into one SSE frame, once, and the same bytes go to every subscriber
 of its channels.
 
-In the recorder's process the hub starts where the check stands (its pages
-then continue the hub's position in hand, even on a backlog), and it
-remembers the events it
-delivered last (``Recent``), so a stream resuming among them replays from
-memory. A stream opened without a cursor still starts at the head.
+In the leading recorder's process the hub starts where the check stands
+(its pages then continue the hub's position in hand, even on a backlog).
+Every hub remembers the events it delivered last (``Recent``), so a stream
+resuming among them replays from memory. A stream opened without a cursor
+still starts at the head.
 """
 
 from __future__ import annotations
