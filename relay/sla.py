@@ -442,7 +442,9 @@ class SlaWatcher:
             return True
         in_hand = self._in_hand(at)
         if in_hand is None:
-            page = await event_log.read(conn, at, head.window, limit=self.config.page_size)
+            # Pages the check handed and this queue dropped: read them, but no
+            # further than the window the check has reached.
+            page = await event_log.read(conn, at, end.window, limit=self.config.page_size)
             events, reached = page.events, page.reached
         else:
             events, reached = in_hand

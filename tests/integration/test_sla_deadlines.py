@@ -200,7 +200,8 @@ async def test_the_watcher_never_reads_ahead_of_the_local_check(database_url: st
     _enqueue(database_url, [event("OrderPaymentSucceeded", restaurant_id=restaurant,
                                   order_id=second, at=AT)])  # fmt: skip
     newest = Position.end_of(_record(database_url))
-    watcher = SlaWatcher(database_url, CONFIG, local_check=lambda: checked)
+    big_pages = dataclasses.replace(CONFIG, page_size=1000)  # a page could hold both
+    watcher = SlaWatcher(database_url, big_pages, local_check=lambda: checked)
     await _step(database_url, watcher)
     assert set(watcher.deadlines()) == {first} and not watcher.behind
     offset, _, _ = await _offsets(database_url)
