@@ -29,7 +29,9 @@ class Contract(BaseModel):
 
     def broadcast_json(self) -> str:
         """The contract fields as compact JSON (ids and money as strings, times with Z)."""
-        return self.model_dump_json(by_alias=True)
+        # The core serialiser itself, as model_dump_json calls it, without the
+        # wrapper's keyword handling: this runs for every event.
+        return self.__pydantic_serializer__.to_json(self, by_alias=True).decode()
 
 
 @functools.cache

@@ -59,6 +59,7 @@ class Broadcast(NamedTuple):
     json: str  # the broadcast object, encoded once (SSE data and broker body)
     channels: tuple[str, ...]
     dropped_fields: tuple[str, ...]
+    contract: Contract  # the validated model the JSON was rendered from
 
     @property
     def data(self) -> dict[str, Any]:
@@ -189,18 +190,13 @@ def render(envelope: Envelope) -> Broadcast:
     payload = envelope.payload
     if type(payload) is not dict and not isinstance(payload, Mapping):
         raise InvalidPayload(f"{envelope.event_type}: payload must be a JSON object")
-    dropped: list[str] = []
+    dropped: tuple[str, ...] = ()
     if payload.keys() <= spec.model.canonical_keys():
         accepted = dict(payload)  # the usual case: camelCase, nothing to drop
     else:
         keys = spec.model.input_keys()
-        accepted = {}
-        for key, value in payload.items():
-            alias = keys.get(key)
-            if alias is None:
-                dropped.append(str(key))
-            else:
-                accepted[alias] = value
+        accepted = {keys[key]: value for key, value in payload.items() if key in keys}
+        dropped = tuple([str(key) for key in payload if key not in keys])
     if spec.expected_status is not None:
         status = accepted.get("newStatus")
         if status != spec.expected_status:
@@ -212,7 +208,9 @@ def render(envelope: Envelope) -> Broadcast:
         if accepted.get("occurredOnUtc") is None:  # absent or null: the row's column (SPEC §1)
             accepted["occurredOnUtc"] = envelope.occurred_on_utc
     try:
-        model = spec.model.model_validate(accepted)
+        # The core validator itself: model_validate's Python wrapper costs a
+        # tenth of the validation, for every event.
+        model = spec.model.__pydantic_validator__.validate_python(accepted)
     except ValidationError as exc:
         raise _invalid(envelope.event_type, exc) from None
     _check_routing(envelope, model)
@@ -224,7 +222,7 @@ def render(envelope: Envelope) -> Broadcast:
     if spec.expected_status is None:
         extra += f',"occurredOnUtc":"{utc_text(envelope.occurred_on_utc)}"'
     text = model.broadcast_json()[:-1] + extra + "}"
-    return Broadcast(spec.sse_event, text, spec.route(envelope, model), tuple(dropped))
+    return Broadcast(spec.sse_event, text, spec.route(envelope, model), dropped, model)
 
 
 def _check_routing(envelope: Envelope, model: Any) -> None:
