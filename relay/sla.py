@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import json
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import psycopg
 
 from relay import log as event_log
 from relay.db import sleep_or_stop
+from relay.events.base import Contract
 from relay.log import LogEvent, Page, Position
 from relay.sessions import hold_session
 from relay.sql import query
@@ -109,16 +109,9 @@ class _Thresholds:
         return self._default[kind]
 
 
-def _time(data: dict[str, Any], key: str) -> datetime | None:
-    """A timestamp of the rendered data (ISO-8601, UTC), or None if absent."""
-    value = data.get(key)
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:  # the relay rendered it, so this is a bug: never stop the watcher
-        log.warning("unreadable %s %r in a rendered event", key, value[:40])
-        return None
+def _field(contract: Contract, name: str) -> Any:
+    """A field of the event's contract model, or None where its model has none."""
+    return getattr(contract, name, None)
 
 
 class _Park(NamedTuple):
@@ -203,27 +196,23 @@ class OpenDeadlines:
             return None
         kind: str
         due: datetime | None = None
-        data: dict[str, Any] = {}
+        contract = event.contract  # the validated payload: its fields, not its JSON
         if event.event_type in _CLEARS:
             kind = "clear"
         elif event.event_type == _ALERT:
             current = self.get(order)
-            data = json.loads(event.data)
-            if current is None or data.get("kind") != current.kind:
+            if current is None or _field(contract, "kind") != current.kind:
                 return None
-            expected = _time(data, "expectedBy")
+            expected = _field(contract, "expected_by")
             if expected is not None and expected != current.due:
                 return None  # an alert for an earlier deadline of the same kind
             kind = "clear"  # already raised: by this watcher or one before it
         elif event.event_type in _SETS or event.event_type == _READY:
-            data = json.loads(event.data)
             if event.event_type == _READY:
-                since = _time(data, "estimatedDeliveryTime")
+                since = _field(contract, "estimated_delivery_time")
                 kind = "clear" if since is None else "DeliveryLate"
             else:
-                since = _time(data, "lastUpdateTimestamp") or _time(data, "occurredOnUtc")
-                if since is None:
-                    return None
+                since = _field(contract, "last_update_timestamp") or event.occurred_on_utc
                 kind = _SETS[event.event_type]
             if since is not None:
                 due = since + threshold(event.restaurant_id, kind)
@@ -234,7 +223,7 @@ class OpenDeadlines:
             if previous is None or not previous.parked:
                 return None
             return _Park(order, previous.restaurant_id, None, None, "clear", None)
-        number = data.get("orderNumber")
+        number = _field(contract, "order_number")
         deadline = Deadline(
             kind,
             due,

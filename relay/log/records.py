@@ -7,13 +7,15 @@ from datetime import datetime
 from typing import NamedTuple
 from uuid import UUID
 
+from relay.events.base import Contract
 from relay.log.cursor import Position
 
 __all__ = ["LogEvent", "Page", "Rejected"]
 
 
 class LogEvent(NamedTuple):
-    """One valid event as readers see it: its position and its pre-encoded object.
+    """One valid event as readers see it: its position, its pre-encoded object
+    and the contract model it was rendered from.
 
     A named tuple: immutable, and cheap to build for every event read.
     """
@@ -30,6 +32,7 @@ class LogEvent(NamedTuple):
     customer_id: UUID | None
     occurred_on_utc: datetime
     enqueued_at: datetime
+    contract: Contract  # the validated payload: values for readers that need them, not JSON
 
 
 class Rejected(NamedTuple):

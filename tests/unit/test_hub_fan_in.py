@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+from relay.events.base import Contract
 from relay.gateway.hub import Hub
 from relay.log import LogEvent, Position
 from tests.helpers.orders import event
@@ -31,6 +32,7 @@ def test_a_fan_in_subscriber_has_one_buffer_and_leaves_no_trace() -> None:
             channels=(f"restaurant:{restaurant}",), data="{}", event_id=item.event_id,
             event_type=item.event_type, schema_version=1, restaurant_id=restaurant,
             order_id=item.order_id, customer_id=None, occurred_on_utc=now, enqueued_at=now,
+            contract=Contract(),
         )])  # fmt: skip
 
     offer(r1)
