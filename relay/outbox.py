@@ -73,12 +73,12 @@ class OutboxEvent:
 
     def envelope(self) -> Envelope:
         return Envelope(
-            event_id=self.event_id,
+            event_id=str(self.event_id),
             event_type=self.event_type,
             schema_version=self.schema_version,
-            restaurant_id=self.restaurant_id,
-            order_id=self.order_id,
-            customer_id=self.customer_id,
+            restaurant_id=str(self.restaurant_id),
+            order_id=None if self.order_id is None else str(self.order_id),
+            customer_id=None if self.customer_id is None else str(self.customer_id),
             occurred_on_utc=self.occurred_on_utc,
             payload=self.payload,
         )

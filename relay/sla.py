@@ -29,19 +29,18 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
-from uuid import UUID
 
 import psycopg
 
 from relay import log as event_log
 from relay.db import sleep_or_stop
-from relay.events.base import Contract
 from relay.log import LogEvent, Page, Position
 from relay.sessions import hold_session
 from relay.sql import query
@@ -84,8 +83,8 @@ class Deadline(NamedTuple):
 
     kind: str  # "NotAccepted", "NotReady" or "DeliveryLate"
     due: datetime
-    restaurant_id: UUID
-    customer_id: UUID | None
+    restaurant_id: str
+    customer_id: str | None
     order_number: str | None
     since: Position | None  # None: loaded from relay_sla_deadlines
     parked: bool
@@ -97,29 +96,36 @@ class _Thresholds:
     def __init__(self, config: SlaConfig, rows: list[tuple[Any, ...]]) -> None:
         defaults = (config.not_accepted, config.not_ready, config.delivery_grace)
         self._default = dict(zip(_KINDS, defaults, strict=True))
-        self._by_restaurant: dict[UUID, dict[str, timedelta]] = {}
+        self._by_restaurant: dict[str, dict[str, timedelta]] = {}
         for restaurant, *limits in rows:
             kinds = zip(_KINDS, limits, strict=True)
             self._by_restaurant[restaurant] = {k: v for k, v in kinds if v is not None}
 
-    def __call__(self, restaurant: UUID, kind: str) -> timedelta:
+    def __call__(self, restaurant: str, kind: str) -> timedelta:
         override = self._by_restaurant.get(restaurant)
         if override is not None and kind in override:
             return override[kind]
         return self._default[kind]
 
 
-def _field(contract: Contract, name: str) -> Any:
-    """A field of the event's contract model, or None where its model has none."""
-    return getattr(contract, name, None)
+def _time(data: dict[str, Any], key: str) -> datetime | None:
+    """A timestamp of the rendered data (ISO-8601, UTC), or None if absent."""
+    value = data.get(key)
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:  # the relay rendered it, so this is a bug: never stop the watcher
+        log.warning("unreadable %s %r in a rendered event", key, value[:40])
+        return None
 
 
 class _Park(NamedTuple):
     """A change to relay_sla_deadlines: ``kind`` "clear" deletes the order's row."""
 
-    order_id: UUID
-    restaurant_id: UUID
-    customer_id: UUID | None
+    order_id: str
+    restaurant_id: str
+    customer_id: str | None
     order_number: str | None
     kind: str
     due: datetime | None
@@ -136,18 +142,18 @@ class OpenDeadlines:
 
     def __init__(self, at: Position) -> None:
         self.at = at
-        self._open: dict[UUID, Deadline] = {}
-        self._parked: dict[UUID, Deadline] = {}
-        self._by_due: list[tuple[datetime, int, UUID]] = []
+        self._open: dict[str, Deadline] = {}
+        self._parked: dict[str, Deadline] = {}
+        self._by_due: list[tuple[datetime, int, str]] = []
         self._pushed = 0
 
     def __len__(self) -> int:
         return len(self._open) + len(self._parked)
 
-    def get(self, order: UUID) -> Deadline | None:
+    def get(self, order: str) -> Deadline | None:
         return self._open.get(order) or self._parked.get(order)
 
-    def items(self) -> list[tuple[UUID, Deadline]]:
+    def items(self) -> list[tuple[str, Deadline]]:
         return [*self._parked.items(), *self._open.items()]
 
     @property
@@ -160,19 +166,19 @@ class OpenDeadlines:
                 return Position(since.window, since.xid, since.id - 1)
         return self.at
 
-    def put(self, order: UUID, deadline: Deadline) -> None:
+    def put(self, order: str, deadline: Deadline) -> None:
         """Open (or replace) the order's deadline: it is now the newest."""
         self.drop(order)
         (self._parked if deadline.parked else self._open)[order] = deadline
         self.remind(order, deadline)
 
-    def drop(self, order: UUID) -> Deadline | None:
+    def drop(self, order: str) -> Deadline | None:
         return self._open.pop(order, None) or self._parked.pop(order, None)
 
-    def due(self, now: datetime, limit: int) -> list[tuple[UUID, Deadline]]:
+    def due(self, now: datetime, limit: int) -> list[tuple[str, Deadline]]:
         """Deadlines due by ``now``, earliest first. They stay open, but off
         the due-time heap: ``remind`` of the ones not raised."""
-        found: dict[UUID, Deadline] = {}
+        found: dict[str, Deadline] = {}
         heap = self._by_due
         while heap and heap[0][0] <= now and len(found) < limit:
             due, _, order = heapq.heappop(heap)
@@ -181,13 +187,13 @@ class OpenDeadlines:
                 found[order] = deadline
         return list(found.items())
 
-    def remind(self, order: UUID, deadline: Deadline) -> None:
+    def remind(self, order: str, deadline: Deadline) -> None:
         """Put a due deadline back on the heap (its place in event order stays)."""
         self._pushed += 1
         heapq.heappush(self._by_due, (deadline.due, self._pushed, order))
 
     def apply(
-        self, event: LogEvent, threshold: Callable[[UUID, str], timedelta], park_beyond: timedelta
+        self, event: LogEvent, threshold: Callable[[str, str], timedelta], park_beyond: timedelta
     ) -> _Park | None:
         """Apply one event; returns the change to relay_sla_deadlines it
         needs, if the order's deadline is or was parked."""
@@ -196,23 +202,27 @@ class OpenDeadlines:
             return None
         kind: str
         due: datetime | None = None
-        contract = event.contract  # the validated payload: its fields, not its JSON
+        data: dict[str, Any] = {}
         if event.event_type in _CLEARS:
             kind = "clear"
         elif event.event_type == _ALERT:
             current = self.get(order)
-            if current is None or _field(contract, "kind") != current.kind:
+            data = json.loads(event.data)
+            if current is None or data.get("kind") != current.kind:
                 return None
-            expected = _field(contract, "expected_by")
+            expected = _time(data, "expectedBy")
             if expected is not None and expected != current.due:
                 return None  # an alert for an earlier deadline of the same kind
             kind = "clear"  # already raised: by this watcher or one before it
         elif event.event_type in _SETS or event.event_type == _READY:
+            data = json.loads(event.data)
             if event.event_type == _READY:
-                since = _field(contract, "estimated_delivery_time")
+                since = _time(data, "estimatedDeliveryTime")
                 kind = "clear" if since is None else "DeliveryLate"
             else:
-                since = _field(contract, "last_update_timestamp") or event.occurred_on_utc
+                since = _time(data, "lastUpdateTimestamp") or _time(data, "occurredOnUtc")
+                if since is None:
+                    return None
                 kind = _SETS[event.event_type]
             if since is not None:
                 due = since + threshold(event.restaurant_id, kind)
@@ -223,7 +233,7 @@ class OpenDeadlines:
             if previous is None or not previous.parked:
                 return None
             return _Park(order, previous.restaurant_id, None, None, "clear", None)
-        number = _field(contract, "order_number")
+        number = data.get("orderNumber")
         deadline = Deadline(
             kind,
             due,
@@ -273,7 +283,7 @@ class SlaWatcher:
         """A page this process's recorder read (used when it continues the offset)."""
         self._handed.append(page)
 
-    def deadlines(self) -> dict[UUID, Deadline]:
+    def deadlines(self) -> dict[str, Deadline]:
         """The open deadlines as of the last step (empty before the first)."""
         return dict(self._state.items()) if self._state is not None else {}
 
@@ -388,7 +398,7 @@ class SlaWatcher:
         threshold: _Thresholds,
     ) -> None:
         park_beyond = self.config.park_beyond
-        changes: dict[UUID, _Park] = {}
+        changes: dict[str, _Park] = {}
         for n, event in enumerate(events, 1):
             change = state.apply(event, threshold, park_beyond)
             if change is not None:
@@ -445,7 +455,7 @@ class SlaWatcher:
 
     async def _raise(
         self, conn: psycopg.AsyncConnection[Any], state: OpenDeadlines
-    ) -> list[tuple[UUID, str]]:
+    ) -> list[tuple[str, str]]:
         """Raise the deadlines that are due and whose orders have nothing unread."""
         cur = await conn.execute("SELECT now()")
         row = await cur.fetchone()
@@ -465,7 +475,7 @@ class SlaWatcher:
             },
         )
         settled = {order: (kind, new) for order, kind, new in await cur.fetchall()}
-        raised: list[tuple[UUID, str]] = []
+        raised: list[tuple[str, str]] = []
         for order, deadline in candidates:
             if order in settled:
                 state.drop(order)

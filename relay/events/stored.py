@@ -13,7 +13,6 @@ import json
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
-from uuid import UUID
 
 from relay.errors import InvalidPayload, clip
 from relay.events.registry import Envelope
@@ -42,12 +41,12 @@ def decode_payload(text: str, event_type: str) -> Any:
 
 
 def envelope_from_row(
-    event_id: UUID,
+    event_id: str,
     event_type: str,
     schema_version: int,
-    restaurant_id: UUID,
-    order_id: UUID | None,
-    customer_id: UUID | None,
+    restaurant_id: str,
+    order_id: str | None,
+    customer_id: str | None,
     payload_text: str,
     occurred_on_utc: datetime | None,
     unloadable_time: str | None,

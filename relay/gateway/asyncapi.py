@@ -213,7 +213,7 @@ _RESET_MESSAGE = {
 
 # -- the registry, read through its own routes --
 
-_PROBE = uuid.UUID(int=1)
+_PROBE = str(uuid.UUID(int=1))
 
 
 def channel_kinds(spec: EventSpec) -> frozenset[str]:

@@ -5,17 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
-from uuid import UUID
 
-from relay.events.base import Contract
 from relay.log.cursor import Position
 
 __all__ = ["LogEvent", "Page", "Rejected"]
 
 
 class LogEvent(NamedTuple):
-    """One valid event as readers see it: its position, its pre-encoded object
-    and the contract model it was rendered from.
+    """One valid event as readers see it: its position and its pre-encoded object.
 
     A named tuple: immutable, and cheap to build for every event read.
     """
@@ -24,15 +21,14 @@ class LogEvent(NamedTuple):
     sse_event: str
     channels: tuple[str, ...]
     data: str  # the whitelisted JSON object, encoded once
-    event_id: UUID
+    event_id: str  # ids as PostgreSQL prints a uuid (as str(UUID) does)
     event_type: str
     schema_version: int
-    restaurant_id: UUID
-    order_id: UUID | None
-    customer_id: UUID | None
+    restaurant_id: str
+    order_id: str | None
+    customer_id: str | None
     occurred_on_utc: datetime
     enqueued_at: datetime
-    contract: Contract  # the validated payload: values for readers that need them, not JSON
 
 
 class Rejected(NamedTuple):
@@ -41,7 +37,7 @@ class Rejected(NamedTuple):
 
     at: Position
     row_id: int
-    event_id: UUID
+    event_id: str
     event_type: str
     schema_version: int
     reason: str

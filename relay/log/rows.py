@@ -22,9 +22,11 @@ log = logging.getLogger("relay.log")
 
 # What every read of the log selects from relay_outbox AS o (after the
 # window id): a time no client can load (±infinity, year 10000) must not fail
-# the read, so it travels as text and the row is rejected.
-COLUMNS = b"""o.xid::text::bigint, o.id, o.event_id, o.event_type, o.schema_version,
-       o.restaurant_id, o.order_id, o.customer_id, o.payload::text,
+# the read, so it travels as text and the row is rejected. Ids travel as text
+# too: every reader prints them (channels, frames, broker headers) and none
+# computes with them, so a UUID object per id would be built only to be printed.
+COLUMNS = b"""o.xid::text::bigint, o.id, o.event_id::text, o.event_type, o.schema_version,
+       o.restaurant_id::text, o.order_id::text, o.customer_id::text, o.payload::text,
        CASE WHEN relay_loadable_time(o.occurred_on_utc) THEN o.occurred_on_utc END,
        CASE WHEN NOT relay_loadable_time(o.occurred_on_utc) THEN o.occurred_on_utc::text END,
        o.derived, o.enqueued_at"""
@@ -48,6 +50,5 @@ def render_row(row: tuple[Any, ...]) -> tuple[LogEvent | Rejected, int]:
         return Rejected(at, row[2], row[3], row[4], row[5], reason), 0
     # event id, type, version, restaurant, order, customer; occurred; enqueued
     event = LogEvent(at, broadcast.sse_event, broadcast.channels, broadcast.json,
-                     row[3], row[4], row[5], row[6], row[7], row[8], row[10], row[13],
-                     broadcast.contract)  # fmt: skip
+                     row[3], row[4], row[5], row[6], row[7], row[8], row[10], row[13])  # fmt: skip
     return event, len(broadcast.dropped_fields)

@@ -7,7 +7,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
-from uuid import UUID
 
 from relay.events.schemas import cloudevents_type, dataschema
 from relay.log import LogEvent, Position
@@ -31,10 +30,10 @@ class Message:
     """One log event as a broker message; ``body`` is the same JSON SSE clients get."""
 
     at: Position  # where the event sits in the log (for logs; brokers never see it)
-    event_id: UUID
+    event_id: str
     event_type: str
     schema_version: int
-    restaurant_id: UUID
+    restaurant_id: str
     occurred_on_utc: datetime
     body: bytes
 
@@ -54,10 +53,10 @@ def cloudevent_attributes(message: Message, options: CloudEvents) -> dict[str, s
     adapter puts them in its protocol binding's headers (binary content mode)."""
     return {
         "specversion": "1.0",
-        "id": str(message.event_id),
+        "id": message.event_id,
         "source": options.source,
         "type": cloudevents_type(message.event_type, message.schema_version, options.type_prefix),
-        "subject": str(message.restaurant_id),
+        "subject": message.restaurant_id,
         "time": message.occurred_on_text,
         "dataschema": dataschema(message.event_type, message.schema_version, options.schemas),
         "datacontenttype": JSON,
@@ -90,7 +89,7 @@ async def in_order_per_restaurant(
     """Send each restaurant's messages one after another (each confirmed before the
     next, so the broker keeps their order); different restaurants concurrently."""
     outcomes: list[Outcome] = [None] * len(batch)
-    chains: dict[UUID, list[int]] = {}
+    chains: dict[str, list[int]] = {}
     for index, message in enumerate(batch):
         chains.setdefault(message.restaurant_id, []).append(index)
 

@@ -38,7 +38,7 @@ def nats_headers(message: Message, cloudevents: CloudEvents | None) -> dict[str,
     """One message's headers: message id for JetStream's dedupe, the relay's own
     headers always, the CloudEvents ones when asked for."""
     headers = {
-        "Nats-Msg-Id": str(message.event_id),
+        "Nats-Msg-Id": message.event_id,
         "Relay-Schema-Version": str(message.schema_version),
         "Relay-Occurred-On-Utc": message.occurred_on_text,
         "Content-Type": JSON,

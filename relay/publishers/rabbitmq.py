@@ -84,7 +84,7 @@ class RabbitMqBroker:
         await self._exchange.publish(
             aio_pika.Message(
                 message.body,
-                message_id=str(message.event_id),
+                message_id=message.event_id,
                 content_type=content_type,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 type=message.event_type,

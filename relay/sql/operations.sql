@@ -159,8 +159,8 @@ LIMIT %(limit)s
 -- The dead letters to retry, locked so two operators cannot retry one twice,
 -- with the columns a reader validates. `derived` comes from the outbox row
 -- when it is still there (an alert the relay raised stays the relay's).
-SELECT d.id, d.event_id, d.event_type, d.schema_version, d.restaurant_id, d.order_id,
-       d.customer_id, d.payload::text,
+SELECT d.id, d.event_id::text, d.event_type, d.schema_version, d.restaurant_id::text,
+       d.order_id::text, d.customer_id::text, d.payload::text,
        CASE WHEN relay_loadable_time(d.occurred_on_utc) THEN d.occurred_on_utc END,
        CASE WHEN NOT relay_loadable_time(d.occurred_on_utc) THEN d.occurred_on_utc::text END,
        coalesce(o.derived, false)

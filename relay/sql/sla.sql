@@ -2,14 +2,15 @@
 -- below runs inside a transaction that holds the `relay.sla` offset row
 -- (take_offset: FOR UPDATE SKIP LOCKED), so a second replica skips the step.
 -- Open deadlines live in the watcher's memory, rebuilt from the log; only
--- deadlines due far ahead (parked) are kept in relay_sla_deadlines.
+-- deadlines due far ahead (parked) are kept in relay_sla_deadlines. Ids are
+-- read as text, as the log's reads give them.
 
 -- name: sla_thresholds
 -- Per-restaurant overrides; a NULL column falls back to RELAY_SLA_*.
-SELECT restaurant_id, not_accepted, not_ready, delivery_grace FROM relay_sla_thresholds
+SELECT restaurant_id::text, not_accepted, not_ready, delivery_grace FROM relay_sla_thresholds
 
 -- name: sla_parked
-SELECT order_id, restaurant_id, customer_id, order_number, kind, due_at
+SELECT order_id::text, restaurant_id::text, customer_id::text, order_number, kind, due_at
 FROM relay_sla_deadlines
 
 -- name: sla_park
@@ -101,5 +102,5 @@ WITH sla AS (
     ON CONFLICT (event_id) DO NOTHING
     RETURNING order_id
 )
-SELECT due.order_id, due.kind, due.order_id IN (SELECT order_id FROM alerts)
+SELECT due.order_id::text, due.kind, due.order_id IN (SELECT order_id FROM alerts)
 FROM due

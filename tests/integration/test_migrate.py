@@ -231,8 +231,9 @@ def _published(
     position of the restaurant's partition (the uuid's last byte & 63)."""
     event_id = uuid.uuid4()
     broadcast = render(
-        Envelope(event_id, kind, 1, restaurant, order, customer, occurred,
-                 decode_payload(text, kind), derived=kind == "OrderDelayAlert")
+        Envelope(str(event_id), kind, 1, str(restaurant), str(order) if order else None,
+                 str(customer) if customer else None, occurred, decode_payload(text, kind),
+                 derived=kind == "OrderDelayAlert")
     )  # fmt: skip
     partition = restaurant.bytes[15] & 63
     counters[partition] = counters.get(partition, 0) + 1
@@ -365,7 +366,7 @@ def test_upgrade_keeps_every_retained_and_pending_event(
             for limit in (3, 1000):
                 events, rejected = await _read_log(conn, ORIGIN, 0, limit=limit)
                 assert not rejected
-                assert [e.event_id for e in events] == [r["event_id"] for r in old_order]
+                assert [uuid.UUID(e.event_id) for e in events] == [r["event_id"] for r in old_order]
                 assert {e.at.window for e in events} == {0}
                 for got, was in zip(events, old_order, strict=True):
                     # Re-rendered from the moved payload: the very same bytes.
@@ -378,7 +379,7 @@ def test_upgrade_keeps_every_retained_and_pending_event(
                 mine, _ = await _read_log(
                     conn, ORIGIN, 0, selector=Selector(restaurants=(restaurant,)), limit=4
                 )
-                assert [e.event_id for e in mine] == [
+                assert [uuid.UUID(e.event_id) for e in mine] == [
                     r["event_id"] for r in old_order if r["restaurant_id"] == restaurant
                 ]
 
@@ -386,7 +387,7 @@ def test_upgrade_keeps_every_retained_and_pending_event(
             # SLA follower resume at their first undelivered retained event.
             assert await event_log.read_offset(conn, "relay.check") == Position.end_of(0)
             assert await event_log.read_offset(conn, "publisher:done") == Position.end_of(0)
-            by_old = {r["event_id"]: (r["partition"], r["position"]) for r in old_order}
+            by_old = {str(r["event_id"]): (r["partition"], r["position"]) for r in old_order}
             for follower, offsets in (
                 ("publisher:behind", {p: counters[p] for p in counters} | {second: 2}),
                 ("publisher:fresh", dict.fromkeys(counters, 0)),
@@ -410,7 +411,7 @@ def test_upgrade_keeps_every_retained_and_pending_event(
             assert (await cur.fetchone() or (None,))[0] == 1
             fresh, rejected = await _read_log(conn, Position.end_of(0), 1, limit=2)
             assert not rejected
-            assert [e.event_id for e in fresh] == [p.event_id for p in pending]
+            assert [e.event_id for e in fresh] == [str(p.event_id) for p in pending]
             assert {e.at.window for e in fresh} == {1}
             everything, _ = await _read_log(conn, ORIGIN, 1)
             ids = [e.event_id for e in everything]

@@ -147,7 +147,7 @@ async def test_a_retried_row_replaces_its_original_in_a_later_window(database_ur
                                   json.dumps(bad)))  # fmt: skip
     first = _record(database_url)
     events, rejected = await _read_log(database_url)
-    assert events == [] and [r.event_id for r in rejected] == [event_id]
+    assert events == [] and [r.event_id for r in rejected] == [str(event_id)]
     with psycopg.connect(database_url) as conn:  # the recorder's check files it
         conn.execute(
             query("record_dead_letters"),
@@ -162,7 +162,7 @@ async def test_a_retried_row_replaces_its_original_in_a_later_window(database_ur
     second = _record(database_url)
     events, rejected = await _read_log(database_url)
     # Once, valid, in the later window; the rejected original is gone.
-    assert [(e.event_id, e.at.window) for e in events] == [(event_id, second)]
+    assert [(e.event_id, e.at.window) for e in events] == [(str(event_id), second)]
     assert rejected == [] and second > first
     assert json.loads(events[0].data)["newStatus"] == "Accepted"
     with psycopg.connect(database_url) as conn:
@@ -216,7 +216,7 @@ async def test_retention_cuts_whole_windows_in_batches(database_url: str) -> Non
     assert windows == [cut, newest]  # the cut stays: the next window's previous snapshot
     # A reader resumes after the cut and reads exactly what was kept.
     events, _ = await _read_log(database_url)
-    assert [e.event_id for e in events] == [e.event_id for e in kept]
+    assert [e.event_id for e in events] == [str(e.event_id) for e in kept]
 
 
 async def test_an_interrupted_retention_run_is_finished_by_the_next(database_url: str) -> None:

@@ -97,7 +97,7 @@ def truth(url: str) -> list[tuple[Position, uuid.UUID]]:
 
 
 def positions(events: list[LogEvent]) -> list[tuple[Position, uuid.UUID]]:
-    return [(e.at, e.event_id) for e in events]
+    return [(e.at, uuid.UUID(e.event_id)) for e in events]
 
 
 def assert_log_order(events: list[LogEvent]) -> None:
@@ -120,20 +120,25 @@ def late_commits(events: list[LogEvent]) -> int:
 def selected(events: list[LogEvent], selector: Selector) -> list[LogEvent]:
     """What a selector must return, from the whole log."""
     if selector.order is not None:
-        restaurant, order = selector.order
+        restaurant, order = map(str, selector.order)
         return [e for e in events if e.restaurant_id == restaurant and e.order_id == order]
     if selector.customer is not None:
-        return [e for e in events if e.customer_id == selector.customer and e.order_id is not None]
+        customer = str(selector.customer)
+        return [e for e in events if e.customer_id == customer and e.order_id is not None]
     if selector.restaurants:
-        return [e for e in events if e.restaurant_id in selector.restaurants]
+        restaurants = {str(r) for r in selector.restaurants}
+        return [e for e in events if e.restaurant_id in restaurants]
     return events
 
 
 def selectors(events: list[LogEvent]) -> list[Selector]:
     """Every kind of selector over the restaurants, orders and customers in ``events``."""
-    restaurants = sorted({e.restaurant_id for e in events}, key=str)
-    customers = sorted({e.customer_id for e in events if e.customer_id}, key=str)
-    orders = sorted({(e.restaurant_id, e.order_id) for e in events if e.order_id}, key=str)
+    restaurants = sorted({uuid.UUID(e.restaurant_id) for e in events}, key=str)
+    customers = sorted({uuid.UUID(e.customer_id) for e in events if e.customer_id}, key=str)
+    orders = sorted(
+        {(uuid.UUID(e.restaurant_id), uuid.UUID(e.order_id)) for e in events if e.order_id},
+        key=str,
+    )
     found = [EVERYTHING, Selector(restaurants=(restaurants[0],))]
     if len(restaurants) > 1:
         found.append(Selector(restaurants=tuple(restaurants[:2])))
@@ -215,7 +220,7 @@ async def test_concurrent_producers_are_read_once_in_log_order(database_url: str
         tail += got
 
         assert_log_order(tail)
-        assert {e.event_id for e in tail} == committed
+        assert {uuid.UUID(e.event_id) for e in tail} == committed
         assert not committed & rolled_back
         assert positions(tail) == truth(database_url)
         assert len({e.at.window for e in tail}) > 5, "the test must span many windows"
@@ -274,7 +279,7 @@ async def test_random_interleavings_never_skip_or_repeat(database_url: str, seed
         tail += got
         whole, _ = await read_through(conn, last, limit=rng.randint(3, 7))
         assert positions(tail) == positions(whole) == truth(database_url)
-        assert sorted(e.event_id for e in tail) == sorted(committed)
+        assert sorted(uuid.UUID(e.event_id) for e in tail) == sorted(committed)
         assert_log_order(tail)
         assert late_commits(tail) > 0, "the schedule must commit out of xid order"
     finally:
@@ -300,18 +305,18 @@ async def test_a_late_commit_lands_in_a_later_window_past_every_cursor(
                 enqueue(fast, later)  # T2 commits
             first = record(rec)
             seen, _ = await read_through(conn, first)
-            assert [e.event_id for e in seen] == [later.event_id]
+            assert [uuid.UUID(e.event_id) for e in seen] == [later.event_id]
             cursors = [seen[-1].at, Position.end_of(first)]
             slow.commit()
             second = record(rec)
         for selector in (EVERYTHING, Selector(restaurants=(restaurant,))):
             for cursor in cursors:
                 late, _ = await read_through(conn, second, after=cursor, selector=selector)
-                assert [e.event_id for e in late] == [early.event_id]
+                assert [uuid.UUID(e.event_id) for e in late] == [early.event_id]
                 assert late[0].at > cursor and late[0].at.window == second > first
         # It did start and insert first: log order is commit order, not insert order.
         whole, _ = await read_through(conn, second)
-        assert [e.event_id for e in whole] == [later.event_id, early.event_id]
+        assert [uuid.UUID(e.event_id) for e in whole] == [later.event_id, early.event_id]
         assert whole[1].at.xid < whole[0].at.xid and whole[1].at.id < whole[0].at.id
     finally:
         slow.close()
@@ -341,8 +346,8 @@ async def test_a_transaction_started_after_a_commit_has_larger_positions(
     try:
         for selector in (EVERYTHING, Selector(restaurants=(restaurant,))):
             events, _ = await read_through(conn, last, selector=selector, limit=3)
-            mine = [e for e in events if e.restaurant_id == restaurant]
-            assert [e.event_id for e in mine] == [w.event_id for w in written]
+            mine = [e for e in events if e.restaurant_id == str(restaurant)]
+            assert [uuid.UUID(e.event_id) for e in mine] == [w.event_id for w in written]
             assert_log_order(mine)
         windows = {e.at.window for e in mine}
         assert len(windows) == (6 if windows_between else 1)
@@ -368,13 +373,13 @@ async def test_a_long_running_transaction_stalls_nobody(database_url: str) -> No
                         enqueue(producer, item)
                 window = record(rec)
                 got, _ = await read_through(conn, window, after=cursor, limit=2)
-                assert [e.event_id for e in got] == [b.event_id for b in batch]
+                assert [uuid.UUID(e.event_id) for e in got] == [b.event_id for b in batch]
                 assert {e.at.window for e in got} == {window}
                 cursor = Position.end_of(window)
             long.commit()
             window = record(rec)
         got, _ = await read_through(conn, window, after=cursor)
-        assert [(e.event_id, e.at.window) for e in got] == [(stuck.event_id, window)]
+        assert [(e.event_id, e.at.window) for e in got] == [(str(stuck.event_id), window)]
         assert positions((await read_through(conn, window))[0]) == truth(database_url)
     finally:
         long.close()
@@ -409,7 +414,7 @@ async def test_rolled_back_rows_never_appear(database_url: str) -> None:
         events, rejected = await read_through(conn_a, last, limit=3)
     finally:
         await conn_a.close()
-    assert [e.event_id for e in events] == kept and not rejected
+    assert [uuid.UUID(e.event_id) for e in events] == kept and not rejected
     assert positions(events) == truth(database_url)
 
 
@@ -473,14 +478,17 @@ async def test_rejected_rows_are_skipped_by_every_read_and_later_rows_flow(
         for selector in (EVERYTHING, Selector(order=(restaurant, order))):
             for limit in (1, 2, 3, 7):
                 events, rejected = await read_through(conn_a, first, selector=selector, limit=limit)
-                assert [e.event_id for e in events] == [good[0].event_id, good[1].event_id]
-                assert [r.event_id for r in rejected] == [unknown, bad, endless]
+                assert [uuid.UUID(e.event_id) for e in events] == [
+                    good[0].event_id,
+                    good[1].event_id,
+                ]
+                assert [uuid.UUID(r.event_id) for r in rejected] == [unknown, bad, endless]
                 ats = sorted([*(e.at for e in events), *(r.at for r in rejected)])
                 assert ats == [events[0].at, *(r.at for r in rejected), events[1].at]
                 more, none = await read_through(
                     conn_a, second, after=Position.end_of(first), selector=selector
                 )
-                assert [e.event_id for e in more] == [good[2].event_id] and not none
+                assert [uuid.UUID(e.event_id) for e in more] == [good[2].event_id] and not none
     finally:
         await conn_a.close()
     reasons = [r.reason for r in rejected]

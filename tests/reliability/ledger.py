@@ -107,7 +107,10 @@ async def _read(
     end = Position.end_of(through)
     while after < end:
         page = await event_log.read(conn, after, through, limit=500)
-        seen += [Seen(e.at, e.event_id, e.restaurant_id, e.event_type) for e in page.events]
+        seen += [
+            Seen(e.at, uuid.UUID(e.event_id), uuid.UUID(e.restaurant_id), e.event_type)
+            for e in page.events
+        ]
         rejected += page.rejected
         assert page.reached > after or page.reached == end, (after, page.reached)
         after = page.reached

@@ -212,11 +212,11 @@ async def _record(url: str, ids: Sequence[uuid.UUID]) -> Checked:
 
     def on_page(page: Page) -> None:
         for item in page.events:
-            if item.event_id in wanted:
-                checked.events.setdefault(item.event_id, []).append(item)
+            if (event_id := uuid.UUID(item.event_id)) in wanted:
+                checked.events.setdefault(event_id, []).append(item)
         for rejected in page.rejected:
-            if rejected.event_id in wanted:
-                checked.rejected.setdefault(rejected.event_id, []).append(rejected.reason)
+            if (event_id := uuid.UUID(rejected.event_id)) in wanted:
+                checked.rejected.setdefault(event_id, []).append(rejected.reason)
         if wanted <= checked.events.keys() | checked.rejected.keys():
             done.set()
 
@@ -287,7 +287,12 @@ def test_any_column_values_are_events_or_dead_letters_once_and_never_stop_the_re
     ids = [values[0] for values in params]
     checked = asyncio.run(_record(url, ids))
     read = {r: asyncio.run(_read_restaurant(url, r)) for r in restaurants}
-    published = {e.event_id: e for events in read.values() for e in events if e.event_id in ids}
+    published = {
+        event_id: e
+        for events in read.values()
+        for e in events
+        if (event_id := uuid.UUID(e.event_id)) in ids
+    }
     with psycopg.connect(url) as conn:
         dead: dict[uuid.UUID, list[str]] = {}
         for event_id, reason in conn.execute(
@@ -326,9 +331,9 @@ def test_any_column_values_are_events_or_dead_letters_once_and_never_stop_the_re
 
     # Per restaurant, readers see the events in insert (here: commit) order.
     for restaurant, events in read.items():
-        mine = [e.event_id for e in events if e.event_id in published]
+        mine = [uuid.UUID(e.event_id) for e in events if uuid.UUID(e.event_id) in published]
         assert mine == [
-            i for i in ids if i in published and published[i].restaurant_id == restaurant
+            i for i in ids if i in published and published[i].restaurant_id == str(restaurant)
         ]
         positions: list[Position] = [e.at for e in events]
         assert all(a < b for a, b in pairwise(positions))

@@ -169,10 +169,11 @@ def _row(
     customer: uuid.UUID | None = None,
     occurred: datetime = ROW_TIME,
 ) -> tuple[Any, ...]:
-    """``(window, *COLUMNS)`` of one outbox row."""
+    """``(window, *COLUMNS)`` of one outbox row (ids as text, as the log reads them)."""
     return (
-        3, 900, 41, uuid.uuid4(), spec.event_type, spec.schema_version, restaurant, order,
-        customer, payload, occurred, None, spec.derived, ROW_TIME,
+        3, 900, 41, str(uuid.uuid4()), spec.event_type, spec.schema_version, str(restaurant),
+        str(order), None if customer is None else str(customer), payload, occurred, None,
+        spec.derived, ROW_TIME,
     )  # fmt: skip
 
 
@@ -229,13 +230,13 @@ def _reference(spec: EventSpec, row: tuple[Any, ...]) -> tuple[str, tuple[str, .
         model = spec.model.model_validate(accepted)
     except ValidationError:
         return None
-    said = model.model_dump()
+    said = {key: str(value) for key, value in model.model_dump().items()}
     if said.get("restaurant_id", restaurant) != restaurant:
         return None
     if order is not None and said.get("order_id", order) != order:
         return None
     body = model.model_dump(mode="json", by_alias=True)
-    body |= {"eventId": str(event_id), "eventType": event_type, "schemaVersion": version}
+    body |= {"eventId": event_id, "eventType": event_type, "schemaVersion": version}
     if spec.expected_status is None:
         body["occurredOnUtc"] = _utc_text(occurred)
     frame = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
@@ -265,7 +266,6 @@ def test_rendered_frames_are_the_models_frames_byte_for_byte(
     assert isinstance(rendered, LogEvent), rendered
     assert (rendered.data, rendered.channels) == expected
     assert rendered.sse_event == spec.sse_event
-    assert type(rendered.contract) is spec.model
     # Whitelisted: every payload key that is no contract field is dropped and counted.
     names = set(_aliases(spec)) | {_pascal(key) for key in _aliases(spec)}
     assert dropped == len(set(json.loads(row[9])) - names)

@@ -32,10 +32,14 @@ async def _read_alerts(url: str) -> list[LogEvent]:
         await conn.close()
 
 
+def _uuid(text: str | None) -> uuid.UUID | None:
+    return None if text is None else uuid.UUID(text)
+
+
 def _alerts(url: str) -> list[tuple[uuid.UUID | None, str, list[str], uuid.UUID | None]]:
     """The delay alerts in the log (recorded in a window, valid), in log order."""
     return [
-        (e.order_id, json.loads(e.data)["kind"], list(e.channels), e.customer_id)
+        (_uuid(e.order_id), json.loads(e.data)["kind"], list(e.channels), _uuid(e.customer_id))
         for e in asyncio.run(_read_alerts(url))
     ]
 

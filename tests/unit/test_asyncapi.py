@@ -168,8 +168,8 @@ def test_the_channels_read_from_a_route_are_the_ones_render_routes_to(
 ) -> None:
     spec = REGISTRY[key]
     envelope = Envelope(
-        event_id=uuid.uuid4(), event_type=spec.event_type, schema_version=spec.schema_version,
-        restaurant_id=R, order_id=ORDER, customer_id=uuid.uuid4(), occurred_on_utc=WHEN,
+        event_id=str(uuid.uuid4()), event_type=spec.event_type, schema_version=spec.schema_version,
+        restaurant_id=R, order_id=ORDER, customer_id=str(uuid.uuid4()), occurred_on_utc=WHEN,
         payload={**SAMPLES[spec.event_type], **PII}, derived=spec.derived,
     )  # fmt: skip
     routed = {channel.split(":", 1)[0] for channel in render(envelope).channels}
@@ -192,7 +192,7 @@ def test_messages_carry_the_json_schemas_and_names_of_each_version() -> None:
 
 def _message(event_type: str = "OrderDelivered") -> Message:
     return Message(
-        at=Position(3, 42, 7), event_id=uuid.uuid4(), event_type=event_type,
+        at=Position(3, 42, 7), event_id=str(uuid.uuid4()), event_type=event_type,
         schema_version=1, restaurant_id=R, occurred_on_utc=datetime(2026, 11, 25, 12, tzinfo=UTC),
         body=b'{"eventType":"OrderDelivered"}',
     )  # fmt: skip

@@ -25,12 +25,12 @@ from relay.publishers.config import CloudEvents, parse_publisher_url
 from relay.publishers.nats import nats_headers
 from relay.publishers.rabbitmq import amqp_properties
 
-R = uuid.UUID("8e0f1c2a-3b4c-4d5e-8f60-7a8b9c0d1e2f")
+R = "8e0f1c2a-3b4c-4d5e-8f60-7a8b9c0d1e2f"  # ids as the log reads them: text
 WHEN = datetime(2026, 11, 25, 12, 0, 0, 250000, tzinfo=UTC)
 
 
 def message(event_type: str = "CouponUsed", schema_version: int = 1) -> Message:
-    event_id = uuid.uuid4()
+    event_id = str(uuid.uuid4())
     payload = {"couponId": str(uuid.uuid4()), "previousUsageCount": 1, "newUsageCount": 2,
                "usedAt": "2026-11-25T12:00:00Z"}  # fmt: skip
     body = render(
@@ -55,7 +55,7 @@ def expected(
             "id": str(m.event_id),
             "source": source,
             "type": f"{m.event_type}.v{m.schema_version}",
-            "subject": str(R),
+            "subject": R,
             "time": WHEN,
             "dataschema": dataschema or f"urn:relay:schema:{m.event_type}:{m.schema_version}",
             "datacontenttype": "application/json",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from relay.events.base import Contract
 from relay.gateway.recent import Recalled, Recent
 from relay.log import LogEvent, Position
 
@@ -16,9 +15,9 @@ def _event(n: int, *channels: str) -> LogEvent:
     now = datetime.now(UTC)
     return LogEvent(
         at=Position(1, 700, n), sse_event="OrderStatusChanged", channels=channels,
-        data=f'{{"n":{n}}}', event_id=uuid.uuid4(), event_type="OrderAccepted",
-        schema_version=1, restaurant_id=uuid.uuid4(), order_id=None, customer_id=None,
-        occurred_on_utc=now, enqueued_at=now, contract=Contract(),
+        data=f'{{"n":{n}}}', event_id=str(uuid.uuid4()), event_type="OrderAccepted",
+        schema_version=1, restaurant_id=str(uuid.uuid4()), order_id=None, customer_id=None,
+        occurred_on_utc=now, enqueued_at=now,
     )  # fmt: skip
 
 

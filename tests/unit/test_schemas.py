@@ -38,10 +38,10 @@ from relay.gateway.asyncapi import asyncapi_document
 COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 REGENERATE = "run `relay schema --json-schema docs/schemas` and commit the result"
 
-R = uuid.UUID("8e0f1c2a-3b4c-4d5e-8f60-7a8b9c0d1e2f")
-ORDER = uuid.UUID("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d")
+R = "8e0f1c2a-3b4c-4d5e-8f60-7a8b9c0d1e2f"  # ids as the log reads them: text
+ORDER = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 WHEN = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
-_ORDER_IDS = {"orderId": str(ORDER), "restaurantId": str(R)}
+_ORDER_IDS = {"orderId": ORDER, "restaurantId": R}
 _STATUS = {**_ORDER_IDS, "orderNumber": 1001, "lastUpdateTimestamp": "2026-11-25T12:00:00+01:00",
            "estimatedDeliveryTime": None, "actualDeliveryTime": None}  # fmt: skip
 _FINANCE = {**_ORDER_IDS, "restaurantAccountId": str(uuid.uuid4()), "amount": "1E+3",
@@ -74,7 +74,7 @@ PII = {"customerName": "Ada Lovelace", "deliveryAddress": "12 Engine Lane"}
 def broadcast(spec: EventSpec, payload: dict[str, Any]) -> dict[str, Any]:
     """What SSE clients and the bus receive for ``payload``: ``render``'s own output."""
     envelope = Envelope(
-        event_id=uuid.uuid4(), event_type=spec.event_type, schema_version=spec.schema_version,
+        event_id=str(uuid.uuid4()), event_type=spec.event_type, schema_version=spec.schema_version,
         restaurant_id=R, order_id=ORDER, customer_id=None, occurred_on_utc=WHEN,
         payload={**payload, **PII}, derived=spec.derived,
     )  # fmt: skip
