@@ -189,13 +189,16 @@ def render(envelope: Envelope) -> Broadcast:
     payload = envelope.payload
     if type(payload) is not dict and not isinstance(payload, Mapping):
         raise InvalidPayload(f"{envelope.event_type}: payload must be a JSON object")
+    # Whitelisting: the model's core validator reads its fields by their
+    # camelCase names and ignores every other key, so only PascalCase keys
+    # need a renamed copy; dropped keys are just named (and counted).
+    accepted: Mapping[str, Any] = payload
     dropped: tuple[str, ...] = ()
-    if payload.keys() <= spec.model.canonical_keys():
-        accepted = dict(payload)  # the usual case: camelCase, nothing to drop
-    else:
+    if unknown := payload.keys() - spec.model.canonical_keys():
         keys = spec.model.input_keys()
-        accepted = {keys[key]: value for key, value in payload.items() if key in keys}
-        dropped = tuple([str(key) for key in payload if key not in keys])
+        dropped = tuple(sorted([str(key) for key in unknown if key not in keys]))
+        if len(dropped) < len(unknown):  # PascalCase keys among them
+            accepted = {keys[key]: value for key, value in payload.items() if key in keys}
     if spec.expected_status is not None:
         status = accepted.get("newStatus")
         if status != spec.expected_status:
@@ -205,14 +208,14 @@ def render(envelope: Envelope) -> Broadcast:
                 field="newStatus",
             )
         if accepted.get("occurredOnUtc") is None:  # absent or null: the row's column (SPEC §1)
-            accepted["occurredOnUtc"] = envelope.occurred_on_utc
+            accepted = {**accepted, "occurredOnUtc": envelope.occurred_on_utc}
     try:
         # The core validator itself: model_validate's Python wrapper costs a
         # tenth of the validation, for every event.
         model = spec.model.__pydantic_validator__.validate_python(accepted)
     except ValidationError as exc:
         raise _invalid(envelope.event_type, exc) from None
-    _check_routing(envelope, model)
+    _check_routing(envelope, model, accepted)
     # Every broadcast object also carries the envelope fields (SPEC §1).
     extra = (
         f',"eventId":"{envelope.event_id}","eventType":{_quoted(envelope.event_type)},'
@@ -224,21 +227,33 @@ def render(envelope: Envelope) -> Broadcast:
     return Broadcast(spec.sse_event, text, spec.route(envelope, model), dropped)
 
 
-def _check_routing(envelope: Envelope, model: Any) -> None:
+def _check_routing(envelope: Envelope, model: Any, accepted: Mapping[str, Any]) -> None:
+    """The payload's ids must be the row's. The model's ids are UUIDs (any
+    spelling the producer used, normalised) and the row's are text as
+    PostgreSQL prints a uuid, which str() prints too; a payload that spells
+    an id as the column does (the usual case) needs no formatting."""
     name = envelope.event_type
-    # The model's ids are UUIDs (any spelling the producer used, normalised);
-    # the row's are text as PostgreSQL prints a uuid, which is what str() prints.
     restaurant = getattr(model, "restaurant_id", None)
-    if restaurant is not None and str(restaurant) != envelope.restaurant_id:
+    if (
+        restaurant is not None
+        and accepted.get("restaurantId") != envelope.restaurant_id
+        and str(restaurant) != envelope.restaurant_id
+    ):
         raise InvalidPayload(
             f"{name}: restaurantId: payload says {restaurant}, the outbox row says "
             f"{envelope.restaurant_id}",
             field="restaurantId",
         )
     order = getattr(model, "order_id", None)
-    if order is not None and envelope.order_id is not None and str(order) != envelope.order_id:
+    row_order = envelope.order_id
+    if (
+        order is not None
+        and row_order is not None
+        and accepted.get("orderId") != row_order
+        and str(order) != row_order
+    ):
         raise InvalidPayload(
-            f"{name}: orderId: payload says {order}, the outbox row says {envelope.order_id}",
+            f"{name}: orderId: payload says {order}, the outbox row says {row_order}",
             field="orderId",
         )
 
