@@ -22,7 +22,7 @@ def _utc(value: Any) -> datetime:
     """ISO-8601 with Z or an offset, as a UTC datetime; a naive time is taken as
     UTC (.NET's Unspecified kind). Pydantic would read a number as Unix time; the
     contract says ISO-8601, so numbers are refused."""
-    if type(value) is str:
+    if isinstance(value, str):
         try:
             moment = datetime.fromisoformat(value.replace("z", "Z"))
         except ValueError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 import pytest
@@ -308,6 +309,19 @@ def test_status_event_without_occurred_on_takes_the_rows() -> None:
 
 def test_naive_timestamps_are_taken_as_utc() -> None:
     payload = _status_payload(lastUpdateTimestamp="2026-11-25T12:00:00")
+    assert render(envelope("OrderPreparing", payload)).data["lastUpdateTimestamp"] == (
+        "2026-11-25T12:00:00Z"
+    )
+
+
+def test_a_timestamp_a_python_producer_passes_as_a_str_subclass_is_read_as_text() -> None:
+    """``OutboxEvent`` payloads come from Python code: a StrEnum or another str
+    subclass is still an ISO-8601 string, not a value of the wrong type."""
+
+    class Stamp(StrEnum):
+        NOON_IN_PARIS = "2026-11-25T13:00:00+01:00"
+
+    payload = _status_payload(lastUpdateTimestamp=Stamp.NOON_IN_PARIS)
     assert render(envelope("OrderPreparing", payload)).data["lastUpdateTimestamp"] == (
         "2026-11-25T12:00:00Z"
     )
