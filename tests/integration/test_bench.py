@@ -31,6 +31,7 @@ REQUIRED = [
     "drain.snapshot_floor_ratio", "drain.relay_to_snapshot_floor",
     "live.snapshot_floor_p99_ms", "producer.snapshot_floor_ratio",
     "peers.relay_events_per_s", "peers.ratio_to_best",
+    "read_path.relay_us_per_event", "read_path.bare_us_per_event", "read_path.ratio",
 ]  # fmt: skip
 PEER_NAMES = ("pgqueuer", "procrastinate")
 
@@ -56,6 +57,11 @@ def test_quick_bench_runs_every_scenario_and_prints_the_json(database_url: str) 
         scenario, name = key.split(".")
         assert isinstance(figures[scenario][name], int | float), key
     assert figures["drain"]["complete"] and figures["drain"]["delivered"] == 5000
+    # The read path read the whole window (every valid event), and the bare
+    # fetch of the same rows cost something and less than the relay's reads.
+    read_path = figures["read_path"]
+    assert read_path["events"] == 2000
+    assert 0 < read_path["ratio"] < 1
     assert figures["live"]["received"] == figures["live"]["events"] > 0
     assert figures["fanout"]["delivered"] == 200 * 200
     connections = figures["connections"]

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only",
         default="",
         help="comma-separated scenarios: "
-        "drain,live,fanout,connections,history,replicas,producer,wal,peers",
+        "drain,live,fanout,connections,history,replicas,producer,wal,peers,read_path",
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON document")
 

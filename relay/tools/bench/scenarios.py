@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from relay.log import Position
 from relay.recorder import RecorderConfig
 from relay.sql import query
-from relay.tools.bench import pinned, snapshot
+from relay.tools.bench import pinned, readpath, snapshot
 from relay.tools.bench.env import BackendCpu, Bench, RelayServer, Worker
 from relay.tools.bench.peers import PEERS, Peer, payloads
 from relay.tools.bench.wal import FOLLOWERS, checkpoint, lsn, wait_caught_up
@@ -47,6 +47,7 @@ class Sizes:
     mode_seconds: float = 10.0
     writers: int = 4
     peer_trial_events: int = 20_000  # at most; each peer sizes its own trials
+    read_path_events: int = 50_000
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -64,6 +65,7 @@ class Sizes:
             wal_events=1_000,
             mode_seconds=3,
             peer_trial_events=500,
+            read_path_events=2_000,
         )
 
 
@@ -979,6 +981,18 @@ def wal(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     return wal_per_event(bench, sizes.wal_events, sizes.restaurants)
 
 
+def read_path(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    """The relay's reads of the log (fetch, validation, rendering) against a bare
+    fetch of the same rows, in the bench's own process (``readpath``)."""
+    events = sizes.read_path_events
+    with bench.database() as url:
+        _fill(url, _restaurants(sizes.restaurants), events)
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute(query("record_window")).fetchone()
+        assert row is not None
+        return readpath.measure(url, int(row[0]), rounds=1 if events < 10_000 else 3)
+
+
 SCENARIOS = {
     "drain": drain,
     "live": live,
@@ -989,4 +1003,5 @@ SCENARIOS = {
     "producer": producer,
     "wal": wal,
     "peers": peers,
+    "read_path": read_path,
 }
