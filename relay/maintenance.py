@@ -83,7 +83,7 @@ class Maintenance:
         database_url: str,
         *,
         replica_id: str,
-        roles: list[str],
+        roles: Callable[[], list[str]],
         retention: timedelta,
         published: Callable[[], int],
         heartbeat_every: float = 5.0,
@@ -139,7 +139,7 @@ class Maintenance:
                 "replica_id": self.replica_id,
                 "hostname": socket.gethostname(),
                 "pid": os.getpid(),
-                "roles": self._roles,
+                "roles": self._roles(),
                 "published": self._published(),
             },
         )

@@ -55,6 +55,16 @@ class _Metrics:
             "by another replica); nothing is read while no local stream is open",
             registry=r,
         )
+        self.backplane_published = Counter(
+            "relay_backplane_published_events",
+            "Events this process published to the live backplane (NATS JetStream)",
+            registry=r,
+        )
+        self.backplane_received = Counter(
+            "relay_backplane_received_events",
+            "Events this gateway took from the live backplane (not yet delivered when they came)",
+            registry=r,
+        )
         self.publish_lag = Histogram(
             "relay_commit_to_publish_seconds",
             "Outbox insert to log publication",

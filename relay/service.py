@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
+from relay.backplane import Reader, Writer, parse_backplane_url
 from relay.db import prepare_session, role_params
 from relay.gateway.app import GatewayConfig, create_app
 from relay.gateway.auth import AuthConfig, TokenVerifier
@@ -110,6 +111,8 @@ async def serve(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     roles = [r for r, on in (("dispatcher", dispatcher), ("gateway", gateway)) if on]
+    backplane = parse_backplane_url(settings.backplane) if settings.backplane else None
+    tail: Reader | None = None
     hub = (
         Hub(
             url,
@@ -117,10 +120,15 @@ async def serve(
             local_check=lambda: worker.checked() if worker is not None else None,
             local_pending=lambda: worker is not None and not worker.decided,
             recent=settings.replay_memory,
+            backplane_live=None if backplane is None else lambda: tail is not None and tail.live,
         )
         if gateway
         else None
     )
+    if hub is not None and backplane is not None:
+        tail = Reader(backplane, hub.offered, lambda: hub.delivered)
+    # The leading recorder's process publishes what it checks to the backplane.
+    writer = Writer(backplane) if dispatcher and backplane is not None else None
     # Publishers run beside the dispatcher; one process per name publishes at a time.
     timeout = settings.query_timeout.total_seconds()
     followers = [
@@ -151,6 +159,8 @@ async def serve(
             hub.handed(page)
         if sla is not None:
             sla.handed(page)
+        if writer is not None:
+            writer.handed(page)
 
     worker = (
         Recorder(
@@ -172,7 +182,7 @@ async def serve(
     maintenance = Maintenance(
         url,
         replica_id=settings.replica_id,
-        roles=roles,
+        roles=lambda: roles + _backplane_roles(writer, tail),
         retention=settings.retention,
         published=lambda: worker.published if worker else 0,
     )
@@ -183,6 +193,10 @@ async def serve(
         tasks.append(asyncio.create_task(worker.run(stop), name="dispatcher"))
         if sla is not None:
             tasks.append(asyncio.create_task(sla.run(stop), name="sla"))
+    if writer is not None:
+        tasks.append(asyncio.create_task(writer.run(stop), name="backplane-publisher"))
+    if tail is not None:
+        tasks.append(asyncio.create_task(tail.run(stop), name="backplane-tail"))
     if followers:
         # External publishers follow the log from their own durable offsets.
         tasks.append(asyncio.create_task(run_followers(followers, stop), name="publishers"))
@@ -214,7 +228,10 @@ async def serve(
 
         async def readiness() -> dict[str, Any]:
             checks: dict[str, Any] = await _database_checks(pool)
-            checks["listener"] = hub.listener_connected
+            # On a live backplane the gateway holds no LISTEN session.
+            checks["listener"] = None if hub.backplane_live else hub.listener_connected
+            if tail is not None or writer is not None:
+                checks["backplane"] = _backplane_check(writer, tail)
             if worker is not None:
                 checks["dispatcher"] = worker.running
             if followers:
@@ -296,6 +313,29 @@ async def serve(
         if pool is not None:
             await pool.close(timeout=1)
         log.info("relay stopped")
+
+
+def _backplane_roles(writer: Writer | None, tail: Reader | None) -> list[str]:
+    """What ``relay status`` shows of the backplane, as roles of this replica."""
+    roles = []
+    if writer is not None:
+        roles.append(
+            "backplane-publisher" if writer.state == "publishing" else "backplane-publisher:down"
+        )
+    if tail is not None:
+        roles.append("tail:backplane" if tail.live else "tail:database")
+    return roles
+
+
+def _backplane_check(writer: Writer | None, tail: Reader | None) -> dict[str, Any]:
+    """Ready either way: while the backplane is down the database serves the tail."""
+    check: dict[str, Any] = {"ok": True}
+    if tail is not None:
+        check["tail"] = "backplane" if tail.live else "database"
+        check["state"] = tail.state
+    if writer is not None:
+        check["publisher"] = writer.state
+    return check
 
 
 async def _database_checks(pool: AsyncConnectionPool[Any]) -> dict[str, Any]:

@@ -144,6 +144,11 @@ class Settings(BaseSettings):
         alias="RELAY_PUBLISHERS",
         description="comma-separated broker URLs (amqp://…, nats://…)",
     )
+    backplane: str = Field(
+        "",
+        alias="RELAY_BACKPLANE",
+        description="nats://… : gateways take their live tail from JetStream (unset: the database)",
+    )
     replica_id: str = Field(
         default_factory=_default_replica_id,
         alias="RELAY_REPLICA_ID",

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import psycopg
 
 from relay import log as event_log
+from relay.db import sleep_or_stop
 from relay.gateway import frames
 from relay.gateway.recent import Recent, Remembered
 from relay.log import LogEvent, Page, Position, notify
@@ -40,6 +41,7 @@ _READ_LIMIT = 5000
 # RELAY_BATCH_SIZE events) is more than a subscriber's buffer holds, and a
 # healthy stream must get to write before its buffer overflows.
 _SLICE = 256
+_BACKPLANE_CHECK = 0.25  # seconds between looks at whether the backplane is live
 _IO_TIMEOUT = 15.0  # seconds any one log read may take before the connection is presumed dead
 
 log = logging.getLogger("relay.hub")
@@ -164,11 +166,14 @@ class Hub:
         local_check: Callable[[], Position | None] = lambda: None,
         local_pending: Callable[[], bool] = lambda: False,
         recent: int = 0,
+        backplane_live: Callable[[], bool] | None = None,
     ) -> None:
         """``local_check`` is where this process's recorder has checked the
         log to while it leads (its pages come in hand), else None;
         ``local_pending`` whether that recorder has yet to try the lease;
-        ``recent`` is how many delivered events are kept for replays."""
+        ``recent`` is how many delivered events are kept for replays;
+        ``backplane_live`` whether a live backplane brings the log (then
+        neither LISTEN nor the sweep reads it while the backplane keeps up)."""
         self._url = database_url
         # The backend pid of this process's recorder: its windows arrive in
         # hand (``handed``), so its NOTIFYs need no read of the log.
@@ -176,6 +181,8 @@ class Hub:
         self._local_check = local_check
         self._local_pending = local_pending
         self._check_seen: Position | None = None
+        self._backplane_live = backplane_live
+        self._head_seen: Position | None = None  # at the last sweep, with a backplane
         self._recent = Recent(recent)
         self._joined = Position.end_of(-1)  # the head when the hub started
         self._sweep_every = sweep_every
@@ -268,6 +275,15 @@ class Hub:
         """A page this process's recorder read: fan it out without reading it again."""
         self._work.put_nowait((page.after, page.reached, tuple(page.events)))
 
+    def offered(self, after: Position, reached: Position, events: tuple[LogEvent, ...]) -> None:
+        """The log from ``after`` to ``reached`` and its events, from the backplane:
+        applied if it begins where the hub stands, else after reading the gap."""
+        self._work.put_nowait((after, reached, events))
+
+    @property
+    def backplane_live(self) -> bool:
+        return self._backplane_live is not None and self._backplane_live()
+
     def _notified(self, _channel: str, payload: str, sender: int) -> None:
         if sender == self._local_recorder():
             return  # its pages are handed over in memory; a later gap check backs that up
@@ -283,9 +299,11 @@ class Hub:
     # -- running -------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._listener = Listener(self._url, [notify.CHANNEL], self._notified)
+        listening = (
+            self._listen(stop) if self._backplane_live is None else self._listen_while_needed(stop)
+        )
         tasks = [
-            asyncio.create_task(self._listener.run(stop), name="hub-listener"),
+            asyncio.create_task(listening, name="hub-listener"),
             asyncio.create_task(self._follow(stop), name="hub-follow"),
         ]
         try:
@@ -295,6 +313,24 @@ class Hub:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.close_all("shutdown")
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        self._listener = Listener(self._url, [notify.CHANNEL], self._notified)
+        await self._listener.run(stop)
+
+    async def _listen_while_needed(self, stop: asyncio.Event) -> None:
+        """LISTEN only while the backplane is down: fifty gateways on a live
+        backplane hold no session of the order database open between sweeps."""
+        while not stop.is_set():
+            if self.backplane_live:
+                await sleep_or_stop(stop, _BACKPLANE_CHECK)
+                continue
+            listening = asyncio.create_task(self._listen(stop))
+            while not stop.is_set() and not self.backplane_live:
+                await sleep_or_stop(stop, _BACKPLANE_CHECK)
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+            self._listener = None
 
     async def _follow(self, stop: asyncio.Event) -> None:
         """Apply work items in order, reading from the log what is not in hand."""
@@ -380,6 +416,15 @@ class Hub:
         if progressing:
             return  # this process's recorder is handing the log over: no read
         reached = (await event_log.head(conn)).end
+        if self.backplane_live:
+            # The backplane brings the log within milliseconds: read only a
+            # head it has not brought a whole sweep after it was seen (its
+            # publisher died, or a message was lost and none followed yet).
+            behind, self._head_seen = self._head_seen, reached
+            if behind is None or behind <= self.delivered:
+                return
+        else:
+            self._head_seen = None
         if reached > self.delivered:
             await self._advance(conn, reached)
 

@@ -264,7 +264,7 @@ async def test_maintenance_prunes_vacuums_and_reports_the_backlog(database_url: 
         for _ in range(2):
             enqueue(conn, event("OrderAccepted", restaurant_id=restaurant))  # in no window
     keeper = Maintenance(
-        database_url, replica_id="keeper", roles=["dispatcher"], retention=timedelta(0),
+        database_url, replica_id="keeper", roles=lambda: ["dispatcher"], retention=timedelta(0),
         published=lambda: 0, heartbeat_every=0.05, prune_every=0.05, vacuum_every=0.05,
     )  # fmt: skip
     stop = asyncio.Event()
