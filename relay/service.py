@@ -16,12 +16,12 @@ import signal
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
-from relay.backplane import Reader, Writer, parse_backplane_url
+from relay.backplane import parse_backplane_url
 from relay.db import prepare_session, role_params
 from relay.gateway.app import GatewayConfig, create_app
 from relay.gateway.auth import AuthConfig, TokenVerifier
@@ -38,6 +38,10 @@ from relay.recorder import Recorder, RecorderConfig
 from relay.sessions import KEEPALIVE
 from relay.settings import Settings
 from relay.sla import SlaConfig, SlaWatcher
+
+if TYPE_CHECKING:
+    from relay.backplane.reader import Reader
+    from relay.backplane.writer import Writer
 
 __all__ = ["run_event_loop", "serve"]
 
@@ -125,10 +129,16 @@ async def serve(
         if gateway
         else None
     )
-    if hub is not None and backplane is not None:
-        tail = Reader(backplane, hub.offered, lambda: hub.delivered)
-    # The leading recorder's process publishes what it checks to the backplane.
-    writer = Writer(backplane) if dispatcher and backplane is not None else None
+    writer: Writer | None = None
+    if backplane is not None:
+        from relay.backplane.reader import Reader
+        from relay.backplane.writer import Writer
+
+        if hub is not None:
+            tail = Reader(backplane, hub.offered, lambda: hub.delivered)
+        if dispatcher:
+            # The leading recorder's process publishes what it checks.
+            writer = Writer(backplane)
     # Publishers run beside the dispatcher; one process per name publishes at a time.
     timeout = settings.query_timeout.total_seconds()
     followers = [

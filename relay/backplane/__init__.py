@@ -15,12 +15,13 @@ A lost NATS, a dead publisher or a dropped message costs reads, never events.
 - ``codec``: a page as JetStream messages and back;
 - ``writer``: the publishing side, beside the leading recorder;
 - ``reader``: the gateway's live tail, with its health for ``/readyz``.
+
+Only the codec is imported here: the NATS client is an optional extra
+(``relay[brokers]``), loaded when a backplane is configured.
 """
 
 from __future__ import annotations
 
 from relay.backplane.codec import BackplaneConfig, parse_backplane_url
-from relay.backplane.reader import Reader
-from relay.backplane.writer import Writer
 
-__all__ = ["BackplaneConfig", "Reader", "Writer", "parse_backplane_url"]
+__all__ = ["BackplaneConfig", "parse_backplane_url"]

@@ -11,6 +11,7 @@ from PostgreSQL.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,7 +49,11 @@ class BackplaneConfig:
 
 def parse_backplane_url(url: str) -> BackplaneConfig:
     """``nats://host:4222?stream=RELAY_LIVE&prefix=relay.live&max_age=300``."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"RELAY_BACKPLANE: not a URL ({exc})") from None
     if parts.scheme not in ("nats", "tls") or not parts.hostname:
         raise ConfigError(
             f"RELAY_BACKPLANE must be a nats:// or tls:// URL with a host, not {parts.scheme!r}"
@@ -70,6 +75,11 @@ def parse_backplane_url(url: str) -> BackplaneConfig:
     for option in ("stream", "prefix"):
         if not options[option] or any(c in options[option] for c in " *>"):
             raise ConfigError(f"RELAY_BACKPLANE: {option} {options[option]!r} is not a valid name")
+    if importlib.util.find_spec("nats") is None:
+        raise ConfigError(
+            "RELAY_BACKPLANE needs the NATS client (nats-py), which this install lacks; "
+            "install it with pip install 'relay[brokers]'"
+        )
     host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
     return BackplaneConfig(
         url=urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),

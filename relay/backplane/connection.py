@@ -78,14 +78,16 @@ async def hold_nats(
     label: str,
     on_lost: Callable[[str], None],
 ) -> None:
-    """Run ``work(connection, jetstream, lost)`` until ``stop``; when NATS goes
+    """Run ``work(connection, jetstream, ended)`` until ``stop``; when NATS goes
     away, say so once (``on_lost`` and one log line), back off, reconnect and
-    run it again. ``work`` returns when ``lost`` is set or on ``stop``."""
+    run it again. ``work`` returns once ``ended`` is set: the connection was
+    lost, or ``stop`` was set."""
     delay = 0.2
     down_since: float | None = None
     while not stop.is_set():
         lost = asyncio.Event()
         nc: Any = None
+        stopping = asyncio.ensure_future(_relay_stop(stop, lost))
         try:
             nc = await connect(config, lost)
             js = nc.jetstream(timeout=5.0)
@@ -96,12 +98,13 @@ async def hold_nats(
                 down_since = None
             delay = 0.2
             await work(nc, js, lost)
-            reason = "connection lost" if lost.is_set() else ""
+            reason = "connection lost" if lost.is_set() and not stop.is_set() else ""
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any NATS failure: the database serves meanwhile
             reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
         finally:
+            stopping.cancel()
             if nc is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nc.close(), 2)
@@ -115,3 +118,8 @@ async def hold_nats(
                             label, config.name, reason)  # fmt: skip
         await sleep_or_stop(stop, delay)
         delay = min(delay * 2, 5.0)
+
+
+async def _relay_stop(stop: asyncio.Event, ended: asyncio.Event) -> None:
+    await stop.wait()
+    ended.set()
