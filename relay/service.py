@@ -135,7 +135,7 @@ async def serve(
         from relay.backplane.writer import Writer
 
         if hub is not None:
-            tail = Reader(backplane, hub.offered, lambda: hub.delivered)
+            tail = Reader(backplane, hub.offered, lambda: hub.delivered, lambda: hub.following)
         if dispatcher:
             # The leading recorder's process publishes what it checks.
             writer = Writer(backplane)

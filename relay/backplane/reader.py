@@ -30,13 +30,20 @@ Offer = Callable[[Position, Position, tuple[LogEvent, ...]], None]
 
 class Reader:
     def __init__(
-        self, config: BackplaneConfig, offer: Offer, delivered: Callable[[], Position]
+        self,
+        config: BackplaneConfig,
+        offer: Offer,
+        delivered: Callable[[], Position],
+        wanted: Callable[[], bool] = lambda: True,
     ) -> None:
         """``offer`` hands a stretch of the log to the hub; ``delivered`` is
-        where the hub stands (a message wholly below it is not even decoded)."""
+        where the hub stands (a message wholly below it is not even decoded);
+        ``wanted`` whether anyone here follows the log (if not, only how far
+        it reaches is handed over)."""
         self.config = config
         self._offer = offer
         self._delivered = delivered
+        self._wanted = wanted
         self._next_sequence: int | None = None
         self.live = False
         self.state = "connecting"
@@ -89,8 +96,13 @@ class Reader:
         headers = msg.headers or {}
         try:
             after, reached = headers[AFTER], headers[REACHED]
-            if parse_position(reached) <= self._delivered():
+            end = parse_position(reached)
+            if end <= self._delivered():
                 return  # already delivered (in hand, or read from the log)
+            if not self._wanted():
+                # No stream open here: the hub jumps ahead without reading.
+                self._offer(end, end, ())
+                return
             start, end, events = decode(after, reached, msg.data)
         except (KeyError, ValueError) as exc:
             # Skipped: the next message begins beyond the hub, which reads the gap.

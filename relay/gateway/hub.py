@@ -281,6 +281,11 @@ class Hub:
         self._work.put_nowait((after, reached, events))
 
     @property
+    def following(self) -> bool:
+        """Whether any stream here is subscribed to anything."""
+        return bool(self._channels)
+
+    @property
     def backplane_live(self) -> bool:
         return self._backplane_live is not None and self._backplane_live()
 

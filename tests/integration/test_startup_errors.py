@@ -95,3 +95,14 @@ def test_readyz_says_when_a_newer_relay_migrated_the_database(database_url: str)
     assert response.status_code == 503
     schema = response.json()["checks"]["schema"]
     assert schema["ok"] is False and "9999_future" in schema["problem"]
+
+
+def test_a_bad_backplane_url_is_one_line_naming_the_variable(database_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "run", "--gateway-only"],
+        env={**os.environ, "DATABASE_URL": database_url, "RELAY_JWT_SECRET": "x" * 32,
+             "RELAY_BACKPLANE": "nats://user:s3cret@127.0.0.1:4222?strem=LIVE"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    _one_line_exit_2(result, "RELAY_BACKPLANE", "unknown option(s) strem")
+    assert "s3cret" not in result.stderr
