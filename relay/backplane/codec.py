@@ -35,7 +35,9 @@ __all__ = [
 
 AFTER = "Relay-After"
 REACHED = "Relay-Reached"
-_OPTIONS = {"stream": "RELAY_LIVE", "prefix": "relay.live", "max_age": "300"}
+# Not under ``relay.``: the NATS publisher's default stream takes ``relay.>``,
+# and would capture (and forward to consumers) the backplane's messages.
+_OPTIONS = {"stream": "RELAY_LIVE", "prefix": "relay_live", "max_age": "300"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class BackplaneConfig:
 
 
 def parse_backplane_url(url: str) -> BackplaneConfig:
-    """``nats://host:4222?stream=RELAY_LIVE&prefix=relay.live&max_age=300``."""
+    """``nats://host:4222?stream=RELAY_LIVE&prefix=relay_live&max_age=300``."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port

@@ -61,10 +61,16 @@ async def ensure_stream(js: Any, config: BackplaneConfig) -> None:
                     duplicate_window=min(_DUPLICATE_WINDOW, config.max_age),
                 )
             )
-        except nats.js.errors.BadRequestError:
-            # Another replica created it in between (or it exists with other
-            # subjects, which the first publish will report).
-            await js.stream_info(config.stream)
+        except nats.js.errors.BadRequestError as exc:
+            # Another replica may have created it in between; if not, say why
+            # JetStream refused (a subject another stream already takes).
+            try:
+                await js.stream_info(config.stream)
+            except nats.js.errors.NotFoundError:
+                raise RuntimeError(
+                    f"JetStream refused to create stream {config.stream} on "
+                    f"{config.subject}: {exc.description}"
+                ) from None
 
 
 Work = Callable[[Any, Any, asyncio.Event], Awaitable[None]]

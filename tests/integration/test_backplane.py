@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import nats
 import pytest
+from nats.js.api import StreamConfig
 
 from relay.backplane import BackplaneConfig, parse_backplane_url
 from relay.backplane.codec import AFTER, REACHED
@@ -156,3 +157,21 @@ async def test_a_malformed_message_is_skipped_and_the_next_one_applies(
     assert len(tail.events()) == 3
     skipped = [r.getMessage() for r in caplog.records if "malformed backplane" in r.getMessage()]
     assert len(skipped) == 2
+
+
+async def test_a_subject_another_stream_takes_is_reported_not_retried_silently(
+    server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await nats.connect(server.url)
+    try:
+        await nc.jetstream().add_stream(StreamConfig(name="EVENTS", subjects=["taken.>"]))
+    finally:
+        await nc.close()
+    writer, stop = Writer(parse_backplane_url(f"{server.url}?prefix=taken")), asyncio.Event()
+    with caplog.at_level(logging.WARNING, logger="relay.backplane"):
+        task = asyncio.create_task(writer.run(stop))
+        await _until(lambda: writer.state.startswith("unavailable"))
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert "JetStream refused to create stream RELAY_LIVE on taken.log" in writer.state
+    assert any("taken.log" in r.getMessage() for r in caplog.records)
