@@ -2,8 +2,8 @@
 
 A message covers the log from ``Relay-After`` (exclusive) to
 ``Relay-Reached`` (inclusive) and carries every valid event in between, each
-with its rendered object (``data``) as the recorder rendered it: gateways
-never render or validate again. A page larger than one message is cut into
+with its rendered object (``data``) byte for byte as the recorder rendered
+it: gateways never render or validate again. A page larger than one message is cut into
 consecutive messages; an event too large for any message is left out, and the
 next message starts after it, so a gateway sees the gap and reads that event
 from PostgreSQL.
@@ -33,6 +33,8 @@ __all__ = [
     "position_text",
 ]
 
+# One encoder: ``json.dumps`` with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 AFTER = "Relay-After"
 REACHED = "Relay-Reached"
 # Not under ``relay.``: the NATS publisher's default stream takes ``relay.>``,
@@ -119,38 +121,46 @@ def parse_position(text: str) -> Position:
     return Position(int(window), int(xid), int(row))
 
 
-def _encoded(event: LogEvent) -> bytes:
+def _described(event: LogEvent) -> bytes:
+    """An event's fields but its ``data``, which travels verbatim on a line of its own."""
     at = event.at
-    return json.dumps(
-        [at.window, at.xid, at.id, event.sse_event, event.channels, event.data,
-         event.event_id, event.event_type, event.schema_version, event.restaurant_id,
-         event.order_id, event.customer_id, event.occurred_on_utc.isoformat(),
-         event.enqueued_at.isoformat()],
-        separators=(",", ":"),
-        ensure_ascii=False,
+    return _ENCODER.encode(
+        [at.window, at.xid, at.id, event.sse_event, event.channels, event.event_id,
+         event.event_type, event.schema_version, event.restaurant_id, event.order_id,
+         event.customer_id, event.occurred_on_utc.isoformat(), event.enqueued_at.isoformat()]
     ).encode()  # fmt: skip
+
+
+def _body(described: list[bytes], data: list[bytes]) -> bytes:
+    """One line listing the events' fields, then each event's ``data``, a line
+    each: compact JSON has no newline, and escaping it into a string again
+    would cost more than the rest of the message."""
+    return b"\n".join([b"[" + b",".join(described) + b"]", *data])
 
 
 def encode(page: Page, max_bytes: int) -> Iterator[Chunk]:
     """The messages of one page, each at most ``max_bytes`` long, in log order."""
     after = previous = page.after
-    parts: list[bytes] = []
+    described: list[bytes] = []
+    data: list[bytes] = []
     size = 2
     for event in page.events:
-        item = _encoded(event)
-        if len(item) + 3 > max_bytes:  # never fits: leave a gap in its place
-            if parts:
-                yield Chunk(after, previous, b"[" + b",".join(parts) + b"]")
-                parts, size = [], 2
+        fields, text = _described(event), event.data.encode()
+        length = len(fields) + len(text) + 2
+        if length + 2 > max_bytes:  # never fits: leave a gap in its place
+            if described:
+                yield Chunk(after, previous, _body(described, data))
+                described, data, size = [], [], 2
             after = event.at
             continue
-        if parts and size + len(item) + 1 > max_bytes:
-            yield Chunk(after, previous, b"[" + b",".join(parts) + b"]")
-            after, parts, size = previous, [], 2
-        parts.append(item)
-        size += len(item) + 1
+        if described and size + length > max_bytes:
+            yield Chunk(after, previous, _body(described, data))
+            after, described, data, size = previous, [], [], 2
+        described.append(fields)
+        data.append(text)
+        size += length
         previous = event.at
-    yield Chunk(after, page.reached, b"[" + b",".join(parts) + b"]")
+    yield Chunk(after, page.reached, _body(described, data))
 
 
 def decode(
@@ -159,12 +169,16 @@ def decode(
     """A message back into the stretch it covers and its events; ValueError if malformed."""
     try:
         start, end = parse_position(after), parse_position(reached)
+        lines = body.split(b"\n")
+        described = json.loads(lines[0])
+        if len(described) != len(lines) - 1:
+            raise ValueError(f"{len(described)} events but {len(lines) - 1} data lines")
         fromiso = datetime.fromisoformat
         events = tuple(
-            LogEvent(Position(w, x, i), sse, tuple(channels), data, eid, etype, version,
-                     restaurant, order, customer, fromiso(occurred), fromiso(enqueued))
-            for (w, x, i, sse, channels, data, eid, etype, version, restaurant, order,
-                 customer, occurred, enqueued) in json.loads(body)
+            LogEvent(Position(w, x, i), sse, tuple(channels), data.decode(), eid, etype,
+                     version, restaurant, order, customer, fromiso(occurred), fromiso(enqueued))
+            for (w, x, i, sse, channels, eid, etype, version, restaurant, order, customer,
+                 occurred, enqueued), data in zip(described, lines[1:], strict=True)
         )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise ValueError(f"malformed backplane message after {after[:40]!r}: {exc}") from None

@@ -104,6 +104,10 @@ def test_positions_print_and_parse_back(position: Position) -> None:
     assert parse_position(position_text(position)) == position
 
 
+_FIELDS = '"e",[],"i","t",1,"r",null,null'
+_WHEN = '"2026-01-01T00:00:00+00:00"'
+
+
 @pytest.mark.parametrize(
     ("after", "reached", "body", "why"),
     [
@@ -111,18 +115,29 @@ def test_positions_print_and_parse_back(position: Position) -> None:
         ("x.y.z", "2.3.4", b"[]", "not numbers"),
         ("5.0.0", "4.0.0", b"[]", "ends before it starts"),
         ("1.0.0", "2.0.0", b"{", "not JSON"),
-        ("1.0.0", "2.0.0", b'[["too", "short"]]', "not an event"),
-        ("1.0.0", "2.0.0", b"[[3,0,1,\"e\",[],\"{}\",\"i\",\"t\",1,\"r\",null,null,"
-                           b"\"2026-01-01T00:00:00+00:00\",\"2026-01-01T00:00:00+00:00\"]]",
+        ("1.0.0", "2.0.0", b'[["too", "short"]]\n{}', "not an event"),
+        ("1.0.0", "2.0.0", f"[[1,5,1,{_FIELDS},{_WHEN},{_WHEN}]]".encode(), "no data line"),
+        ("1.0.0", "2.0.0", f"[[1,5,1,{_FIELDS},{_WHEN},{_WHEN}]]\n{{}}\n{{}}".encode(),
+         "a data line too many"),
+        ("1.0.0", "2.0.0", f"[[3,0,1,{_FIELDS},{_WHEN},{_WHEN}]]\n{{}}".encode(),
          "an event outside the stretch"),
-        ("1.0.0", "2.0.0", b"[[1,5,1,\"e\",[],\"{}\",\"i\",\"t\",1,\"r\",null,null,"
-                           b"\"yesterday\",\"2026-01-01T00:00:00+00:00\"]]", "a bad timestamp"),
+        ("1.0.0", "2.0.0", f'[[1,5,1,{_FIELDS},"yesterday",{_WHEN}]]\n{{}}'.encode(),
+         "a bad timestamp"),
+        ("1.0.0", "2.0.0", f"[[1,5,1,{_FIELDS},{_WHEN},{_WHEN}]]\n\xff".encode("latin-1"),
+         "data that is not UTF-8"),
     ],
 )  # fmt: skip
 def test_a_malformed_message_is_refused_whole(after: str, reached: str, body: bytes,
                                               why: str) -> None:  # fmt: skip
     with pytest.raises(ValueError, match="backplane message"):
         decode(after, reached, body)
+
+
+def test_a_well_formed_message_of_the_same_shape_is_accepted() -> None:
+    """The cases above fail for their stated reason, not for their shape."""
+    body = f"[[1,5,1,{_FIELDS},{_WHEN},{_WHEN}]]\n{{}}".encode()
+    _start, _end, (event,) = decode("1.0.0", "2.0.0", body)
+    assert (event.at, event.data, event.order_id) == (Position(1, 5, 1), "{}", None)
 
 
 def test_a_backplane_url_names_its_stream_and_subject() -> None:
