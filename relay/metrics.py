@@ -62,7 +62,8 @@ class _Metrics:
         )
         self.backplane_received = Counter(
             "relay_backplane_received_events",
-            "Events this gateway took from the live backplane (not yet delivered when they came)",
+            "Events this gateway took from the live backplane (not yet delivered when they "
+            "came; while no stream is open here, messages are skipped unread and not counted)",
             registry=r,
         )
         self.publish_lag = Histogram(

@@ -10,8 +10,10 @@ gateways read any stretch the backplane did not bring from PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 from relay.backplane.codec import BackplaneConfig, encode
@@ -82,8 +84,9 @@ class Writer:
                 await asyncio.sleep(_MARKER_EVERY - (loop.time() - last))
                 continue
             for chunk in encode(page, max_bytes):
-                await js.publish(self.config.subject, chunk.body, headers=chunk.headers,
-                                 stream=self.config.stream)  # fmt: skip
+                sending = js.publish(self.config.subject, chunk.body, headers=chunk.headers,
+                                     stream=self.config.stream)  # fmt: skip
+                await _unless_lost(sending, lost)
             last = loop.time()
             self.published += len(page.events)
             M.backplane_published.inc(len(page.events))
@@ -100,3 +103,20 @@ class Writer:
             events.extend(page.events)
             reached = page.reached
         return Page(first.after, events, [], reached, len(events))
+
+
+async def _unless_lost(sending: Awaitable[Any], lost: asyncio.Event) -> None:
+    """Await a publish's ack, but give up as soon as the connection drops:
+    nats-py leaves a request pending until its timeout when it does."""
+    publish = asyncio.ensure_future(sending)
+    gone = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({publish, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not publish.done():
+        publish.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await publish
+        raise ConnectionError("connection to NATS lost")
+    publish.result()
