@@ -37,7 +37,10 @@ async def connect(config: BackplaneConfig, lost: asyncio.Event, *, timeout: floa
         config.url,
         connect_timeout=timeout,
         allow_reconnect=False,
-        max_reconnect_attempts=0,
+        # nats-py retries a first connection forever with 0: with 1, an
+        # unreachable server fails the connect after a second try.
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0.2,
         error_cb=_quiet,
         disconnected_cb=on_disconnect,
         closed_cb=on_disconnect,

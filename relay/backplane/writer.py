@@ -39,6 +39,11 @@ class Writer:
         self.state = "connecting"
         self.published = 0  # events
 
+    @property
+    def queued(self) -> int:
+        """Pages waiting to be published."""
+        return len(self._pages)
+
     def handed(self, page: Page) -> None:
         """A page the leading recorder checked (called in its turn: never blocks)."""
         self._pages.append(page)

@@ -183,6 +183,7 @@ class Hub:
         self._check_seen: Position | None = None
         self._backplane_live = backplane_live
         self._head_seen: Position | None = None  # at the last sweep, with a backplane
+        self._swept_to = Position.end_of(-1)  # ``delivered`` at the last sweep
         self._recent = Recent(recent)
         self._joined = Position.end_of(-1)  # the head when the hub started
         self._sweep_every = sweep_every
@@ -422,12 +423,17 @@ class Hub:
             return  # this process's recorder is handing the log over: no read
         reached = (await event_log.head(conn)).end
         if self.backplane_live:
-            # The backplane brings the log within milliseconds: read only a
-            # head it has not brought a whole sweep after it was seen (its
-            # publisher died, or a message was lost and none followed yet).
+            # The backplane brings the log; a gap between two of its messages
+            # is read when the second arrives. Read here only a head seen a
+            # sweep ago that is still not delivered while nothing came since
+            # (its publisher died, or its last message was lost), and only up
+            # to that head: a publisher that is merely behind, or what the
+            # backplane brings next, is left to it.
             behind, self._head_seen = self._head_seen, reached
-            if behind is None or behind <= self.delivered:
+            moved, self._swept_to = self.delivered > self._swept_to, self.delivered
+            if behind is None or behind <= self.delivered or moved:
                 return
+            reached = behind
         else:
             self._head_seen = None
         if reached > self.delivered:

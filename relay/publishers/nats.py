@@ -85,7 +85,10 @@ class JetStreamBroker:
             self.config.url,
             connect_timeout=self.timeout,
             allow_reconnect=False,  # the follower owns reconnection and logs outages
-            max_reconnect_attempts=0,
+            # nats-py retries a first connection forever with 0: with 1, an
+            # unreachable server fails the connect after a second try.
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.2,
             error_cb=_quiet,  # the follower logs one line per outage
             disconnected_cb=on_disconnect,
         )

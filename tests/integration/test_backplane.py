@@ -175,3 +175,23 @@ async def test_a_subject_another_stream_takes_is_reported_not_retried_silently(
         await asyncio.wait_for(task, 10)
     assert "JetStream refused to create stream RELAY_LIVE on taken.log" in writer.state
     assert any("taken.log" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_unreachable_nats_is_reported_at_start_not_retried_silently(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = parse_backplane_url("nats://127.0.0.1:1")
+    writer, tail, stop = Writer(config), Tail(config), asyncio.Event()
+    with caplog.at_level(logging.WARNING, logger="relay.backplane"):
+        tasks = [asyncio.create_task(writer.run(stop)), asyncio.create_task(tail.reader.run(stop))]
+        await _until(lambda: writer.state.startswith("unavailable")
+                     and tail.reader.state.startswith("unavailable"), timeout=10)  # fmt: skip
+        for page in range(3):
+            writer.handed(_page(page, 1))  # the recorder goes on; nothing piles up
+        await _until(lambda: writer.queued == 0, timeout=10)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert not tail.reader.live
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("publisher: backplane nats://127.0.0.1:1 unavailable" in m for m in warned)
+    assert any("gateway: backplane nats://127.0.0.1:1 unavailable" in m for m in warned)
