@@ -136,6 +136,31 @@ def test_quick_bench_runs_every_scenario_and_prints_the_json(database_url: str) 
         assert all(t["events_per_s"] > 0 for t in peer["trials"])
         assert peer["cpu_us_per_event"]["postgres"] > 0 and peer["cpu_us_per_event"]["worker"] > 0
     assert peers["ratio_to_best"] == peers[peers["best_peer"]]["ratio"]
+    # The backplane (NATS with JetStream on this machine): each gateway count
+    # ran with the backplane and without, every figure measured; without it
+    # every gateway read every event from the log, with it the gateways read
+    # less of it, by their own count and by PostgreSQL's.
+    backplane = figures["backplane"]
+    assert backplane["events"] == 2000 and backplane["gateways"] == [1, 4]
+    assert backplane["nats"].startswith("nats://")
+    for name in ("db_reads_per_event", "db_tuples_per_event", "backplane_events_per_event",
+                 "deliveries_per_s", "seconds"):  # fmt: skip
+        for mode in ("backplane", "database"):
+            assert set(backplane[name][mode]) == {"1", "4"}, (name, mode)
+    for count in ("1", "4"):
+        for mode in ("backplane", "database"):
+            assert backplane["deliveries_per_s"][mode][count] > 0, (mode, count)
+            assert backplane["db_tuples_per_event"][mode][count] > 0, (mode, count)
+            assert backplane["db_reads_per_event"][mode][count] >= 0, (mode, count)
+        assert backplane["db_reads_per_event"]["database"][count] >= int(count)
+        assert backplane["backplane_events_per_event"]["backplane"][count] > 0
+        assert backplane["backplane_events_per_event"]["database"][count] == 0
+    for figure in ("db_reads_per_event", "db_tuples_per_event"):
+        assert backplane[figure]["backplane"]["4"] < backplane[figure]["database"]["4"], figure
+    # The table's headline: the same reads, in the order of the gateway counts.
+    assert backplane["database_reads_per_event"] == [
+        backplane["db_reads_per_event"]["database"][count] for count in ("1", "4")
+    ]
 
 
 def test_unknown_scenario_is_refused(database_url: str) -> None:

@@ -3,7 +3,9 @@
 Figures are ratios against ceilings measured moments before on the same
 machine (which is shared and noisy), never absolute promises. Clients run in
 their own processes. PostgreSQL is ``DATABASE_URL``'s server (a fresh
-database per scenario) or a throwaway durable cluster (fsync on).
+database per scenario) or a throwaway durable cluster (fsync on). The
+backplane scenario uses ``RELAY_BACKPLANE``'s NATS server (default
+nats://127.0.0.1:4222); no other scenario does.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only",
         default="",
         help="comma-separated scenarios: "
-        "drain,live,fanout,connections,history,replicas,producer,wal,peers,read_path",
+        "drain,live,fanout,connections,history,replicas,producer,wal,peers,read_path,backplane",
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON document")
 
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             cluster = ThrowawayPostgres(durable=True, settings={"max_connections": "200"})
             print("bench: starting a throwaway PostgreSQL (fsync on)…", file=sys.stderr)
             url = cluster.start()
-        bench = Bench(url)
+        bench = Bench(url, backplane=settings.backplane)
         report: dict[str, Any] = {
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "quick": bool(args.quick),

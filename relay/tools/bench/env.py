@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,9 @@ class Bench:
 
     server_url: str
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # The NATS server of the backplane scenario (RELAY_BACKPLANE); the
+    # relays of the other scenarios never use it.
+    backplane: str = ""
 
     def url_for(self, dbname: str) -> str:
         params = conninfo_to_dict(self.server_url)
@@ -149,17 +152,28 @@ class BackendCpu:
 
 
 class RelayServer:
-    """A real ``relay run`` process on a free port, with its CPU and RSS readable."""
+    """A real ``relay run`` process on a free port, with its CPU and RSS readable.
 
-    def __init__(self, bench: Bench, database_url: str, **env: str) -> None:
+    ``args`` are ``relay run``'s (``--gateway-only``, ``--dispatcher-only``).
+    RELAY_BACKPLANE is not inherited from the bench's environment: a scenario
+    that measures the backplane passes it, and every other one measures the
+    relay reading its tail from PostgreSQL, as its figures say.
+    """
+
+    def __init__(
+        self, bench: Bench, database_url: str, *, args: Sequence[str] = (), **env: str
+    ) -> None:
         self.port = _free_port()
+        self.database_url = database_url
+        self.http = "--dispatcher-only" not in args
         # A file, not a pipe: nobody reads it while the relay runs, and a full
         # pipe would stall the relay on its next log line.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
+        inherited = {k: v for k, v in os.environ.items() if k != "RELAY_BACKPLANE"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "run"],
+            [sys.executable, "-m", "relay", "run", *args],
             env={
-                **os.environ,
+                **inherited,
                 "DATABASE_URL": database_url,
                 "PORT": str(self.port),
                 "HOST": "127.0.0.1",
@@ -174,16 +188,53 @@ class RelayServer:
         _CHILDREN.add(self.proc)
 
     def wait_ready(self, timeout: float = 30) -> float:
-        """Block until ``/readyz`` answers 200; returns that moment (monotonic)."""
+        """Block until ``/readyz`` answers 200 (a relay without HTTP: until it
+        has written its heartbeat row); returns that moment (monotonic)."""
         deadline = time.monotonic() + timeout
+        if not self.http:
+            return self._wait_heartbeat(deadline)
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited {self.proc.returncode}: {self.output()[-2000:]}")
+            self._check_running()
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
                     return time.monotonic()
             time.sleep(0.02)
-        raise RuntimeError("relay did not become ready")
+        raise RuntimeError(f"relay did not become ready: {self.output()[-2000:]}")
+
+    def _wait_heartbeat(self, deadline: float) -> float:
+        """Until this process's row is in ``relay_replicas``: its sessions are
+        open and it runs (its recorder tries the lease meanwhile). One session
+        for the polls: a connection each would take CPU from relays starting."""
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                self._check_running()
+                row = conn.execute(
+                    "SELECT count(*) FROM relay_replicas WHERE pid = %s", (self.proc.pid,)
+                ).fetchone()
+                if row is not None and int(row[0]) > 0:
+                    return time.monotonic()
+                time.sleep(0.05)
+        raise RuntimeError(f"relay wrote no heartbeat: {self.output()[-2000:]}")
+
+    def _check_running(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"relay exited {self.proc.returncode}: {self.output()[-2000:]}")
+
+    def readiness(self) -> dict[str, Any]:
+        """The checks of ``/readyz`` as the relay reports them now."""
+        response = httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=5)
+        checks: dict[str, Any] = response.json().get("checks", {})
+        return checks
+
+    def metrics(self) -> dict[str, float]:
+        """The unlabelled samples of ``/metrics`` (counters and gauges), by name."""
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, _, value = line.partition(" ")
+                samples[name] = float(value.split()[0])
+        return samples
 
     def cpu_seconds(self) -> float:
         return _proc_cpu_seconds(self.proc.pid) or 0.0

@@ -19,6 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from relay.log import Position
 from relay.recorder import RecorderConfig
 from relay.sql import query
+from relay.tools.bench import backplane as backplane_reads
 from relay.tools.bench import pinned, readpath, snapshot
 from relay.tools.bench.env import BackendCpu, Bench, RelayServer, Worker
 from relay.tools.bench.peers import PEERS, Peer, payloads
@@ -48,6 +49,10 @@ class Sizes:
     writers: int = 4
     peer_trial_events: int = 20_000  # at most; each peer sizes its own trials
     read_path_events: int = 50_000
+    backplane_events: int = 20_000
+    backplane_restaurants: int = 10
+    backplane_subscribers: int = 50  # per gateway, spread over the restaurants
+    backplane_gateways: tuple[int, ...] = (1, 2, 4)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -66,6 +71,12 @@ class Sizes:
             mode_seconds=3,
             peer_trial_events=500,
             read_path_events=2_000,
+            backplane_events=2_000,
+            backplane_restaurants=4,
+            backplane_subscribers=8,
+            # Each run starts its relays (two seconds of imports each): the
+            # smoke run keeps the ends, where growth with the count shows.
+            backplane_gateways=(1, 4),
         )
 
 
@@ -993,6 +1004,18 @@ def read_path(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         return readpath.measure(url, int(row[0]), rounds=1 if events < 10_000 else 3)
 
 
+def backplane(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    """Reads of the log per event with 1, 2 and 4 gateway processes, with the
+    NATS backplane and without (``relay.tools.bench.backplane``)."""
+    return backplane_reads.measure(
+        bench,
+        events=sizes.backplane_events,
+        restaurants=sizes.backplane_restaurants,
+        subscribers=sizes.backplane_subscribers,
+        gateways=sizes.backplane_gateways,
+    )
+
+
 SCENARIOS = {
     "drain": drain,
     "live": live,
@@ -1004,4 +1027,5 @@ SCENARIOS = {
     "wal": wal,
     "peers": peers,
     "read_path": read_path,
+    "backplane": backplane,
 }

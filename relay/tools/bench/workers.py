@@ -41,11 +41,13 @@ def raise_fd_limit() -> None:
 
 class _Stream:
     __slots__ = (
-        "cursor", "events", "expect", "heartbeats", "numbers", "ok", "path", "reconnects", "token",
+        "cursor", "events", "expect", "heartbeats", "numbers", "ok", "path", "port", "reconnects",
+        "token",
     )  # fmt: skip
 
-    def __init__(self, path: str, token: str, cursor: str | None, expect: int) -> None:
+    def __init__(self, path: str, token: str, cursor: str | None, expect: int, port: int) -> None:
         self.path = path
+        self.port = port  # each stream may follow another replica (several gateways, one client)
         self.token = token
         self.cursor = cursor  # the id of the last whole frame read: where a reconnect resumes
         self.expect = expect
@@ -85,7 +87,7 @@ async def _connection(
     spec: dict[str, Any], state: _Stream, ready: asyncio.Event, stop: asyncio.Event
 ) -> bool:
     """One HTTP connection of a stream; True when it must not be retried (refused)."""
-    reader, writer = await asyncio.open_connection(spec["host"], spec["port"])
+    reader, writer = await asyncio.open_connection(spec["host"], state.port)
     head = f"GET {state.path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {state.token}\r\n"
     if state.cursor:
         head += f"Last-Event-ID: {state.cursor}\r\n"
@@ -131,7 +133,11 @@ async def subscribe(spec: dict[str, Any]) -> dict[str, Any]:
     raise_fd_limit()
     states = [
         _Stream(
-            s["path"], s.get("token") or spec["token"], s.get("cursor"), int(s.get("expect", 0))
+            s["path"],
+            s.get("token") or spec["token"],
+            s.get("cursor"),
+            int(s.get("expect", 0)),
+            int(s.get("port", spec.get("port", 0))),
         )
         for s in spec["streams"]
     ]
