@@ -24,6 +24,7 @@ import pytest
 from psycopg import sql
 
 from relay import log as event_log
+from relay.db import aconnect
 from relay.errors import LogPruned
 from relay.log import ORIGIN, LogEvent, Position, Rejected, Selector, notify
 from relay.log.reads import _selected  # the reads' SQL exactly as they run it
@@ -740,3 +741,58 @@ async def test_a_read_below_what_retention_kept_raises_instead_of_skipping(
         assert len(page.events) == 1 and page.reached == Position.end_of(newest)
     finally:
         await aconn.close()
+
+
+async def test_pages_of_one_big_unanalysed_transaction_each_fetch_one_page(
+    database_url: str,
+) -> None:
+    """A producer's one transaction of 20,000 rows, read a page at a time
+    before any ANALYZE has seen it, as the check and the hub read it (a
+    prepared statement on a relay session): each page fetches its own rows,
+    not every row left in the window (a quadratic read, planned on stale
+    statistics as a bitmap scan and a sort per page)."""
+    with recording(database_url) as rec:
+        record(rec)
+        with psycopg.connect(database_url) as conn, conn.cursor() as cur:
+            cur.execute(
+                """
+                INSERT INTO relay_outbox (event_id, event_type, restaurant_id, order_id,
+                                          payload, occurred_on_utc)
+                SELECT gen_random_uuid(), 'OrderAccepted', gen_random_uuid(), gen_random_uuid(),
+                       '{}', now()
+                FROM generate_series(1, 20000)
+                """
+            )
+        window = record(rec)
+        middle = rec.execute(
+            "SELECT xid::text, id FROM relay_outbox ORDER BY xid, id OFFSET 10000 LIMIT 1"
+        ).fetchone()
+    assert middle is not None
+    text, params = _selected("read_window", EVERYTHING)
+    values = {**params, **_bounds(database_url, window - 1, window), "window": window,
+              "after_xid": middle[0], "after_id": middle[1], "limit": 1000}  # fmt: skip
+    session = await aconnect(database_url, autocommit=True, role="test reader")
+    try:
+        for _ in range(2):  # the first execution of a prepared statement, and a later one
+            page = await session.execute(text, values, prepare=True)
+            assert len(await page.fetchall()) == 1000
+        body = re.sub(rb"%\((\w+)\)s", lambda m: b"$" + str(list(values).index(
+            m.group(1).decode()) + 1).encode(), text)  # fmt: skip
+        await session.execute(b"PREPARE page AS " + body)
+        literals = sql.SQL(", ").join(sql.Literal(v) for v in values.values())
+        explained = await session.execute(
+            sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE page({})").format(literals)
+        )
+        found = await explained.fetchone()
+    finally:
+        await session.close()
+    assert found is not None
+    fetched = _outbox_rows(found[0][0]["Plan"])
+    assert fetched <= 1000, f"a page of 1,000 fetched {fetched} rows of the outbox"
+
+
+def _outbox_rows(node: dict[str, Any]) -> int:
+    """Rows the plan's scans of relay_outbox returned, over all their loops."""
+    own = node["Actual Rows"] * node.get("Actual Loops", 1)
+    mine = own if node.get("Relation Name") == "relay_outbox" else 0
+    return mine + sum(_outbox_rows(child) for child in node.get("Plans", []))
