@@ -125,9 +125,11 @@ SELECT window_id, snapshot::text FROM relay_windows WHERE window_id = ANY (%(ids
 -- window is an ordered range of the (xid, id) index that stops at the
 -- limit, a small one a few probes (joined, the planner guessed a range's
 -- size, and a bitmap scan that sorted a whole backlog for every page won).
--- The in-progress transactions are probed unordered (an ordered scan of a
--- key would walk its whole history to filter them). {selector} narrows the
--- rows by the producer's columns.
+-- The transactions in progress then are probed one by one, each an ordered
+-- range of the index that stops at the limit (one ordered scan over all of
+-- them would walk the key's whole history to filter them; one unordered
+-- probe fetched every remaining row of a big transaction for every page).
+-- {selector} narrows the rows by the producer's columns.
     (SELECT * FROM relay_outbox AS o
      WHERE o.xid >= %(since_horizon)s::xid8 AND o.xid < %(horizon)s::xid8
        AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s::bigint)
@@ -135,10 +137,14 @@ SELECT window_id, snapshot::text FROM relay_windows WHERE window_id = ANY (%(ids
      ORDER BY o.xid, o.id
      LIMIT %(limit)s)
     UNION ALL
-    (SELECT * FROM relay_outbox AS o
-     WHERE o.xid = ANY (%(since_xip)s::xid8[])
-       AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s::bigint)
-       AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector})
+    (SELECT o.* FROM unnest(%(since_xip)s::xid8[]) AS p(xid)
+     CROSS JOIN LATERAL (
+         SELECT * FROM relay_outbox AS o
+         WHERE o.xid = p.xid
+           AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s::bigint)
+           AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector}
+         ORDER BY o.xid, o.id
+         LIMIT %(limit)s) AS o)
 
 -- name: read_window
 -- One window's rows after (xid, id), in that order.

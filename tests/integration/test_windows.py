@@ -743,17 +743,26 @@ async def test_a_read_below_what_retention_kept_raises_instead_of_skipping(
         await aconn.close()
 
 
+@pytest.mark.parametrize("in_progress_before", [False, True])
 async def test_pages_of_one_big_unanalysed_transaction_each_fetch_one_page(
-    database_url: str,
+    database_url: str, in_progress_before: bool
 ) -> None:
     """A producer's one transaction of 20,000 rows, read a page at a time
     before any ANALYZE has seen it, as the check and the hub read it (a
     prepared statement on a relay session): each page fetches its own rows,
-    not every row left in the window (a quadratic read, planned on stale
-    statistics as a bitmap scan and a sort per page)."""
+    not every row left in the window (a quadratic read). Whether the
+    transaction was in progress when the window before it closed (then the
+    read probes it by id) or began after (a range of the index)."""
     with recording(database_url) as rec:
         record(rec)
         with psycopg.connect(database_url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_current_xact_id()")
+            if in_progress_before:
+                # A later transaction commits first, so the window that closes
+                # now lists the big one as in progress.
+                with psycopg.connect(database_url) as other:
+                    other.execute("SELECT pg_current_xact_id()")
+                record(rec)
             cur.execute(
                 """
                 INSERT INTO relay_outbox (event_id, event_type, restaurant_id, order_id,
@@ -771,6 +780,7 @@ async def test_pages_of_one_big_unanalysed_transaction_each_fetch_one_page(
     text, params = _selected("read_window", EVERYTHING)
     values = {**params, **_bounds(database_url, window - 1, window), "window": window,
               "after_xid": middle[0], "after_id": middle[1], "limit": 1000}  # fmt: skip
+    assert (values["since_xip"] != "{}") == in_progress_before
     session = await aconnect(database_url, autocommit=True, role="test reader")
     try:
         for _ in range(2):  # the first execution of a prepared statement, and a later one
