@@ -10,16 +10,15 @@ gateways read any stretch the backplane did not bring from PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable
 from typing import Any
 
 from relay.backplane.codec import BackplaneConfig, encode
 from relay.backplane.connection import hold_nats
 from relay.log import Page
 from relay.metrics import M
+from relay.publishers.nats import unless_lost
 
 __all__ = ["Writer"]
 
@@ -91,7 +90,7 @@ class Writer:
             for chunk in encode(page, max_bytes):
                 sending = js.publish(self.config.subject, chunk.body, headers=chunk.headers,
                                      stream=self.config.stream)  # fmt: skip
-                await _unless_lost(sending, lost)
+                await unless_lost(sending, lost)
             last = loop.time()
             self.published += len(page.events)
             M.backplane_published.inc(len(page.events))
@@ -108,20 +107,3 @@ class Writer:
             events.extend(page.events)
             reached = page.reached
         return Page(first.after, events, [], reached, len(events))
-
-
-async def _unless_lost(sending: Awaitable[Any], lost: asyncio.Event) -> None:
-    """Await a publish's ack, but give up as soon as the connection drops:
-    nats-py leaves a request pending until its timeout when it does."""
-    publish = asyncio.ensure_future(sending)
-    gone = asyncio.ensure_future(lost.wait())
-    try:
-        await asyncio.wait({publish, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not publish.done():
-        publish.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await publish
-        raise ConnectionError("connection to NATS lost")
-    publish.result()

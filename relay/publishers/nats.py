@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import nats
@@ -22,7 +22,9 @@ from relay.publishers.base import (
 )
 from relay.publishers.config import CloudEvents, PublisherConfig
 
-__all__ = ["JetStreamBroker", "nats_headers"]
+__all__ = ["JetStreamBroker", "nats_headers", "unless_lost"]
+
+T = TypeVar("T")
 
 # CloudEvents NATS protocol binding, binary content mode: every attribute,
 # datacontenttype included, is a header named "ce-" + its name (§3.1.3.1),
@@ -50,6 +52,24 @@ def nats_headers(message: Message, cloudevents: CloudEvents | None) -> dict[str,
              for name, value in attributes.items()}
         )  # fmt: skip
     return headers
+
+
+async def unless_lost(sending: Awaitable[T], lost: asyncio.Event) -> T:
+    """Await a publish, but give up (ConnectionError) as soon as ``lost`` is
+    set: nats-py leaves a request pending until its timeout when the
+    connection drops."""
+    publish = asyncio.ensure_future(sending)
+    gone = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({publish, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not publish.done():
+        publish.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await publish
+        raise ConnectionError("connection to NATS lost")
+    return publish.result()
 
 
 # JetStream errors that concern the message itself (retrying cannot help):
@@ -128,18 +148,7 @@ class JetStreamBroker:
         # nats-py leaves a request pending until its timeout when the
         # connection drops: give up on the batch as soon as it does.
         assert self._js is not None
-        sending = asyncio.ensure_future(in_order_per_restaurant(batch, self._send))
-        lost = asyncio.ensure_future(self._lost.wait())
-        try:
-            await asyncio.wait({sending, lost}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-        if not sending.done():
-            sending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sending
-            raise ConnectionError("connection to NATS lost")
-        return sending.result()
+        return await unless_lost(in_order_per_restaurant(batch, self._send), self._lost)
 
     async def close(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
