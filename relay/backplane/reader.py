@@ -47,7 +47,6 @@ class Reader:
         self._next_sequence: int | None = None
         self.live = False
         self.state = "connecting"
-        self.received = 0  # messages
 
     async def run(self, stop: asyncio.Event) -> None:
         await hold_nats(self.config, stop, self._follow, label="gateway", on_lost=self._lost)
@@ -92,7 +91,6 @@ class Reader:
 
     async def _received(self, msg: Any) -> None:
         self._next_sequence = msg.metadata.sequence.stream + 1
-        self.received += 1
         headers = msg.headers or {}
         try:
             after, reached = headers[AFTER], headers[REACHED]
