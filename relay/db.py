@@ -67,9 +67,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-_SESSION_SETTINGS = (
-    b"SET jit = off; SET TimeZone = 'UTC'; SET plan_cache_mode = force_generic_plan"
-)
+_SESSION_SETTINGS = b"SET jit = off; SET TimeZone = 'UTC'; SET plan_cache_mode = force_generic_plan"
 
 
 def connect(
