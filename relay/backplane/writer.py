@@ -24,16 +24,19 @@ __all__ = ["Writer"]
 
 log = logging.getLogger("relay.backplane")
 
-_QUEUE_PAGES = 10_000
+# Events waiting for NATS at most (pages hold up to RELAY_BATCH_SIZE each):
+# beyond it the oldest pages are dropped, and gateways read them.
+_QUEUE_EVENTS = 50_000
 _HEADROOM = 1024  # bytes of a message left for its headers
 _MARKER_EVERY = 0.05  # seconds between messages that carry no event, only progress
 
 
 class Writer:
-    def __init__(self, config: BackplaneConfig, *, queue_pages: int = _QUEUE_PAGES) -> None:
+    def __init__(self, config: BackplaneConfig, *, queue_events: int = _QUEUE_EVENTS) -> None:
         self.config = config
         self._pages: deque[Page] = deque()
-        self._limit = queue_pages
+        self._queued_events = 0
+        self._limit = queue_events
         self._wake = asyncio.Event()
         self.state = "connecting"
         self.published = 0  # events
@@ -44,10 +47,15 @@ class Writer:
         return len(self._pages)
 
     def handed(self, page: Page) -> None:
-        """A page the leading recorder checked (called in its turn: never blocks)."""
+        """A page the leading recorder checked (called in its turn: never blocks).
+
+        Nothing is kept while NATS is away: the gateways read those stretches."""
+        if self.state != "publishing":
+            return
         self._pages.append(page)
-        if len(self._pages) > self._limit:
-            self._pages.popleft()  # the gateways read the gap from the log
+        self._queued_events += len(page.events)
+        while self._queued_events > self._limit and len(self._pages) > 1:
+            self._queued_events -= len(self._pages.popleft().events)
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -55,8 +63,8 @@ class Writer:
                         on_lost=self._lost)  # fmt: skip
 
     def _lost(self, reason: str) -> None:
-        dropped = sum(len(p.events) for p in self._pages)
-        self._pages.clear()
+        dropped = self._queued_events
+        self._clear()
         self.state = f"unavailable: {reason}"
         if dropped:
             log.info("backplane: %d events not published; gateways read them from the log",
@@ -67,8 +75,6 @@ class Writer:
         max_bytes = max(4096, nc.max_payload - _HEADROOM)
         loop = asyncio.get_running_loop()
         last = 0.0
-        # Whatever waited while NATS was away is stale: gateways read it.
-        self._pages.clear()
         while not lost.is_set():
             if not self._pages:
                 self._wake.clear()
@@ -84,7 +90,7 @@ class Writer:
             if not page.events and loop.time() - last < _MARKER_EVERY:
                 # Progress alone can wait a moment (idle windows would
                 # otherwise be a message each): put it back and collect more.
-                self._pages.appendleft(page)
+                self._pages.appendleft(page)  # no events: the count stands
                 await asyncio.sleep(_MARKER_EVERY - (loop.time() - last))
                 continue
             for chunk in encode(page, max_bytes):
@@ -95,15 +101,21 @@ class Writer:
             self.published += len(page.events)
             M.backplane_published.inc(len(page.events))
 
+    def _clear(self) -> None:
+        self._pages.clear()
+        self._queued_events = 0
+
     def _merged(self) -> Page:
         """Every queued page that follows on from the first, as one page."""
         first = self._pages.popleft()
+        self._queued_events -= len(first.events)
         if not self._pages or self._pages[0].after != first.reached:
             return first
         events = list(first.events)
         reached = first.reached
         while self._pages and self._pages[0].after == reached:
             page = self._pages.popleft()
+            self._queued_events -= len(page.events)
             events.extend(page.events)
             reached = page.reached
         return Page(first.after, events, [], reached, len(events))

@@ -195,3 +195,21 @@ async def test_an_unreachable_nats_is_reported_at_start_not_retried_silently(
     warned = [r.getMessage() for r in caplog.records]
     assert any("publisher: backplane nats://127.0.0.1:1 unavailable" in m for m in warned)
     assert any("gateway: backplane nats://127.0.0.1:1 unavailable" in m for m in warned)
+
+
+async def test_a_backlog_beyond_the_bound_drops_its_oldest_pages_as_a_gap(
+    config: BackplaneConfig,
+) -> None:
+    writer, tail, stop = Writer(config, queue_events=25), Tail(config), asyncio.Event()
+    tasks = [asyncio.create_task(writer.run(stop)), asyncio.create_task(tail.reader.run(stop))]
+    try:
+        await _until(lambda: writer.state == "publishing" and tail.reader.live)
+        for window in range(10):  # in one turn of the loop: the writer cannot keep up
+            writer.handed(_page(window, 10))
+        assert writer.queued == 2  # 20 events kept of 100, the newest
+        await _until(lambda: tail.delivered == Position.end_of(9))
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert [e.at.window for e in tail.events()] == [8] * 10 + [9] * 10
+    assert tail.got[0][0] == Position.end_of(7)  # the hub reads windows 0-7 from the log
