@@ -79,6 +79,26 @@ def write_orders(
                 chains.remove((restaurant, order))
 
 
+def write_until(deadline: float, write: Callable[[int], object], *, writers: int = 2) -> None:
+    """``writers`` threads call ``write(seed)`` with fresh seeds until
+    ``deadline`` (monotonic); returns when all have stopped. A commit cut by
+    a fault is uncertain and not in the ledger: the writer waits and goes on."""
+
+    def keep_writing(seed: int) -> None:
+        while time.monotonic() < deadline:
+            seed += writers
+            try:
+                write(seed)
+            except psycopg.OperationalError:
+                time.sleep(0.3)
+
+    threads = [threading.Thread(target=keep_writing, args=(i,)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def blocking(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from synchronous code (on a thread of its own,
     so a caller inside an event loop works too)."""

@@ -35,7 +35,14 @@ from relay.gateway.auth import mint_token
 from relay.tools.pgserver import ThrowawayPostgres
 from tests.helpers.nats_server import NatsServer, nats_server
 from tests.helpers.relay_process import SECRET, RelayProcess
-from tests.reliability.ledger import Ledger, revive, settle, stop_all, write_orders
+from tests.reliability.ledger import (
+    Ledger,
+    revive,
+    settle,
+    stop_all,
+    write_orders,
+    write_until,
+)
 from tests.reliability.subscribers import Subscriber, check_deliveries, received_all
 
 RECEIVED = "relay_backplane_received_events_total"
@@ -272,20 +279,10 @@ def test_every_event_reaches_every_subscriber_once_in_order_through_backplane_fa
                 faults.start()
                 deadline = time.monotonic() + seconds
 
-                def writer(first_seed: int) -> None:
-                    seed = first_seed
-                    while time.monotonic() < deadline:
-                        seed += 2
-                        try:
-                            _write(cluster.dsn, ledger, restaurants, seed)
-                        except psycopg.OperationalError:
-                            time.sleep(0.3)  # an uncertain commit is not in the ledger
+                def write(seed: int) -> None:
+                    _write(cluster.dsn, ledger, restaurants, seed)
 
-                writers = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
-                for w in writers:
-                    w.start()
-                for w in writers:
-                    w.join()
+                write_until(deadline, write)
                 stop_faults.set()
                 faults.join(30)
                 revive([dispatcher, *gateways])

@@ -21,7 +21,7 @@ import pytest
 from relay.gateway.auth import mint_token
 from relay.tools.pgserver import ThrowawayPostgres
 from tests.helpers.relay_process import SECRET, RelayProcess
-from tests.reliability.ledger import Ledger, revive, settle, stop_all, write_orders
+from tests.reliability.ledger import Ledger, revive, settle, stop_all, write_orders, write_until
 from tests.reliability.subscribers import Subscriber, check_deliveries, received_all
 
 
@@ -88,24 +88,13 @@ def test_every_committed_event_reaches_every_subscriber_once_in_order_under_faul
         faults.start()
         deadline = time.monotonic() + seconds
 
-        def writer(first_seed: int) -> None:
-            seed = first_seed
-            while time.monotonic() < deadline:
-                seed += 2
-                try:
-                    write_orders(
-                        cluster.dsn + "?application_name=writer", ledger, restaurants, 10, seed=seed
-                    )
-                except psycopg.OperationalError:
-                    time.sleep(0.3)  # restarting; an uncertain commit is not in the ledger
+        def write(seed: int) -> None:
+            url = cluster.dsn + "?application_name=writer"
+            write_orders(url, ledger, restaurants, 10, seed=seed)
 
         # Two concurrent writers on few restaurants, replicas killed while they
         # record and read windows: where cross-replica gaps would show.
-        writers = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
-        for w in writers:
-            w.start()
-        for w in writers:
-            w.join()
+        write_until(deadline, write)
         stop_faults.set()
         faults.join(30)
         revive(relays)
