@@ -201,14 +201,18 @@ class Recorder:
                 if check.behind:
                     await asyncio.sleep(0)  # a big window: its next page at once
                     continue
-                head, recorded = await _record_if_due(conn)
-                check.saw(head)
-                if recorded is not None:
+                # Caught up: the new window's first page comes with it.
+                turn = await event_log.record_window_if_due(
+                    conn, read_after=check.head, limit=cfg.batch_size
+                )
+                check.saw(turn.newest)
+                if turn.recorded is not None:
                     window_at = loop.time()
                     self.windows += 1
                     M.windows.inc()
-                    check.saw(recorded)
-                    # Read the new window at once: its frames are due now.
+                    if turn.page is not None:
+                        rows += await check.accept(turn.page, self._handed)
+                    # The rest of the new window at once: its frames are due now.
                     rows += await check.catch_up(self._handed)
             if rows:
                 last_event = loop.time()
@@ -268,18 +272,6 @@ async def _take_lease(conn: psycopg.AsyncConnection[Any]) -> bool:
     return bool(row and row[0])
 
 
-async def _record_if_due(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int | None]:
-    """The newest window, and the window recorded now if one was due (one
-    round trip either way)."""
-    cur = await conn.execute(query("record_window_if_due"), prepare=True)
-    row = await cur.fetchone()
-    assert row is not None
-    if row[1] is None:
-        return int(row[0]), None
-    event_log.remember_window(conn, int(row[1]), row[2])  # the check reads it next
-    return int(row[1]), int(row[1])
-
-
 class _Check:
     """The recorder's read of every new window: dead letters filed once, pages
     handed to this process's gateway, progress kept in ``relay.check``."""
@@ -315,17 +307,22 @@ class _Check:
         rows = 0
         while self.at < Position.end_of(self.head):
             page = await event_log.read(self._conn, self.at, self.head, limit=self._page)
-            rows += page.rows
-            if page.rejected:
-                await self._file(page)
-            self.at = page.reached
-            hand(page)
+            rows += await self.accept(page, hand)
             if page.rows >= self._page:
                 break  # a big window: one page per turn, the loop comes back at once
         if self.at != self._saved and (time.monotonic() - self._saved_at > _OFFSET_EVERY):
             await event_log.advance_offset(self._conn, CHECK, self.at)
             self._saved, self._saved_at = self.at, time.monotonic()
         return rows
+
+    async def accept(self, page: Page, hand: Callable[[Page], None]) -> int:
+        """The next page after ``at``: its dead letters filed, then handed on;
+        returns its rows."""
+        if page.rejected:
+            await self._file(page)
+        self.at = page.reached
+        hand(page)
+        return page.rows
 
     async def _file(self, page: Page) -> None:
         for rejected in page.rejected:

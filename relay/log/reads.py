@@ -26,11 +26,13 @@ from relay.sql import query
 __all__ = [
     "CHECK",
     "Head",
+    "Turn",
     "advance_offset",
     "head",
     "order_owner",
     "read",
     "read_offset",
+    "record_window_if_due",
     "remember_window",
     "take_offset",
 ]
@@ -244,6 +246,72 @@ async def _read_window(
         last = rows[-1]
         reached = Position(window, int(last[1]), int(last[2]))
     return _page(after, rows, reached)
+
+
+class Turn(NamedTuple):
+    """What one turn of the recorder found: the newest window, the window it
+    recorded (if one was due), and that window's first page when it was read
+    in the same statement."""
+
+    newest: int
+    recorded: int | None
+    page: Page | None
+
+
+_DUE = query("due_window")
+_RECORD_IF_DUE = query("record_window_if_due").replace(b"{due_window}", _DUE)
+# The new window's bounds are the recorded row's own (``r``), not values.
+_RECORD_AND_READ = (
+    query("record_window_and_read")
+    .replace(b"{due_window}", _DUE)
+    .replace(b"{rows}", query("window_rows"))
+    .replace(b"{columns}", COLUMNS)
+    .replace(b"{selector}", b"true")
+    .replace(b"%(horizon)s", b"r.horizon")
+    .replace(b"%(snapshot)s", b"r.snapshot")
+)
+
+
+async def record_window_if_due(
+    conn: psycopg.AsyncConnection[Any], *, read_after: int | None = None, limit: int = _PAGE
+) -> Turn:
+    """Record the next window if one would hold anything (the recorder's
+    lease holder only). With ``read_after`` (the window the caller has read
+    to its end, believed the newest) the new window's first page of at most
+    ``limit`` rows comes in the same round trip; if the newest window was
+    another, the page is None and the caller reads as usual."""
+    if read_after is None:
+        cur = await conn.execute(_RECORD_IF_DUE, prepare=True)
+        row = await cur.fetchone()
+        assert row is not None
+        rows = [row]
+    else:
+        (previous,) = await _bounds(conn, read_after)
+        cur = await conn.execute(
+            _RECORD_AND_READ,
+            {
+                "previous": read_after,
+                "since_horizon": previous.horizon,
+                "since_xip": previous.xip,
+                "after_xid": "0",
+                "after_id": -1,
+                "limit": limit,
+            },
+            prepare=True,
+        )
+        rows = await cur.fetchall()
+    newest, window, snapshot = rows[0][:3]
+    if window is None:
+        return Turn(int(newest), None, None)
+    remember_window(conn, int(window), snapshot)
+    if read_after is None or newest != read_after:
+        return Turn(int(window), int(window), None)
+    found = [row[3:] for row in rows if row[3] is not None]
+    if len(found) < limit:
+        reached = Position.end_of(window)
+    else:
+        reached = Position(window, int(found[-1][1]), int(found[-1][2]))
+    return Turn(int(window), int(window), _page(Position.end_of(read_after), found, reached))
 
 
 async def order_owner(

@@ -22,18 +22,19 @@ ON CONFLICT (event_id) DO NOTHING
 -- tick). Never waits: a replica that does not get it just reads.
 SELECT pg_try_advisory_lock(hashtextextended('relay.recorder', 0))
 
--- name: record_window_if_due
--- The recorder's one statement per turn: close the next window at this
--- statement's snapshot if it would hold anything (a committed row of a
--- transaction the newest window's snapshot did not see: one that started
--- since, or was in progress then), and say which window is the newest. Two
--- index probes when nothing is due; then nothing is written and the commit
--- flushes nothing, so an idle relay costs no WAL. When due: the one write
--- per window, and a NOTIFY naming it to every relay process. (The newest
--- committed xid, not EXISTS (xid >= horizon): the planner estimates an
--- unknown bound to match a third of the rows and would scan the table;
--- max() is one step down the (xid, id) index.)
-WITH newest AS (
+-- name: due_window
+-- Not run alone: the two steps every turn of the recorder starts with,
+-- spliced into the two statements below. Close the next
+-- window at this statement's snapshot if it would hold anything (a
+-- committed row of a transaction the newest window's snapshot did not see:
+-- one that started since, or was in progress then). Two index probes when
+-- nothing is due; then nothing is written and the commit flushes nothing,
+-- so an idle relay costs no WAL. When due: the one write per window, and a
+-- NOTIFY naming it to every relay process. (The newest committed xid, not
+-- EXISTS (xid >= horizon): the planner estimates an unknown bound to match
+-- a third of the rows and would scan the table; max() is one step down the
+-- (xid, id) index.)
+newest AS (
     SELECT window_id, snapshot, horizon FROM relay_windows
     ORDER BY window_id DESC
     LIMIT 1
@@ -45,12 +46,38 @@ WITH newest AS (
        OR EXISTS (SELECT FROM pg_snapshot_xip(n.snapshot) AS t (xid)
                   JOIN relay_outbox AS o ON o.xid = t.xid)
     ON CONFLICT (window_id) DO NOTHING
-    RETURNING window_id, snapshot::text AS snapshot,
+    RETURNING window_id, snapshot, horizon,
               pg_notify('relay_windows', window_id::text) AS notified
 )
-SELECT n.window_id, r.window_id, r.snapshot
+
+-- name: record_window_if_due
+-- The recorder's turn while its check is behind: record a window if one is
+-- due, and say which window is the newest (one round trip either way).
+WITH {due_window}
+SELECT n.window_id, r.window_id, r.snapshot::text
 FROM newest AS n
 LEFT JOIN recorded AS r ON true
+
+-- name: record_window_and_read
+-- The recorder's turn while its check is caught up with the newest window
+-- it knows (`previous`): record_window_if_due, and the first page of the window it
+-- records, in the same statement (a round trip fewer between a producer's
+-- commit and the frame). Every part of one statement reads with the same
+-- snapshot, the one the window records, so window_rows (spliced with the
+-- new window's own bounds) selects exactly what a later read_window of it
+-- would. Nothing is read if the newest window is not `previous`.
+WITH {due_window}
+SELECT n.window_id, r.window_id, r.snapshot::text, page.*
+FROM newest AS n
+LEFT JOIN recorded AS r ON true
+LEFT JOIN LATERAL (
+    SELECT r.window_id, {columns}
+    FROM ({rows}) AS o
+    WHERE r.window_id IS NOT NULL AND n.window_id = %(previous)s
+    ORDER BY o.xid, o.id
+    LIMIT %(limit)s
+) AS page ON true
+ORDER BY page.xid, page.id
 
 -- name: record_window
 -- Close the next window at this statement's snapshot, whatever it holds

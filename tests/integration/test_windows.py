@@ -27,7 +27,7 @@ from relay import log as event_log
 from relay.db import aconnect
 from relay.errors import LogPruned
 from relay.log import ORIGIN, LogEvent, Position, Rejected, Selector, notify
-from relay.log.reads import _selected  # the reads' SQL exactly as they run it
+from relay.log.reads import _RECORD_AND_READ, _RECORD_IF_DUE, _selected  # as they run
 from relay.outbox import OutboxEvent, enqueue
 from relay.sql import query
 from tests.helpers.orders import CHAIN, INSERT_SQL, event, payload
@@ -232,6 +232,91 @@ async def test_concurrent_producers_are_read_once_in_log_order(database_url: str
                 assert positions(events) == positions(selected(tail, selector)), (selector, limit)
     finally:
         done.set()
+        await conn.close()
+
+
+async def test_a_window_read_as_it_is_recorded_holds_what_a_later_read_does(
+    database_url: str,
+) -> None:
+    """The recorder reads a new window's first page in the statement that
+    records it: with producers committing out of xid order and rolling back
+    around it, those pages and the reads that finish each window hold every
+    committed row once, at the position the definition gives it."""
+    restaurant = uuid.uuid4()
+    committed: set[uuid.UUID] = set()
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def produce(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with psycopg.connect(database_url) as conn:
+                for _ in range(25):
+                    ids = [enqueue_one(conn, restaurant) for _ in range(rng.randint(1, 3))]
+                    time.sleep(rng.random() * 0.006)  # others start and commit meanwhile
+                    if rng.random() < 0.2:
+                        conn.rollback()
+                        continue
+                    conn.commit()
+                    with lock:
+                        committed.update(ids)
+        except BaseException as exc:
+            failures.append(exc)
+
+    producers = [threading.Thread(target=produce, args=(seed,)) for seed in range(4)]
+    conn = await reader(database_url)
+    newest = (await event_log.head(conn)).window
+    tail: list[LogEvent] = []
+    first_pages = 0
+    try:
+        for thread in producers:
+            thread.start()
+        while True:
+            running = any(t.is_alive() for t in producers)
+            turn = await event_log.record_window_if_due(conn, read_after=newest, limit=3)
+            if turn.recorded is not None:
+                page = turn.page
+                assert page is not None and page.after == Position.end_of(newest)
+                assert page.rows == len(page.events) <= 3 and page.reached > page.after
+                first_pages += 1
+                tail += page.events
+                newest = turn.recorded
+                rest, _ = await read_through(conn, newest, after=page.reached)
+                tail += rest
+            elif not running:
+                break
+            await asyncio.sleep(0.002)
+        assert not failures, failures
+        assert_log_order(tail)
+        assert {uuid.UUID(e.event_id) for e in tail} == committed
+        assert positions(tail) == truth(database_url)
+        assert first_pages > 5, "the test must span many windows"
+        assert late_commits(tail) > 0, "the test must see transactions commit out of xid order"
+    finally:
+        await conn.close()
+
+
+async def test_a_window_is_not_read_against_a_window_that_is_not_the_newest(
+    database_url: str,
+) -> None:
+    """If another window was recorded since the one the caller read to its
+    end, the statement still records the next, but reads nothing: the page
+    would be relative to the wrong snapshot."""
+    conn = await reader(database_url)
+    try:
+        stale = (await event_log.head(conn)).window
+        with recording(database_url) as rec:
+            with rec.transaction():
+                enqueue_one(rec, uuid.uuid4())
+            record(rec)
+            with rec.transaction():
+                enqueue_one(rec, uuid.uuid4())
+        turn = await event_log.record_window_if_due(conn, read_after=stale)
+        assert turn.recorded == stale + 2 == turn.newest
+        assert turn.page is None
+        events, _ = await read_through(conn, turn.recorded, after=Position.end_of(stale))
+        assert [e.at.window for e in events] == [stale + 1, stale + 2]
+    finally:
         await conn.close()
 
 
@@ -714,8 +799,15 @@ def test_the_idle_probe_stays_on_its_index(
 ) -> None:
     """The recorder's probe runs every few milliseconds on an idle relay: it
     must cost two index probes whatever the outbox retains."""
-    url = long_history[0]
-    assert "Seq Scan on relay_outbox" not in plan(url, query("record_window_if_due"), {})
+    url, newest = long_history[0], long_history[4]
+    assert "Seq Scan on relay_outbox" not in plan(url, _RECORD_IF_DUE, {})
+    bounds = _bounds(url, newest, newest)
+    since = {k: bounds[k] for k in ("since_horizon", "since_xip")}
+    params = {"previous": newest, **since, "after_xid": "0", "after_id": -1, "limit": 100}
+    # With the new window's first page: prepared, so its generic plan counts.
+    generic = plan(url, _RECORD_AND_READ, params, generic=True)
+    assert "Seq Scan on relay_outbox" not in generic, generic
+    assert "Bitmap" not in generic and "Sort Key: o" not in generic, generic
 
 
 async def test_a_read_below_what_retention_kept_raises_instead_of_skipping(
