@@ -201,13 +201,19 @@ class Recorder:
                 if check.behind:
                     await asyncio.sleep(0)  # a big window: its next page at once
                     continue
-                # Caught up: the new window's first page comes with it.
+                # Caught up. While producers are active a probe usually finds
+                # a window due: its first page comes in the same statement.
+                # Idle, the bare probe (half the cost) runs instead.
+                probed_at = loop.time()
+                chasing = probed_at - last_event < _CHASE_SECONDS
                 turn = await event_log.record_window_if_due(
-                    conn, read_after=check.head, limit=cfg.batch_size
+                    conn, read_after=check.head if chasing else None, limit=cfg.batch_size
                 )
                 check.saw(turn.newest)
                 if turn.recorded is not None:
-                    window_at = loop.time()
+                    # The interval runs from start to start: the round trips
+                    # of a window are not added to the next one's wait.
+                    window_at = probed_at
                     self.windows += 1
                     M.windows.inc()
                     if turn.page is not None:
