@@ -238,8 +238,9 @@ async def serve(
 
         async def readiness() -> dict[str, Any]:
             checks: dict[str, Any] = await _database_checks(pool)
-            # On a live backplane the gateway holds no LISTEN session.
-            checks["listener"] = None if hub.backplane_live else hub.listener_connected
+            # Beside the leading recorder or on a live backplane the gateway
+            # holds no LISTEN session.
+            checks["listener"] = hub.listener_connected if hub.listening_needed else None
             if tail is not None or writer is not None:
                 checks["backplane"] = _backplane_check(writer, tail)
             if worker is not None:

@@ -41,7 +41,7 @@ _READ_LIMIT = 5000
 # RELAY_BATCH_SIZE events) is more than a subscriber's buffer holds, and a
 # healthy stream must get to write before its buffer overflows.
 _SLICE = 256
-_BACKPLANE_CHECK = 0.25  # seconds between looks at whether the backplane is live
+_LISTEN_CHECK = 0.25  # seconds between looks at whether a LISTEN is needed
 _IO_TIMEOUT = 15.0  # seconds any one log read may take before the connection is presumed dead
 
 log = logging.getLogger("relay.hub")
@@ -305,11 +305,8 @@ class Hub:
     # -- running -------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        listening = (
-            self._listen(stop) if self._backplane_live is None else self._listen_while_needed(stop)
-        )
         tasks = [
-            asyncio.create_task(listening, name="hub-listener"),
+            asyncio.create_task(self._listen_while_needed(stop), name="hub-listener"),
             asyncio.create_task(self._follow(stop), name="hub-follow"),
         ]
         try:
@@ -324,16 +321,25 @@ class Hub:
         self._listener = Listener(self._url, [notify.CHANNEL], self._notified)
         await self._listener.run(stop)
 
+    @property
+    def listening_needed(self) -> bool:
+        """Whether windows can be recorded without this hub hearing of them
+        otherwise: not while this process's recorder leads (its pages come in
+        hand, and only the leader records) nor while a backplane is live."""
+        return not self.backplane_live and self._local_check() is None
+
     async def _listen_while_needed(self, stop: asyncio.Event) -> None:
-        """LISTEN only while the backplane is down: fifty gateways on a live
-        backplane hold no session of the order database open between sweeps."""
+        """LISTEN only while needed: the leader's own process and fifty
+        gateways on a live backplane hold no session that the database wakes
+        for every window. A change of leader or a backplane going down is
+        seen within a quarter of a second, and the sweep reads what passed."""
         while not stop.is_set():
-            if self.backplane_live:
-                await sleep_or_stop(stop, _BACKPLANE_CHECK)
+            if not self.listening_needed:
+                await sleep_or_stop(stop, _LISTEN_CHECK)
                 continue
             listening = asyncio.create_task(self._listen(stop))
-            while not stop.is_set() and not self.backplane_live:
-                await sleep_or_stop(stop, _BACKPLANE_CHECK)
+            while not stop.is_set() and self.listening_needed:
+                await sleep_or_stop(stop, _LISTEN_CHECK)
             listening.cancel()
             await asyncio.gather(listening, return_exceptions=True)
             self._listener = None

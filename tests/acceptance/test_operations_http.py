@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,6 +23,7 @@ from relay.outbox import enqueue
 from relay.tools.pgserver import ThrowawayPostgres
 from tests.helpers.orders import INSERT_SQL, event, payload
 from tests.helpers.relay_process import SECRET, RelayProcess, free_port
+from tests.helpers.sse import Subscriber, bulk_accepted, client
 
 ROOT = Path(__file__).resolve().parents[2]
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -204,3 +207,61 @@ async def test_relay_sessions_turn_jit_off_and_keep_a_configured_name(database_u
         assert await cur.fetchone() == ("orders-relay",)
     finally:
         await conn.close()
+
+
+_LISTENERS = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = 'relay listener'
+"""
+
+
+def _listeners(database_url: str) -> int:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(_LISTENERS).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _listener_check(relay: RelayProcess) -> object:
+    return httpx.get(f"{relay.url}/readyz", timeout=5).json()["checks"]["listener"]
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+async def test_only_a_gateway_beside_no_leading_recorder_listens_for_windows(
+    database_url: str,
+) -> None:
+    """The leading recorder's process has every window in hand: its gateway
+    holds no LISTEN session (the database would wake it for every window).
+    A standby replica's gateway listens; when the leader dies the standby
+    takes the lease, stops listening, and its streams go on receiving."""
+    restaurant = uuid.uuid4()
+    token = mint_token(SECRET, subject="staff", restaurant_ids=[restaurant])
+    with RelayProcess(database_url) as leader:
+        _until(lambda: _listeners(database_url) == 0, "the leader's listener to close")
+        assert _listener_check(leader) is None
+        with RelayProcess(database_url) as standby:
+            _until(lambda: _listeners(database_url) == 1, "the standby's listener")
+            _until(lambda: _listener_check(standby) is True, "the standby to report it")
+            async with client() as http:
+                stream = Subscriber(
+                    http, f"{standby.url}/v1/restaurants/{restaurant}/stream", token
+                ).start()
+                try:
+                    await asyncio.wait_for(stream.ready.wait(), 10)
+                    bulk_accepted(database_url, restaurant, 3)  # recorded by the leader
+                    assert len(await stream.wait_for(3, timeout=10)) == 3
+                    leader.kill()
+                    _until(lambda: _listeners(database_url) == 0, "the standby to take over")
+                    assert _listener_check(standby) is None
+                    bulk_accepted(database_url, restaurant, 6)  # numbered B-1… again
+                    events = await stream.wait_for(9, timeout=10)
+                    numbers = [json.loads(e.data)["orderNumber"] for e in events]
+                    assert numbers == [f"B-{n}" for n in (1, 2, 3, 1, 2, 3, 4, 5, 6)]
+                finally:
+                    await stream.close()
