@@ -37,38 +37,66 @@ ABORT_EXTENSION = "relay.abort"
 
 log = logging.getLogger("relay.gateway")
 
+_TICK = 0.5  # seconds between the watchdog's looks at the writes in progress
+
 
 class OpenStreams:
-    """The streams of one application, so shutdown can end them in time.
+    """The writes in progress of one application's streams, and their watchdog.
+
+    A write stuck on a client that stopped reading is stopped after the send
+    timeout by one watchdog task for the whole application, which looks at
+    the writes in progress a few times a second: a deadline per write
+    (``asyncio.timeout``: a timer scheduled and cancelled for every write of
+    every stream) cost more than the write itself when streams write often.
 
     At shutdown the streams end themselves (the hub closes every subscriber
     and each sends a last ``retry:``), except a write stuck on a client that
     stopped reading: it would wait out its send timeout, longer than the
     shutdown grace, and then be cancelled by the server mid-write. ``hurry``
-    brings every pending write's deadline forward instead.
+    brings every deadline forward instead.
     """
 
-    def __init__(self) -> None:
-        self._writes: set[asyncio.Timeout] = set()
+    def __init__(self, *, tick: float = _TICK) -> None:
+        self._writes: dict[EventStream, float] = {}  # stream -> loop time its write must end by
         self._hurry: float | None = None
+        self._tick = tick
+        self._watchdog: asyncio.Task[None] | None = None
 
     def hurry(self, within: float) -> None:
         """From now on no write waits more than ``within`` seconds."""
         self._hurry = within
+        self._tick = min(self._tick, within / 4)
         deadline = asyncio.get_running_loop().time() + within
-        for write in self._writes:
-            when = write.when()
-            if when is None or when > deadline:
-                write.reschedule(deadline)
+        for stream, when in self._writes.items():
+            self._writes[stream] = min(when, deadline)
+
+    def writing(self, stream: EventStream, timeout: float) -> None:
+        """``stream`` starts a write that must end within ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        bound = timeout if self._hurry is None else min(timeout, self._hurry)
+        self._writes[stream] = loop.time() + bound
+        if self._watchdog is None:
+            self._watchdog = loop.create_task(self._watch(), name="stream-write-watchdog")
+
+    def written(self, stream: EventStream) -> None:
+        self._writes.pop(stream, None)
 
     def bound(self, timeout: float) -> float:
         """``timeout``, or less once ``hurry`` was called."""
         return timeout if self._hurry is None else min(timeout, self._hurry)
 
-    @property
-    def pending(self) -> set[asyncio.Timeout]:
-        """The deadlines of the writes in progress (``hurry`` moves them)."""
-        return self._writes
+    async def _watch(self) -> None:
+        """Stop the writes past their deadline; ends when none is in progress."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._writes:
+                await asyncio.sleep(self._tick)
+                now = loop.time()
+                for stream in [s for s, when in self._writes.items() if when <= now]:
+                    del self._writes[stream]
+                    stream.stalled()
+        finally:
+            self._watchdog = None
 
 
 class EventStream(Response):
@@ -92,6 +120,8 @@ class EventStream(Response):
         self._send_timeout = send_timeout
         self._on_close = on_close  # runs once, however the stream ends (HEAD included)
         self._registry = registry or OpenStreams()
+        self._task: asyncio.Task[Any] | None = None  # the request's, which writes
+        self._stalled = False
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,6 +133,7 @@ class EventStream(Response):
             return
         task = asyncio.current_task()
         assert task is not None
+        self._task = task
         departure = _Departure(scope, receive, task)
         try:
             sent = True
@@ -137,19 +168,29 @@ class EventStream(Response):
     async def _write(self, send: Send, body: bytes, *, more_body: bool) -> bool:
         """False if the write stalled for the send timeout: the client stopped reading."""
         registry = self._registry
+        registry.writing(self, self._send_timeout)
         try:
-            # Inline rather than a context-manager helper: this runs for every
-            # write of every stream.
-            async with asyncio.timeout(registry.bound(self._send_timeout)) as deadline:
-                pending = registry.pending
-                pending.add(deadline)
-                try:
-                    await send({"type": "http.response.body", "body": body, "more_body": more_body})
-                finally:
-                    pending.discard(deadline)
-        except TimeoutError:
+            await send({"type": "http.response.body", "body": body, "more_body": more_body})
+        except asyncio.CancelledError:
+            if not self._stalled:
+                raise
+            # The watchdog's cancellation, not the server's: the client
+            # stopped reading. (A departure at the same moment cancelled
+            # too, and stays pending for the caller.)
+            self._stalled = False
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
             return False
+        finally:
+            registry.written(self)
         return True
+
+    def stalled(self) -> None:
+        """Called by the watchdog: the write in progress is past its deadline."""
+        if self._task is not None and not self._task.done():
+            self._stalled = True
+            self._task.cancel()
 
     async def _close(self) -> None:
         try:
