@@ -12,7 +12,7 @@ import functools
 import json
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -78,16 +78,23 @@ class EventSpec:
     route: Route
     expected_status: str | None = None  # for the uniform status DTO
     derived: bool = False  # raised by the relay only: refused when a producer writes it
+    # Worked out once per type, for ``render``: the camelCase names, every
+    # accepted input name, and the envelope fields every broadcast ends with.
+    canonical_keys: frozenset[str] = field(init=False, compare=False, repr=False)
+    input_keys: Mapping[str, str] = field(init=False, compare=False, repr=False)
+    envelope_tail: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: set once, here
+        set_(self, "canonical_keys", self.model.canonical_keys())
+        set_(self, "input_keys", self.model.input_keys())
+        set_(self, "envelope_tail", f',"eventType":{json.dumps(self.event_type)},'
+                                    f'"schemaVersion":{int(self.schema_version)}')  # fmt: skip
 
 
 @functools.lru_cache(maxsize=65536)
 def _channel(kind: str, key: str) -> str:
     return f"{kind}:{key}"  # cached: the same restaurant's channel for each of its events
-
-
-@functools.lru_cache(maxsize=256)
-def _quoted(text: str) -> str:
-    return json.dumps(text)
 
 
 def order_channel(restaurant_id: uuid.UUID | str, order_id: uuid.UUID | str) -> str:
@@ -194,8 +201,8 @@ def render(envelope: Envelope) -> Broadcast:
     # need a renamed copy; dropped keys are just named (and counted).
     accepted: Mapping[str, Any] = payload
     dropped: tuple[str, ...] = ()
-    if unknown := payload.keys() - spec.model.canonical_keys():
-        keys = spec.model.input_keys()
+    if unknown := payload.keys() - spec.canonical_keys:
+        keys = spec.input_keys
         dropped = tuple(sorted([str(key) for key in unknown if key not in keys]))
         if len(dropped) < len(unknown):  # PascalCase keys among them
             accepted = {keys[key]: value for key, value in payload.items() if key in keys}
@@ -217,13 +224,11 @@ def render(envelope: Envelope) -> Broadcast:
         raise _invalid(envelope.event_type, exc) from None
     _check_routing(envelope, model, accepted)
     # Every broadcast object also carries the envelope fields (SPEC §1).
-    extra = (
-        f',"eventId":"{envelope.event_id}","eventType":{_quoted(envelope.event_type)},'
-        f'"schemaVersion":{int(envelope.schema_version)}'
-    )
+    text = f'{model.broadcast_json()[:-1]},"eventId":"{envelope.event_id}"{spec.envelope_tail}'
     if spec.expected_status is None:
-        extra += f',"occurredOnUtc":"{utc_text(envelope.occurred_on_utc)}"'
-    text = model.broadcast_json()[:-1] + extra + "}"
+        text = f'{text},"occurredOnUtc":"{utc_text(envelope.occurred_on_utc)}"}}'
+    else:
+        text += "}"
     return Broadcast(spec.sse_event, text, spec.route(envelope, model), dropped)
 
 

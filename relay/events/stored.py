@@ -67,14 +67,7 @@ def envelope_from_row(
             "(UTC); write the time the domain event happened",
             field="occurred_on_utc",
         )
-    return Envelope(
-        event_id=event_id,
-        event_type=event_type,
-        schema_version=schema_version,
-        restaurant_id=restaurant_id,
-        order_id=order_id,
-        customer_id=customer_id,
-        occurred_on_utc=occurred_on_utc,
-        payload=decode_payload(payload_text, event_type),
-        derived=derived,
-    )
+    payload = decode_payload(payload_text, event_type)
+    # Positional (in Envelope's field order): keywords cost a third more, per event.
+    return Envelope(event_id, event_type, schema_version, restaurant_id, order_id,
+                    customer_id, occurred_on_utc, payload, derived)  # fmt: skip
