@@ -192,6 +192,7 @@ class Hub:
         # (read after, reaches, events in hand): "the log reaches here".
         self._work: asyncio.Queue[tuple[Position, Position, tuple[LogEvent, ...]]] = asyncio.Queue()
         self._listener: Listener | None = None
+        self._applying = False  # the hub's task is applying work (it may be awaiting a read)
         self.ready = asyncio.Event()
         self.subscriber_count = 0
 
@@ -273,8 +274,26 @@ class Hub:
     # -- inputs --------------------------------------------------------------
 
     def handed(self, page: Page) -> None:
-        """A page this process's recorder read: fan it out without reading it again."""
-        self._work.put_nowait((page.after, page.reached, tuple(page.events)))
+        """A page this process's recorder read: fan it out without reading it again.
+
+        A small page that follows on from what was delivered, with the hub's
+        task idle and nothing queued before it, is fanned out at once: a live
+        window reaches its streams without two more turns of the event loop
+        (the queue, then the hub's task).
+        """
+        events = tuple(page.events)
+        if (
+            not self._applying
+            and self._work.empty()
+            and self.ready.is_set()
+            and len(events) <= _SLICE
+            and page.after <= self.delivered
+        ):
+            if page.reached > self.delivered:
+                self._fan([e for e in events if e.at > self.delivered])
+                self._moved(page.reached)
+            return
+        self._work.put_nowait((page.after, page.reached, events))
 
     def offered(self, after: Position, reached: Position, events: tuple[LogEvent, ...]) -> None:
         """The log from ``after`` to ``reached`` and its events, from the backplane:
@@ -387,23 +406,31 @@ class Hub:
             except TimeoutError:
                 # Bounded: a half-open connection (packets silently dropped)
                 # raises TimeoutError here, and _follow reconnects.
-                await asyncio.wait_for(self._sweep(conn), _IO_TIMEOUT)
+                self._applying = True
+                try:
+                    await asyncio.wait_for(self._sweep(conn), _IO_TIMEOUT)
+                finally:
+                    self._applying = False
                 next_sweep = loop.time() + self._sweep_every
                 continue
             # Everything queued is applied before any stream runs again: a
             # burst of pages reaches a stream as one wake-up and one write.
-            while pending is not None:
-                after, reached, events = pending
-                try:
-                    if not await self._in_hand(after, reached, events):
-                        await asyncio.wait_for(self._advance(conn, reached), _IO_TIMEOUT)
-                except BaseException:
-                    self._work.put_nowait(pending)  # not lost: retried after reconnecting
-                    raise
-                try:
-                    pending = self._work.get_nowait()
-                except asyncio.QueueEmpty:
-                    pending = None
+            self._applying = True
+            try:
+                while pending is not None:
+                    after, reached, events = pending
+                    try:
+                        if not await self._in_hand(after, reached, events):
+                            await asyncio.wait_for(self._advance(conn, reached), _IO_TIMEOUT)
+                    except BaseException:
+                        self._work.put_nowait(pending)  # not lost: retried after reconnecting
+                        raise
+                    try:
+                        pending = self._work.get_nowait()
+                    except asyncio.QueueEmpty:
+                        pending = None
+            finally:
+                self._applying = False
 
     async def _in_hand(
         self, after: Position, reached: Position, events: tuple[LogEvent, ...]
@@ -472,10 +499,14 @@ class Hub:
         for start in range(0, len(events), _SLICE):
             if start:
                 await asyncio.sleep(0)
-            part = events[start : start + _SLICE]
-            self._deliver(part)
-            self._recent.add(part)
-            self.delivered = part[-1].at
+            self._fan(events[start : start + _SLICE])
+
+    def _fan(self, events: Sequence[LogEvent]) -> None:
+        """Deliver ``events`` (in log order, all above ``delivered``) and remember them."""
+        if events:
+            self._deliver(events)
+            self._recent.add(events)
+            self.delivered = events[-1].at
 
     def _moved(self, reached: Position) -> None:
         """Everything up to ``reached`` is delivered (what was in between is)."""
