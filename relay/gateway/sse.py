@@ -73,8 +73,7 @@ class OpenStreams:
     def writing(self, stream: EventStream, timeout: float) -> None:
         """``stream`` starts a write that must end within ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
-        bound = timeout if self._hurry is None else min(timeout, self._hurry)
-        self._writes[stream] = loop.time() + bound
+        self._writes[stream] = loop.time() + self.bound(timeout)
         if self._watchdog is None:
             self._watchdog = loop.create_task(self._watch(), name="stream-write-watchdog")
 
