@@ -344,8 +344,10 @@ class Hub:
     def listening_needed(self) -> bool:
         """Whether windows can be recorded without this hub hearing of them
         otherwise: not while this process's recorder leads (its pages come in
-        hand, and only the leader records) nor while a backplane is live."""
-        return not self.backplane_live and self._local_check() is None
+        hand, and only the leader records) nor while a backplane is live.
+        Not before this process's recorder has tried the lease either: a
+        leader's LISTEN session was opened at start only to be closed again."""
+        return not self.backplane_live and not self._local_pending() and self._local_check() is None
 
     async def _listen_while_needed(self, stop: asyncio.Event) -> None:
         """LISTEN only while needed: the leader's own process and fifty

@@ -243,11 +243,13 @@ async def test_only_a_gateway_beside_no_leading_recorder_listens_for_windows(
     restaurant = uuid.uuid4()
     token = mint_token(SECRET, subject="staff", restaurant_ids=[restaurant])
     with RelayProcess(database_url) as leader:
-        _until(lambda: _listeners(database_url) == 0, "the leader's listener to close")
+        _until(lambda: _listeners(database_url) == 0, "no listener beside the leader")
         assert _listener_check(leader) is None
+        assert "listening on relay_windows" not in leader.output()  # not even at start
         with RelayProcess(database_url) as standby:
             _until(lambda: _listeners(database_url) == 1, "the standby's listener")
             _until(lambda: _listener_check(standby) is True, "the standby to report it")
+            assert "listening on relay_windows" in standby.output()
             async with client() as http:
                 stream = Subscriber(
                     http, f"{standby.url}/v1/restaurants/{restaurant}/stream", token
