@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -37,9 +38,12 @@ from relay.sessions import LOST, Listener, hold_session
 __all__ = ["FanIn", "Framed", "Hub", "Subscriber", "frame"]
 
 _READ_LIMIT = 5000
-# Events fanned out between two turns of the streams: a page (up to
-# RELAY_BATCH_SIZE events) is more than a subscriber's buffer holds, and a
-# healthy stream must get to write before its buffer overflows.
+# Events one subscriber is offered between two turns of the streams: a page
+# (up to RELAY_BATCH_SIZE events) can be more than a subscriber's buffer
+# holds, and a healthy stream must get to write before its buffer overflows.
+# A slice ends when one channel has had this many (shared among the channels
+# of the widest multi-channel stream), so a page spread over a hundred
+# restaurants goes out in one slice: each stream writes its share at once.
 _SLICE = 256
 _LISTEN_CHECK = 0.25  # seconds between looks at whether a LISTEN is needed
 _IO_TIMEOUT = 15.0  # seconds any one log read may take before the connection is presumed dead
@@ -188,6 +192,7 @@ class Hub:
         self._joined = Position.end_of(-1)  # the head when the hub started
         self._sweep_every = sweep_every
         self._channels: dict[str, set[Subscriber]] = {}
+        self._widths: Counter[int] = Counter()  # multi-channel subscribers by channel count
         self.delivered = Position.end_of(-1)
         # (read after, reaches, events in hand): "the log reaches here".
         self._work: asyncio.Queue[tuple[Position, Position, tuple[LogEvent, ...]]] = asyncio.Queue()
@@ -215,8 +220,11 @@ class Hub:
         return self._register(FanIn(unique, limit, subject))
 
     def _register(self, sub: Subscriber) -> Subscriber:
-        for channel in sub.routes():
+        routes = sub.routes()
+        for channel in routes:
             self._channels.setdefault(channel, set()).add(sub)
+        if len(routes) > 1:
+            self._widths[len(routes)] += 1
         self.subscriber_count += 1
         M.subscribers.inc()
         return sub
@@ -260,6 +268,10 @@ class Hub:
                 removed = True
         if removed:
             self.subscriber_count -= 1
+            if (width := len(sub.routes())) > 1:
+                self._widths[width] -= 1
+                if not self._widths[width]:
+                    del self._widths[width]
             M.subscribers.dec()
 
     def close_all(self, reason: str) -> None:
@@ -498,17 +510,24 @@ class Hub:
         ``delivered`` follows each slice, so a stream subscribing between two
         slices starts exactly after the last event offered.
         """
-        for start in range(0, len(events), _SLICE):
+        share = max(1, _SLICE // max(self._widths, default=1))
+        start = 0
+        while start < len(events):
             if start:
                 await asyncio.sleep(0)
-            self._fan(events[start : start + _SLICE])
+            start += self._fan(events[start:], share)
 
-    def _fan(self, events: Sequence[LogEvent]) -> None:
-        """Deliver ``events`` (in log order, all above ``delivered``) and remember them."""
-        if events:
-            self._deliver(events)
-            self._recent.add(events)
-            self.delivered = events[-1].at
+    def _fan(self, events: Sequence[LogEvent], share: int = _SLICE) -> int:
+        """Deliver a slice from the start of ``events`` (in log order, all above
+        ``delivered``) and remember it: up to the event that gives one channel
+        its ``share``. Returns how many events the slice holds."""
+        if not events:
+            return 0
+        count = self._deliver(events, share)
+        sliced = events if count == len(events) else events[:count]
+        self._recent.add(sliced)
+        self.delivered = sliced[-1].at
+        return count
 
     def _moved(self, reached: Position) -> None:
         """Everything up to ``reached`` is delivered (what was in between is)."""
@@ -518,11 +537,14 @@ class Hub:
         if self._recent.end != self.delivered:  # the start, or a gap
             self._recent.reset(self.delivered)
 
-    def _deliver(self, events: Iterable[LogEvent]) -> None:
+    def _deliver(self, events: Sequence[LogEvent], share: int) -> int:
         channels = self._channels
-        count = 0
+        offered: dict[str, int] = {}  # events per channel in this slice
+        count = taken = 0
         for event in events:
+            taken += 1
             item: tuple[LogEvent, bytes] | None = None
+            full = False
             for channel in event.channels:
                 subs = channels.get(channel)
                 if subs:
@@ -531,5 +553,10 @@ class Hub:
                     for sub in subs:
                         sub.offer(item)
                     count += len(subs)
+                    seen = offered[channel] = offered.get(channel, 0) + 1
+                    full = full or seen >= share
+            if full:
+                break
         if count:
             M.deliveries.inc(count)
+        return taken
