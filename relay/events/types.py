@@ -22,24 +22,36 @@ def _utc(value: Any) -> datetime:
     """ISO-8601 with Z or an offset, as a UTC datetime; a naive time is taken as
     UTC (.NET's Unspecified kind). Pydantic would read a number as Unix time; the
     contract says ISO-8601, so numbers are refused."""
+    # This runs for every timestamp of every event: the usual spelling (with
+    # Z, parsed to the UTC singleton) takes the shortest way through.
     if isinstance(value, str):
         try:
-            moment = datetime.fromisoformat(value.replace("z", "Z"))
+            moment = datetime.fromisoformat(value)
         except ValueError:
-            raise ValueError(f"not an ISO-8601 timestamp: {value[:40]!r}") from None
+            moment = _lower_z(value)
     elif isinstance(value, datetime):
         moment = value
     else:
         raise ValueError("expected an ISO-8601 timestamp string")
-    if moment.tzinfo is None:
+    zone = moment.tzinfo
+    if zone is UTC:
+        return moment
+    if zone is None:
         return moment.replace(tzinfo=UTC)
-    # Already at offset zero: kept as is (this runs for every timestamp of every event).
-    if moment.utcoffset() == _ZERO:
+    if moment.utcoffset() == _ZERO:  # already at offset zero: kept as is
         return moment
     try:
         return moment.astimezone(UTC)
     except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
         raise ValueError("outside the years 1 to 9999 in UTC") from None
+
+
+def _lower_z(value: str) -> datetime:
+    """A timestamp ending in a lower-case z, which ``fromisoformat`` refuses."""
+    try:
+        return datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError:
+        raise ValueError(f"not an ISO-8601 timestamp: {value[:40]!r}") from None
 
 
 def _money(value: Any) -> Decimal:

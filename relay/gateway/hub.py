@@ -537,7 +537,7 @@ class Hub:
         if self._recent.end != self.delivered:  # the start, or a gap
             self._recent.reset(self.delivered)
 
-    def _deliver(self, events: Sequence[LogEvent], share: int) -> int:
+    def _deliver(self, events: Sequence[LogEvent], share: int = _SLICE) -> int:
         channels = self._channels
         offered: dict[str, int] = {}  # events per channel in this slice
         count = taken = 0
