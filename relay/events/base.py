@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from decimal import Decimal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
@@ -27,6 +29,12 @@ class Contract(BaseModel):
         """The camelCase names: a payload using only these needs no renaming."""
         return _keys(cls)[1]
 
+    @classmethod
+    def takes_numbers(cls) -> bool:
+        """Whether any field accepts a JSON number (money, counts): such a
+        payload must be decoded with exact decimals."""
+        return any(_numeric(info.annotation) for info in cls.model_fields.values())
+
     def broadcast_json(self) -> str:
         """The contract fields as compact JSON (ids and money as strings, times with Z)."""
         # The core serialiser itself, as model_dump_json calls it, without the
@@ -41,3 +49,16 @@ def _keys(model: type[Contract]) -> tuple[dict[str, str], frozenset[str]]:
     keys = {alias: alias for alias in aliases}
     keys.update({alias[0].upper() + alias[1:]: alias for alias in aliases})
     return keys, frozenset(aliases)
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field of this type can take a number, however it is wrapped
+    (``Annotated``, ``Optional``, ``Literal[1]``, a nested model)."""
+    if get_origin(annotation) is Literal:
+        return any(isinstance(value, int | float | Decimal) for value in get_args(annotation))
+    if isinstance(annotation, type):
+        if issubclass(annotation, int | float | Decimal):
+            return True
+        if issubclass(annotation, Contract):
+            return annotation.takes_numbers()
+    return any(_numeric(arg) for arg in get_args(annotation))

@@ -25,6 +25,7 @@ from relay.events.orders import OrderPaymentFailed, OrderPaymentSucceeded, Order
 from relay.events.types import utc_text
 
 __all__ = [
+    "NUMBERLESS_TYPES",
     "REGISTRY",
     "Broadcast",
     "Envelope",
@@ -164,6 +165,14 @@ _SPECS = (
 REGISTRY: Mapping[tuple[str, int], EventSpec] = {
     (s.event_type, s.schema_version): s for s in _SPECS
 }
+
+
+# Event types none of whose versions takes a number: their payloads may be
+# decoded without exact decimals (a number there is refused, or dropped with
+# the keys no model knows, whichever way it was decoded).
+NUMBERLESS_TYPES = frozenset(s.event_type for s in _SPECS) - frozenset(
+    s.event_type for s in _SPECS if s.model.takes_numbers()
+)
 
 
 def status_of() -> dict[str, str]:

@@ -14,8 +14,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from pydantic_core import from_json
+
 from relay.errors import InvalidPayload, clip
-from relay.events.registry import Envelope
+from relay.events.registry import NUMBERLESS_TYPES, Envelope
 
 __all__ = ["MAX_REASON", "decode_payload", "envelope_from_row"]
 
@@ -25,19 +27,40 @@ MAX_REASON = 500
 
 # Exact numbers: a JSON 42.50 becomes Decimal("42.50"), never a float. One
 # decoder for every row: json.loads(..., parse_float=...) would build one per call.
-_decode = json.JSONDecoder(parse_float=Decimal).decode
+_decode_exact = json.JSONDecoder(parse_float=Decimal).decode
 
 
 def decode_payload(text: str, event_type: str) -> Any:
-    """The payload's JSON as Python values; InvalidPayload for JSON Python cannot hold."""
+    """The payload's JSON as Python values; InvalidPayload for JSON Python cannot hold.
+
+    A type whose contract takes no number is decoded by pydantic-core's
+    parser (in Rust, a third of the standard decoder's time on an order
+    event): it has no exact decimals, and such a type needs none.
+    """
+    if event_type in NUMBERLESS_TYPES:
+        return _decode_numberless(text, event_type)
     try:
-        return _decode(text)
+        return _decode_exact(text)
     except RecursionError:
-        raise InvalidPayload(
-            f"{clip(event_type)}: payload: JSON nested too deeply to decode"
-        ) from None
+        raise _too_deep(event_type) from None
     except ValueError as exc:  # e.g. an integer beyond Python's 4,300-digit conversion limit
         raise InvalidPayload(f"{clip(event_type)}: payload: {clip(str(exc), 120)}") from None
+
+
+def _decode_numberless(text: str, event_type: str) -> Any:
+    try:
+        return from_json(text)
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith("recursion limit exceeded"):
+            raise _too_deep(event_type) from None
+        if message.startswith("number out of range"):  # past the 4,300 digits, as above
+            message = f"an integer of more than 4,300 digits ({message})"
+        raise InvalidPayload(f"{clip(event_type)}: payload: {clip(message, 120)}") from None
+
+
+def _too_deep(event_type: str) -> InvalidPayload:
+    return InvalidPayload(f"{clip(event_type)}: payload: JSON nested too deeply to decode")
 
 
 def envelope_from_row(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -9,10 +10,13 @@ from enum import StrEnum
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.errors import InvalidPayload, UnknownEventType
 from relay.events import REGISTRY, Envelope, known_event_types, render, spec_for
-from relay.events.stored import envelope_from_row
+from relay.events.registry import NUMBERLESS_TYPES
+from relay.events.stored import decode_payload, envelope_from_row
 from relay.events.types import MAX_ORDER_NUMBER
 
 R = uuid.UUID("8e0f1c2a-3b4c-4d5e-8f60-7a8b9c0d1e2f")
@@ -265,13 +269,55 @@ def test_a_huge_unknown_event_type_is_quoted_short() -> None:
     assert len(str(caught.value)) < 1000
 
 
+@pytest.mark.parametrize("event_type", ["OrderAccepted", "OrderPaymentSucceeded"])
 @pytest.mark.parametrize(
     ("text", "reason"),
-    [("[" * 100_000 + "]" * 100_000, "nested too deeply"), ('{"n": ' + "9" * 5000 + "}", "digits")],
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"n": ' + "9" * 5000 + "}", "4,?300 digits"),
+        ('{"n": ' + "9" * 4301 + "}", "4,?300 digits"),
+    ],
 )
-def test_payloads_python_cannot_hold_are_contract_errors(text: str, reason: str) -> None:
+def test_payloads_python_cannot_hold_are_contract_errors(
+    event_type: str, text: str, reason: str
+) -> None:
+    """Alike whichever decoder the type's payloads go through."""
+    event_id, _type, version, restaurant, order, customer = _ids()
     with pytest.raises(InvalidPayload, match=reason):
-        envelope_from_row(*_ids(), text, WHEN, None)
+        envelope_from_row(
+            event_id, event_type, version, restaurant, order, customer, text, WHEN, None
+        )
+
+
+def test_only_types_that_take_no_number_skip_exact_decimals() -> None:
+    for spec in REGISTRY.values():
+        takes = spec.event_type in {"OrderPaymentSucceeded", "CouponUsed", "RevenueRecorded",
+                                    "PlatformFeeRecorded"}  # fmt: skip
+        assert spec.model.takes_numbers() is takes, spec.event_type
+        assert (spec.event_type in NUMBERLESS_TYPES) is not takes
+    money = decode_payload('{"total": 42.50, "n": 1e2}', "OrderPaymentSucceeded")
+    assert money == {"total": Decimal("42.50"), "n": Decimal("1E+2")}
+    assert str(money["total"]) == "42.50"
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+
+
+@given(st.dictionaries(st.text(), _JSON))
+def test_a_numberless_type_decodes_what_the_standard_decoder_does(
+    payload: dict[str, Any],
+) -> None:
+    """Its payloads go through pydantic-core's parser: the same values,
+    strings, nesting and duplicate keys as ``json.loads`` (numbers as floats)."""
+    for text in (json.dumps(payload), json.dumps(payload, ensure_ascii=False)):
+        assert decode_payload(text, "OrderAccepted") == json.loads(text)
+    doubled = '{"a": 1, "a": 2}'
+    assert decode_payload(doubled, "OrderAccepted") == json.loads(doubled)
 
 
 def test_an_unloadable_occurred_time_is_a_contract_error() -> None:
