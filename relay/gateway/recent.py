@@ -10,7 +10,7 @@ event reads the log as before.
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from bisect import bisect_right
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -58,18 +58,20 @@ class Recent:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.start = self.end = ORIGIN
-        self._kept: deque[Position] = deque()
+        # Positions in log order; the first ``_gone`` of them are evicted (a
+        # list trimmed in batches: no Python loop per evicted event).
+        self._kept: list[Position] = []
+        self._gone = 0
         self._by_channel: dict[str, list[Recalled]] = {}
-        self._evicted = 0
 
     def __len__(self) -> int:
-        return len(self._kept)
+        return len(self._kept) - self._gone
 
     def reset(self, at: Position) -> None:
         """Forget everything: the hub moved to ``at`` without the events between."""
-        self._kept.clear()
+        self._kept = []
+        self._gone = 0
         self._by_channel.clear()
-        self._evicted = 0
         self.start = self.end = at
 
     def add(self, events: Sequence[LogEvent]) -> None:
@@ -80,9 +82,10 @@ class Recent:
             self.reset(events[-1].at)
             return
         by_channel = self._by_channel
+        keep = self._kept.append
         for event in events:
             kept = Recalled(event.at, event.sse_event, event.data)
-            self._kept.append(event.at)
+            keep(event.at)
             for channel in event.channels:
                 if channel.startswith(_NOT_KEPT):
                     continue
@@ -123,28 +126,24 @@ class Recent:
         return merged
 
     def _evict(self) -> None:
-        kept = self._kept
-        excess = len(kept) - self.capacity
+        excess = len(self) - self.capacity
         if excess <= 0:
             return
-        for _ in range(excess):
-            self.start = kept.popleft()
-        self._evicted += excess
-        if self._evicted >= self.capacity:
+        self._gone += excess
+        self.start = self._kept[self._gone - 1]
+        if self._gone >= self.capacity:
             self._compact()
 
     def _compact(self) -> None:
-        """Drop evicted events from the channels' lists (amortised: once per
-        ``capacity`` evictions, so memory stays within twice the capacity)."""
+        """Drop evicted events from memory (amortised: once per ``capacity``
+        evictions, so memory stays within twice the capacity)."""
+        del self._kept[: self._gone]
+        self._gone = 0
         start = self.start
         for channel in list(self._by_channel):
             kept = self._by_channel[channel]
             if kept[-1].at <= start:
                 del self._by_channel[channel]
                 continue
-            first = 0
-            while kept[first].at <= start:
-                first += 1
-            if first:
-                del kept[:first]
-        self._evicted = 0
+            if kept[0].at <= start:
+                del kept[: bisect_right(kept, start, key=_position)]

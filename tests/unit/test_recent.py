@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from datetime import UTC, datetime
 
@@ -72,3 +73,32 @@ def test_a_reset_forgets_everything() -> None:
     recent.reset(Position.end_of(5))
     assert recent.since([A], Position.end_of(5)) == []
     assert recent.since([A], Position.end_of(4)) is None
+
+
+def test_pages_of_any_size_replay_what_a_plain_list_would() -> None:
+    """Pages smaller and larger than the capacity, over a few channels: every
+    answer is the reference's (the last ``capacity`` events, filtered), and
+    memory stays within twice the capacity."""
+    rng = random.Random(7)
+    recent, delivered = Recent(50), []
+    recent.reset(Position.end_of(0))
+    n = 0
+    for _ in range(300):
+        page = []
+        for _ in range(rng.choice([1, 3, 20, 49, 50, 51, 130])):
+            n += 1
+            page.append(_event(n, rng.choice([A, B]), f"order:a:{n}"))
+        recent.add(page)
+        delivered += page
+        kept = delivered[-50:]
+        if len(delivered) <= 52:
+            continue
+        assert len(recent) == len(kept) and recent.start == delivered[-51].at
+        assert recent.since([A], delivered[-52].at) is None
+        for after in (kept[0].at, kept[len(kept) // 2].at, kept[-1].at):
+            expected = [e.at.id for e in kept if A in e.channels and e.at > after]
+            assert _ids(recent.since([A], after)) == expected
+            both = [e.at.id for e in kept if e.at > after]
+            assert _ids(recent.since([A, B], after)) == both
+        assert len(recent._kept) <= 2 * 50 + 130
+        assert sum(len(k) for k in recent._by_channel.values()) <= 2 * 2 * (2 * 50 + 130)
