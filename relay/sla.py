@@ -121,7 +121,12 @@ def _field(data: str, key: str) -> Any:
     at = data.find(pattern)
     if at < 0:
         return None
-    return _value_at(data, at + len(pattern))[0]
+    at += len(pattern)
+    if data.startswith('"', at):  # a string: sliced, unless it holds an escape
+        text = data[at + 1 : data.find('"', at + 1)]
+        if "\\" not in text:
+            return text
+    return _value_at(data, at)[0]
 
 
 def _time(data: str, key: str) -> datetime | None:
