@@ -190,6 +190,10 @@ class OpenDeadlines:
     def put(self, order: str, deadline: Deadline) -> None:
         """Open (or replace) the order's deadline: it is now the newest."""
         self.drop(order)
+        self._open_new(order, deadline)
+
+    def _open_new(self, order: str, deadline: Deadline) -> None:
+        """``put`` for an order with no deadline open (just dropped)."""
         (self._parked if deadline.parked else self._open)[order] = deadline
         self.remind(order, deadline)
 
@@ -258,11 +262,11 @@ class OpenDeadlines:
             due,
             event.restaurant_id,
             event.customer_id,
-            str(number) if isinstance(number, str | int) else None,
+            str(number) if isinstance(number, (str, int)) else None,
             event.at,
             parked=due - event.enqueued_at > park_beyond,
         )
-        self.put(order, deadline)
+        self._open_new(order, deadline)  # its previous deadline was dropped above
         if deadline.parked:
             return _Park(
                 order, event.restaurant_id, deadline.customer_id, deadline.order_number,
