@@ -30,6 +30,7 @@ __all__ = [
     "Broadcast",
     "Envelope",
     "EventSpec",
+    "kitchen_of",
     "known_event_types",
     "order_channel",
     "render",
@@ -102,6 +103,12 @@ def order_channel(restaurant_id: uuid.UUID | str, order_id: uuid.UUID | str) -> 
     """``order:{restaurant}:{order}``: an order's stream is its restaurant's, so a
     row of another restaurant that reuses the order id never reaches it."""
     return f"order:{restaurant_id}:{order_id}"
+
+
+def kitchen_of(order: str) -> str:
+    """The restaurant channel of an order channel: every event routed to the
+    order is routed to its restaurant too (``_kitchen_and_order``)."""
+    return _channel("restaurant", order.split(":", 2)[1])
 
 
 def _kitchen_and_order(envelope: Envelope, _model: Any) -> tuple[str, ...]:

@@ -14,24 +14,26 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from relay.events import kitchen_of
 from relay.log import ORIGIN, LogEvent, Position
 
 __all__ = ["Recalled", "Recent", "Remembered"]
 
 # Customer streams ask the log who owns each order, so they never replay
-# from memory: their channels are not kept.
+# from memory: their channels are not kept. An order's events are found in
+# its restaurant's list, so order channels get no list of their own.
 _NOT_KEPT = "customer:"
+_IN_KITCHEN = "order:"
 
 
 class Recalled(NamedTuple):
-    """What a replay needs of an event: its position and its encoded frame parts.
-
-    A third of a ``LogEvent``'s memory: ten thousand of these are kept.
-    """
+    """What a replay needs of an event: its position, its encoded frame parts,
+    and its channels (the event's own tuple, shared, for order streams)."""
 
     at: Position
     sse_event: str
     data: str
+    channels: tuple[str, ...]
 
 
 class Remembered(NamedTuple):
@@ -50,9 +52,10 @@ class Recent:
 
     ``end`` follows the hub's delivered position exactly: whatever is above
     it reaches a subscribed stream live, so a replay from memory up to
-    ``end`` leaves no gap. Lists per channel (a deque's smallest block is
-    ten times a short list's size, and most order channels hold a few
-    events); evicted events leave them in batches.
+    ``end`` leaves no gap. Lists per shared channel (restaurant, finance,
+    coupon, admin); evicted events leave them in batches. An order channel
+    is answered from its restaurant's list: a list per order (most hold an
+    event or two) cost a third of the hub's time per event to keep.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -84,10 +87,11 @@ class Recent:
         by_channel = self._by_channel
         keep = self._kept.append
         for event in events:
-            kept = Recalled(event.at, event.sse_event, event.data)
+            channels = event.channels
+            kept = Recalled(event.at, event.sse_event, event.data, channels)
             keep(event.at)
-            for channel in event.channels:
-                if channel.startswith(_NOT_KEPT):
+            for channel in channels:
+                if channel.startswith(_IN_KITCHEN) or channel.startswith(_NOT_KEPT):
                     continue
                 found = by_channel.get(channel)
                 if found is None:
@@ -109,13 +113,20 @@ class Recent:
             return None
         found: list[list[Recalled]] = []
         for channel in channels:
-            kept = self._by_channel.get(channel)
+            order = channel.startswith(_IN_KITCHEN)
+            kept = self._by_channel.get(kitchen_of(channel) if order else channel)
             if not kept:
                 continue
             first = len(kept)
             while first and kept[first - 1].at > after:
                 first -= 1
-            if first < len(kept):
+            if first == len(kept):
+                continue
+            if order:
+                mine = [e for e in kept[first:] if channel in e.channels]
+                if mine:
+                    found.append(mine)
+            else:
                 found.append(kept[first:])
         if len(found) <= 1:
             return found[0] if found else []

@@ -62,8 +62,10 @@ def test_eviction_moves_the_start_and_memory_stays_bounded() -> None:
     assert recent.start == Position(1, 700, 90)
     assert recent.since([A], Position(1, 700, 89)) is None
     assert _ids(recent.since([A], Position(1, 700, 90))) == list(range(91, 101))
-    # Evicted events leave the channels' lists too, a capacity's worth at a time.
-    assert len(recent._by_channel) <= 2 * 10 + 1
+    # Evicted events leave the channels' lists too, a capacity's worth at a
+    # time; order channels have no list of their own.
+    assert list(recent._by_channel) == [A]
+    assert _ids(recent.since(["order:a:95"], Position(1, 700, 90))) == [95]
     assert sum(len(kept) for kept in recent._by_channel.values()) <= 2 * 2 * 10
 
 
@@ -87,7 +89,8 @@ def test_pages_of_any_size_replay_what_a_plain_list_would() -> None:
         page = []
         for _ in range(rng.choice([1, 3, 20, 49, 50, 51, 130])):
             n += 1
-            page.append(_event(n, rng.choice([A, B]), f"order:a:{n}"))
+            kitchen = rng.choice([A, B])
+            page.append(_event(n, kitchen, f"order:{kitchen[-1]}:{n % 7}"))
         recent.add(page)
         delivered += page
         kept = delivered[-50:]
@@ -100,5 +103,11 @@ def test_pages_of_any_size_replay_what_a_plain_list_would() -> None:
             assert _ids(recent.since([A], after)) == expected
             both = [e.at.id for e in kept if e.at > after]
             assert _ids(recent.since([A, B], after)) == both
+            for order in ("order:a:3", "order:b:3", "order:a:9"):  # from its restaurant's list
+                mine = [e.at.id for e in kept if order in e.channels and e.at > after]
+                assert _ids(recent.since([order], after)) == mine
+            assert _ids(recent.since([B, "order:a:3"], after)) == sorted(
+                e.at.id for e in kept if {B, "order:a:3"} & set(e.channels) and e.at > after
+            )
         assert len(recent._kept) <= 2 * 50 + 130
         assert sum(len(k) for k in recent._by_channel.values()) <= 2 * 2 * (2 * 50 + 130)
