@@ -312,10 +312,18 @@ async def test_resumes_among_recent_events_replay_from_memory_as_the_log_would(
     """A resume among the hub's recent events is served from memory (no read
     of the log, no rendering): byte for byte what a replica replaying from
     the log sends, then live with nothing missed or repeated; also for a
-    multi-restaurant stream, whose ids carry its fingerprint."""
-    one, other = uuid.uuid4(), uuid.uuid4()
+    multi-restaurant stream, whose ids carry its fingerprint, and for a
+    customer's order stream (found in its restaurant's memory)."""
+    one, other, customer = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     env = {"RELAY_HEARTBEAT_SECONDS": "1", "RELAY_JWT_AUDIENCE": AUDIENCE}
-    mixed = [e for _ in range(6) for r in (one, other) for e in chain(r)]  # 30 events each
+    mixed = [
+        e
+        for i in range(6)
+        for r in (one, other)
+        for e in chain(r, customer if (i, r) == (2, one) else None)
+    ]  # 30 events each
+    order = mixed[20].order_id  # the customer's, at restaurant one
+    owner = mint_token(SECRET, subject=str(customer), restaurant_ids=[], audience=AUDIENCE)
     path = f"/v1/restaurants/{one}/stream"
     several = f"/v1/restaurants/stream?restaurant={one}&restaurant={other}"
     with (
@@ -325,6 +333,7 @@ async def test_resumes_among_recent_events_replay_from_memory_as_the_log_would(
         relays = {"memory": memory, "log": log}
         await asyncio.to_thread(produce, database_url, *mixed)
         got: dict[str, list[tuple[str | None, str | None, str]]] = {}
+        order_recalled: dict[str, float] = {}
         async with client() as http:
             joined: dict[str, Subscriber] = {}
             for name, relay in relays.items():
@@ -335,6 +344,19 @@ async def test_resumes_among_recent_events_replay_from_memory_as_the_log_would(
                 rest = await resumed.start().wait_for(20)
                 await resumed.close()
                 got[name] = [(f.id, f.event, f.data) for f in first + rest]
+                mine = f"{relay.url}/v1/orders/{order}/stream"
+                whole = Subscriber(http, mine, owner, last_id=from_start())
+                first = await whole.start().wait_for(5)
+                await whole.close()
+                recalled = metric(relay, 'relay_replayed_events_total{source="memory"}')
+                resumed = Subscriber(http, mine, owner, last_id=first[1].id)
+                await resumed.start().wait_for(3)
+                await asyncio.sleep(0.3)  # a repeat would arrive now
+                await resumed.close()
+                order_recalled[name] = (
+                    metric(relay, 'relay_replayed_events_total{source="memory"}') - recalled
+                )
+                got[name + " order"] = [(f.id, f.event, f.data) for f in first + resumed.events]
                 # A set's cursor: the reset a placeholder cursor gets, at the head.
                 joined[name] = Subscriber(http, relay.url + several, staff(one, other),
                                           last_id="join").start()  # fmt: skip
@@ -364,6 +386,9 @@ async def test_resumes_among_recent_events_replay_from_memory_as_the_log_would(
     assert len(got["memory"]) == 50
     assert [d for _, _, d in got["memory"][30:]] == [d for _, _, d in got["memory"][10:30]]
     assert got["memory set"] == got["log set"]
+    assert got["memory order"] == got["log order"]
+    assert order_recalled == {"memory": 3, "log": 0}  # from its restaurant's memory
+    assert [identity(d)[1] for _, _, d in got["memory order"]] == [str(order)] * 8
     want = [(STATUS_OF.get(e.event_type, "Paid"), str(e.order_id)) for e in late]
     assert [identity(d) for _, _, d in got["memory set"]] == want  # once each, in order
     assert from_memory >= 30 and read_back == 0
