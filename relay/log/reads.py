@@ -60,6 +60,21 @@ _bounds_cache: weakref.WeakKeyDictionary[Any, OrderedDict[int, _Bounds]] = (
 )
 
 
+def _rows_after(previous: _Bounds, after_xid: int, after_id: int) -> dict[str, Any]:
+    """window_rows' lower bounds: the transactions in progress at the earlier
+    snapshot are read after (``after_xid``, ``after_id``); the range of
+    later transactions starts at the earlier horizon or there, whichever is
+    later (one row bound: where the index scan starts)."""
+    start = max((int(previous.horizon), -1), (after_xid, after_id))
+    return {
+        "since_xip": previous.xip,
+        "from_xid": str(start[0]),
+        "from_id": start[1],
+        "after_xid": str(after_xid),
+        "after_id": after_id,
+    }
+
+
 def remember_window(conn: psycopg.AsyncConnection[Any], window: int, snapshot: str) -> None:
     """A window's snapshot as recorded (``pg_snapshot`` text), so the next read
     of it on ``conn`` needs no round trip to look it up."""
@@ -179,12 +194,9 @@ async def read(
         text,
         {
             **params,
-            "since_horizon": previous.horizon,
-            "since_xip": previous.xip,
+            **_rows_after(previous, 0, -1),  # whole windows: the caller drops what it has
             "horizon": last.horizon,
             "snapshot": last.snapshot,
-            "after_xid": "0",  # whole windows: the caller drops what it already has
-            "after_id": -1,
             "limit": limit,
         },
         prepare=False,  # planned with this range's real bounds, every time
@@ -224,13 +236,10 @@ async def _read_window(
         text,
         {
             **params,
+            **_rows_after(previous, *start),
             "window": window,
-            "since_horizon": previous.horizon,
-            "since_xip": previous.xip,
             "horizon": bounds.horizon,
             "snapshot": bounds.snapshot,
-            "after_xid": str(start[0]),
-            "after_id": start[1],
             "limit": limit,
         },
         # Unfiltered (the check, the publishers, the hub), one window's range
@@ -290,11 +299,8 @@ async def record_window_if_due(
         cur = await conn.execute(
             _RECORD_AND_READ,
             {
+                **_rows_after(previous, 0, -1),
                 "previous": read_after,
-                "since_horizon": previous.horizon,
-                "since_xip": previous.xip,
-                "after_xid": "0",
-                "after_id": -1,
                 "limit": limit,
             },
             prepare=True,

@@ -156,10 +156,15 @@ SELECT window_id, snapshot::text FROM relay_windows WHERE window_id = ANY (%(ids
 -- range of the index that stops at the limit (one ordered scan over all of
 -- them would walk the key's whole history to filter them; one unordered
 -- probe fetched every remaining row of a big transaction for every page).
+-- The range starts at one row bound, `from`: the earlier snapshot's horizon
+-- (from_id -1), or the reader's position when that is later. A btree starts
+-- a scan at a row comparison rather than at a plain `xid >= horizon` beside
+-- it, so a row bound of (0, -1) there walked the index from its first entry:
+-- the whole retained outbox, for every window read from its start.
 -- {selector} narrows the rows by the producer's columns.
     (SELECT * FROM relay_outbox AS o
-     WHERE o.xid >= %(since_horizon)s::xid8 AND o.xid < %(horizon)s::xid8
-       AND (o.xid, o.id) > (%(after_xid)s::xid8, %(after_id)s::bigint)
+     WHERE (o.xid, o.id) > (%(from_xid)s::xid8, %(from_id)s::bigint)
+       AND o.xid < %(horizon)s::xid8
        AND pg_visible_in_snapshot(o.xid, %(snapshot)s::pg_snapshot) AND {selector}
      ORDER BY o.xid, o.id
      LIMIT %(limit)s)
