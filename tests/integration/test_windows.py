@@ -749,7 +749,7 @@ def plan(
         conn.execute(b"PREPARE planned AS " + body)
         conn.execute("SET plan_cache_mode = force_generic_plan")
         values = sql.SQL(", ").join(sql.Literal(params[n]) for n in names)
-        execute = sql.SQL("EXECUTE planned({})").format(values)
+        execute = sql.SQL("EXECUTE planned({})" if names else "EXECUTE planned").format(values)
         rows = conn.execute(sql.SQL(explain.decode()) + execute).fetchall()
         conn.rollback()
         return "\n".join(r[0] for r in rows)
@@ -822,6 +822,33 @@ def test_the_idle_probe_stays_on_its_index(
     generic = plan(url, _RECORD_AND_READ, params, generic=True)
     assert "Seq Scan on relay_outbox" not in generic, generic
     assert "Bitmap" not in generic and "Sort Key: o" not in generic, generic
+
+
+def test_an_idle_probe_after_an_unrelated_transaction_stays_on_the_index(
+    long_history: tuple[str, uuid.UUID, uuid.UUID, uuid.UUID, int],
+) -> None:
+    """The newest window saw a transaction in progress that never wrote to
+    the outbox (the order service's other work): until a new window, every
+    idle probe asks whether it did, and each must stay an index probe."""
+    url = long_history[0]
+    with psycopg.connect(url) as other, recording(url) as conn:
+        other.execute("SELECT pg_current_xact_id()")  # in progress, with an id
+        with conn.transaction():
+            enqueue(conn, event("OrderAccepted", restaurant_id=uuid.uuid4()))
+        newest = record(conn)
+        other.commit()
+        snapshot = conn.execute(
+            "SELECT snapshot::text FROM relay_windows WHERE window_id = %s", (newest,)
+        ).fetchone()
+    assert snapshot is not None and snapshot[0].split(":")[2]  # an in-progress list
+    probe = plan(url, _RECORD_IF_DUE, {}, generic=True, run=True)
+    assert "Seq Scan on relay_outbox" not in probe and "Tuples Inserted: 0" in probe, probe
+    assert pages(probe) < 30, probe
+    bounds = _bounds(url, newest, newest)
+    since = {k: bounds[k] for k in ("from_xid", "from_id", "since_xip")}
+    params = {"previous": newest, **since, "after_xid": "0", "after_id": -1, "limit": 100}
+    turn = plan(url, _RECORD_AND_READ, params, generic=True, run=True)
+    assert "Seq Scan on relay_outbox" not in turn and pages(turn) < 30, turn
 
 
 def test_a_new_window_is_read_without_walking_the_retained_history(
