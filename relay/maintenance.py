@@ -125,10 +125,15 @@ class Maintenance:
         )  # fmt: skip
 
     async def _heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        cur = await conn.execute(query("backlog_unrecorded"))
-        row = await cur.fetchone()
-        if row:
-            M.backlog.set(row[0])
+        cur = await conn.execute(query("newest_snapshot"))
+        newest = await cur.fetchone()
+        if newest:
+            cur = await conn.execute(
+                query("backlog_unrecorded"), event_log.unrecorded_bounds(newest[0]), prepare=False
+            )
+            row = await cur.fetchone()
+            if row:
+                M.backlog.set(row[0])
         cur = await conn.execute(query("live_replicas"))
         row = await cur.fetchone()
         if row:

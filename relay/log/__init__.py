@@ -34,6 +34,7 @@ from relay.log.reads import (
     record_window_if_due,
     remember_window,
     take_offset,
+    unrecorded_bounds,
 )
 from relay.log.records import LogEvent, Page, Rejected
 
@@ -60,4 +61,5 @@ __all__ = [
     "remember_window",
     "restaurant_set_scope",
     "take_offset",
+    "unrecorded_bounds",
 ]

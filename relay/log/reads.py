@@ -35,6 +35,7 @@ __all__ = [
     "record_window_if_due",
     "remember_window",
     "take_offset",
+    "unrecorded_bounds",
 ]
 
 # The recorder's check of each new window (it files dead letters): a
@@ -73,6 +74,13 @@ def _rows_after(previous: _Bounds, after_xid: int, after_id: int) -> dict[str, A
         "after_xid": str(after_xid),
         "after_id": after_id,
     }
+
+
+def unrecorded_bounds(snapshot: str) -> dict[str, str]:
+    """``backlog_unrecorded``'s parameters from the newest window's snapshot
+    (``pg_snapshot`` text): its horizon and in-progress list, as values."""
+    _xmin, horizon, xip = snapshot.split(":")
+    return {"horizon": horizon, "xip": "{" + xip + "}"}
 
 
 def remember_window(conn: psycopg.AsyncConnection[Any], window: int, snapshot: str) -> None:

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from relay.db import connect
+from relay.log import unrecorded_bounds
 from relay.migrate import require_current_schema
 from relay.settings import Settings
 from relay.sql import query
@@ -35,7 +36,12 @@ def collect(database_url: str) -> dict[str, Any]:
     and of the oldest unrecorded row.
     """
     with connect(database_url, autocommit=True) as conn:
-        unrecorded, oldest = conn.execute(query("backlog_unrecorded")).fetchone() or (0, None)
+        newest = conn.execute(query("newest_snapshot")).fetchone()
+        unrecorded, oldest = (0, None)
+        if newest:
+            bounds = unrecorded_bounds(newest[0])
+            found = conn.execute(query("backlog_unrecorded"), bounds, prepare=False).fetchone()
+            unrecorded, oldest = found or (0, None)
         head, last_at, last_age, windows, rows = conn.execute(
             query("status_windows")
         ).fetchone() or (None, None, None, 0, 0)

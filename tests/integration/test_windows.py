@@ -851,6 +851,39 @@ def test_an_idle_probe_after_an_unrelated_transaction_stays_on_the_index(
     assert "Seq Scan on relay_outbox" not in turn and pages(turn) < 30, turn
 
 
+def test_probes_stay_on_the_index_beside_a_bulk_load(database_url: str) -> None:
+    """One transaction of 50,000 rows (a bulk load) makes the planner expect
+    thousands of rows per transaction id. Asked with EXISTS whether a listed
+    transaction wrote any row, it planned a sequential scan expected to stop
+    within a few rows, and read the whole outbox when none had. The
+    recorder's probe and the backlog gauge (every 5 s) stay index probes."""
+    url = database_url
+    with psycopg.connect(url) as other, recording(url) as conn:
+        conn.execute(
+            """
+            INSERT INTO relay_outbox (event_id, event_type, restaurant_id, payload, occurred_on_utc)
+            SELECT gen_random_uuid(), 'OrderAccepted', gen_random_uuid(), '{}', now()
+            FROM generate_series(1, 50000)
+            """
+        )
+        record(conn)
+        other.execute("SELECT pg_current_xact_id()")  # in progress, never writes a row
+        with conn.transaction():
+            enqueue(conn, event("OrderAccepted", restaurant_id=uuid.uuid4()))
+        newest = record(conn)
+        other.commit()
+        conn.execute("ANALYZE relay_outbox")
+        row = conn.execute(
+            "SELECT snapshot::text FROM relay_windows WHERE window_id = %s", (newest,)
+        ).fetchone()
+    assert row is not None and row[0].split(":")[2]  # an in-progress list
+    probe = plan(url, _RECORD_IF_DUE, {}, generic=True, run=True)
+    assert "Seq Scan on relay_outbox" not in probe and "Tuples Inserted: 0" in probe, probe
+    assert pages(probe) < 30, probe
+    backlog = plan(url, query("backlog_unrecorded"), event_log.unrecorded_bounds(row[0]), run=True)
+    assert "Seq Scan on relay_outbox" not in backlog and pages(backlog) < 30, backlog
+
+
 def test_a_new_window_is_read_without_walking_the_retained_history(
     long_history: tuple[str, uuid.UUID, uuid.UUID, uuid.UUID, int],
 ) -> None:
