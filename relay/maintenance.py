@@ -36,6 +36,10 @@ log = logging.getLogger("relay.maintenance")
 
 _LOCK_KEY = 0x72656C6179 + 1
 _IO_TIMEOUT = 15.0
+# The backlog gauge counts unrecorded rows up to this many: past it, the
+# figure says "large" and a count of every row each heartbeat would cost
+# the order database a scan of the backlog.
+_BACKLOG_CAP = 10_000
 _CUT_SCAN = 100_000  # windows looked at per retention run
 
 
@@ -129,7 +133,9 @@ class Maintenance:
         newest = await cur.fetchone()
         if newest:
             cur = await conn.execute(
-                query("backlog_unrecorded"), event_log.unrecorded_bounds(newest[0]), prepare=False
+                query("backlog_unrecorded"),
+                event_log.unrecorded_bounds(newest[0], _BACKLOG_CAP),
+                prepare=False,
             )
             row = await cur.fetchone()
             if row:

@@ -80,7 +80,9 @@ class _Metrics:
         )
         self.subscribers = Gauge("relay_subscribers", "Open SSE streams", registry=r)
         self.backlog = Gauge(
-            "relay_backlog", "Outbox rows no window holds yet (sampled)", registry=r
+            "relay_backlog",
+            "Outbox rows no window holds yet (sampled, counted up to 10,000)",
+            registry=r,
         )
         self.replicas = Gauge("relay_replicas", "Live relay processes (sampled)", registry=r)
         self.broker_published = Counter(

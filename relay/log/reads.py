@@ -76,11 +76,12 @@ def _rows_after(previous: _Bounds, after_xid: int, after_id: int) -> dict[str, A
     }
 
 
-def unrecorded_bounds(snapshot: str) -> dict[str, str]:
+def unrecorded_bounds(snapshot: str, cap: int | None = None) -> dict[str, Any]:
     """``backlog_unrecorded``'s parameters from the newest window's snapshot
-    (``pg_snapshot`` text): its horizon and in-progress list, as values."""
+    (``pg_snapshot`` text): its horizon and in-progress list, as values, and
+    how many rows to count at most (None: all)."""
     _xmin, horizon, xip = snapshot.split(":")
-    return {"horizon": horizon, "xip": "{" + xip + "}"}
+    return {"horizon": horizon, "xip": "{" + xip + "}", "cap": cap}
 
 
 def remember_window(conn: psycopg.AsyncConnection[Any], window: int, snapshot: str) -> None:

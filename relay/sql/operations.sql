@@ -56,16 +56,20 @@ DELETE FROM relay_windows WHERE window_id < %(cut)s
 
 -- name: backlog_unrecorded
 -- Committed rows no window holds yet, and the age of the oldest: what the
--- recorder still has to cut (grows while no recorder runs). The newest
--- window's horizon and in-progress list come as values (newest_snapshot):
--- planned with them, this is a range of the (xid, id) index past the
--- horizon plus one probe per listed transaction. Joined in, the planner
--- guessed a third of the outbox and scanned all of it, every 5 s.
+-- recorder still has to cut (grows while no recorder runs), counted up to
+-- `cap` (NULL: all). The newest window's horizon and in-progress list come
+-- as values (newest_snapshot): planned with them, this is a range of the
+-- (xid, id) index past the horizon plus one probe per listed transaction.
+-- Joined in, the planner guessed a third of the outbox and scanned all of
+-- it; counted whole, a backlog of a sixth of the outbox was scanned too.
+-- The gauge, every 5 s per replica, stops at its cap in index order.
 SELECT count(*), extract(epoch FROM now() - min(o.enqueued_at))
 FROM (
-    SELECT o.enqueued_at FROM relay_outbox AS o WHERE o.xid >= %(horizon)s::xid8
+    (SELECT o.enqueued_at FROM relay_outbox AS o WHERE o.xid >= %(horizon)s::xid8
+     ORDER BY o.xid, o.id LIMIT %(cap)s)
     UNION ALL
-    SELECT o.enqueued_at FROM relay_outbox AS o WHERE o.xid = ANY (%(xip)s::xid8[])
+    (SELECT o.enqueued_at FROM relay_outbox AS o WHERE o.xid = ANY (%(xip)s::xid8[])
+     ORDER BY o.xid, o.id LIMIT %(cap)s)
 ) AS o
 
 -- name: newest_snapshot

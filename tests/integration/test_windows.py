@@ -859,6 +859,7 @@ def test_probes_stay_on_the_index_beside_a_bulk_load(database_url: str) -> None:
     recorder's probe and the backlog gauge (every 5 s) stay index probes."""
     url = database_url
     with psycopg.connect(url) as other, recording(url) as conn:
+        before = record(conn)
         conn.execute(
             """
             INSERT INTO relay_outbox (event_id, event_type, restaurant_id, payload, occurred_on_utc)
@@ -866,6 +867,23 @@ def test_probes_stay_on_the_index_beside_a_bulk_load(database_url: str) -> None:
             FROM generate_series(1, 50000)
             """
         )
+        conn.execute("ANALYZE relay_outbox")  # the bulk load is in the statistics
+        (bulk,) = conn.execute(
+            "SELECT snapshot::text FROM relay_windows WHERE window_id = %s", (before,)
+        ).fetchone() or ("",)
+        # As the gauge sees the bulk load before a window holds it: counted to its cap.
+        gauge = plan(url, query("backlog_unrecorded"),
+                     event_log.unrecorded_bounds(bulk, 1000), run=True)  # fmt: skip
+        assert "Seq Scan on relay_outbox" not in gauge and pages(gauge) < 100, gauge
+        with psycopg.connect(url) as check:
+            counted = check.execute(
+                query("backlog_unrecorded"), event_log.unrecorded_bounds(bulk, 1000)
+            ).fetchone()
+            assert counted is not None and counted[0] == 1000
+            everything = check.execute(
+                query("backlog_unrecorded"), event_log.unrecorded_bounds(bulk)
+            ).fetchone()
+            assert everything is not None and everything[0] == 50000  # relay status: all
         record(conn)
         other.execute("SELECT pg_current_xact_id()")  # in progress, never writes a row
         with conn.transaction():
