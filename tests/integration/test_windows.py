@@ -824,26 +824,41 @@ def test_the_idle_probe_stays_on_its_index(
     assert "Bitmap" not in generic and "Sort Key: o" not in generic, generic
 
 
-def test_an_idle_probe_after_an_unrelated_transaction_stays_on_the_index(
-    long_history: tuple[str, uuid.UUID, uuid.UUID, uuid.UUID, int],
-) -> None:
-    """The newest window saw a transaction in progress that never wrote to
-    the outbox (the order service's other work): until a new window, every
-    idle probe asks whether it did, and each must stay an index probe."""
-    url = long_history[0]
+def _window_beside_other_work(url: str) -> tuple[int, str]:
+    """Record a window while another transaction, with an id, is in progress
+    and never writes to the outbox (the order service's other work), then
+    end it; returns the window and its snapshot (with that transaction listed)."""
     with psycopg.connect(url) as other, recording(url) as conn:
-        other.execute("SELECT pg_current_xact_id()")  # in progress, with an id
+        other.execute("SELECT pg_current_xact_id()")
         with conn.transaction():
             enqueue(conn, event("OrderAccepted", restaurant_id=uuid.uuid4()))
         newest = record(conn)
         other.commit()
-        snapshot = conn.execute(
+        conn.execute("ANALYZE relay_outbox")
+        row = conn.execute(
             "SELECT snapshot::text FROM relay_windows WHERE window_id = %s", (newest,)
         ).fetchone()
-    assert snapshot is not None and snapshot[0].split(":")[2]  # an in-progress list
+    assert row is not None and row[0].split(":")[2]  # an in-progress list
+    return newest, row[0]
+
+
+def _assert_idle_probe_stays_on_the_index(url: str) -> None:
+    """Until a new window, every idle probe asks whether the listed
+    transaction wrote a row: each must stay an index probe."""
     probe = plan(url, _RECORD_IF_DUE, {}, generic=True, run=True)
     assert "Seq Scan on relay_outbox" not in probe and "Tuples Inserted: 0" in probe, probe
     assert pages(probe) < 30, probe
+
+
+def test_an_idle_probe_after_an_unrelated_transaction_stays_on_the_index(
+    long_history: tuple[str, uuid.UUID, uuid.UUID, uuid.UUID, int],
+) -> None:
+    """The newest window saw a transaction in progress that never wrote to
+    the outbox: the probe, and the recorder's turn once rows come, stay on
+    the index over 200,000 retained rows."""
+    url = long_history[0]
+    newest, _snapshot = _window_beside_other_work(url)
+    _assert_idle_probe_stays_on_the_index(url)
     bounds = _bounds(url, newest, newest)
     since = {k: bounds[k] for k in ("from_xid", "from_id", "since_xip")}
     params = {"previous": newest, **since, "after_xid": "0", "after_id": -1, "limit": 100}
@@ -858,7 +873,7 @@ def test_probes_stay_on_the_index_beside_a_bulk_load(database_url: str) -> None:
     within a few rows, and read the whole outbox when none had. The
     recorder's probe and the backlog gauge (every 5 s) stay index probes."""
     url = database_url
-    with psycopg.connect(url) as other, recording(url) as conn:
+    with recording(url) as conn:
         before = record(conn)
         conn.execute(
             """
@@ -875,30 +890,19 @@ def test_probes_stay_on_the_index_beside_a_bulk_load(database_url: str) -> None:
         gauge = plan(url, query("backlog_unrecorded"),
                      event_log.unrecorded_bounds(bulk, 1000), run=True)  # fmt: skip
         assert "Seq Scan on relay_outbox" not in gauge and pages(gauge) < 100, gauge
-        with psycopg.connect(url) as check:
-            counted = check.execute(
-                query("backlog_unrecorded"), event_log.unrecorded_bounds(bulk, 1000)
-            ).fetchone()
-            assert counted is not None and counted[0] == 1000
-            everything = check.execute(
-                query("backlog_unrecorded"), event_log.unrecorded_bounds(bulk)
-            ).fetchone()
-            assert everything is not None and everything[0] == 50000  # relay status: all
-        record(conn)
-        other.execute("SELECT pg_current_xact_id()")  # in progress, never writes a row
-        with conn.transaction():
-            enqueue(conn, event("OrderAccepted", restaurant_id=uuid.uuid4()))
-        newest = record(conn)
-        other.commit()
-        conn.execute("ANALYZE relay_outbox")
-        row = conn.execute(
-            "SELECT snapshot::text FROM relay_windows WHERE window_id = %s", (newest,)
+        counted = conn.execute(
+            query("backlog_unrecorded"), event_log.unrecorded_bounds(bulk, 1000)
         ).fetchone()
-    assert row is not None and row[0].split(":")[2]  # an in-progress list
-    probe = plan(url, _RECORD_IF_DUE, {}, generic=True, run=True)
-    assert "Seq Scan on relay_outbox" not in probe and "Tuples Inserted: 0" in probe, probe
-    assert pages(probe) < 30, probe
-    backlog = plan(url, query("backlog_unrecorded"), event_log.unrecorded_bounds(row[0]), run=True)
+        assert counted is not None and counted[0] == 1000
+        everything = conn.execute(
+            query("backlog_unrecorded"), event_log.unrecorded_bounds(bulk)
+        ).fetchone()
+        assert everything is not None and everything[0] == 50000  # relay status: all
+        record(conn)
+    _newest, snapshot = _window_beside_other_work(url)
+    _assert_idle_probe_stays_on_the_index(url)
+    bounds = event_log.unrecorded_bounds(snapshot)
+    backlog = plan(url, query("backlog_unrecorded"), bounds, run=True)
     assert "Seq Scan on relay_outbox" not in backlog and pages(backlog) < 30, backlog
 
 
