@@ -53,6 +53,12 @@ class _Bounds(NamedTuple):
     horizon: str
     xip: str  # as an xid8[] literal
 
+    @classmethod
+    def of(cls, snapshot: str) -> _Bounds:
+        """From ``pg_snapshot`` text: ``xmin:xmax:xip,…``."""
+        _xmin, horizon, xip = snapshot.split(":")
+        return cls(snapshot, horizon, "{" + xip + "}")
+
 
 # Per connection (a connection never changes database): windows are immutable
 # once recorded, and a reader asks for the same few again and again.
@@ -80,16 +86,15 @@ def unrecorded_bounds(snapshot: str, cap: int | None = None) -> dict[str, Any]:
     """``backlog_unrecorded``'s parameters from the newest window's snapshot
     (``pg_snapshot`` text): its horizon and in-progress list, as values, and
     how many rows to count at most (None: all)."""
-    _xmin, horizon, xip = snapshot.split(":")
-    return {"horizon": horizon, "xip": "{" + xip + "}", "cap": cap}
+    bounds = _Bounds.of(snapshot)
+    return {"horizon": bounds.horizon, "xip": bounds.xip, "cap": cap}
 
 
 def remember_window(conn: psycopg.AsyncConnection[Any], window: int, snapshot: str) -> None:
     """A window's snapshot as recorded (``pg_snapshot`` text), so the next read
     of it on ``conn`` needs no round trip to look it up."""
     known = _bounds_cache.setdefault(conn, OrderedDict())
-    _xmin, horizon, xip = snapshot.split(":")
-    known[window] = _Bounds(snapshot, horizon, "{" + xip + "}")
+    known[window] = _Bounds.of(snapshot)
     while len(known) > _KNOWN_WINDOWS:
         known.popitem(last=False)
 
