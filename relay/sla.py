@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import json
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +40,8 @@ import psycopg
 
 from relay import log as event_log
 from relay.db import sleep_or_stop
+from relay.events import spec_for
+from relay.events.base import Contract
 from relay.log import LogEvent, Page, Position
 from relay.sessions import hold_session
 from relay.sql import query
@@ -61,8 +62,10 @@ _ALERT = "OrderDelayAlert"
 _KINDS = ("NotAccepted", "NotReady", "DeliveryLate")  # as relay_sla_thresholds' columns
 # Pages this process's recorder read, kept for the watcher's next step so it
 # need not read and validate them again (a full queue drops the oldest: the
-# watcher then reads those from the log).
-_HANDED_PAGES = 4096
+# watcher then reads those from the log). Their events hold their validated
+# models (about 2.3 KB an event in all), so a watcher far behind holds at
+# most about 2.4 GB of them.
+_HANDED_PAGES = 1024
 _RAISE_AT_MOST = 500  # alerts per step
 _APPLY_SLICE = 100  # events applied between two turns of the event loop
 
@@ -108,37 +111,20 @@ class _Thresholds:
         return self._default[kind]
 
 
-_value_at = json.JSONDecoder().raw_decode
+def _contract(event: LogEvent) -> Contract:
+    """The event's validated model: the one its rendering made (every page
+    the watcher applies was rendered in this process), else its rendered
+    JSON validated again."""
+    if event.contract is not None:
+        return event.contract
+    model = spec_for(event.event_type, event.schema_version).model
+    return model.__pydantic_validator__.validate_json(event.data)  # type: ignore[no-any-return]
 
 
-def _field(data: str, key: str) -> Any:
-    """One top-level field of an event's rendered JSON, or None if absent,
-    without decoding the rest (decoding every deadline-setting event whole
-    was a third of the watcher's CPU). ``data`` is the relay's own rendering
-    of a flat object, so ``"key":`` occurs only where that key is: inside a
-    string value its quotes would be escaped."""
-    pattern = f'"{key}":'
-    at = data.find(pattern)
-    if at < 0:
-        return None
-    at += len(pattern)
-    if data.startswith('"', at):  # a string: sliced, unless it holds an escape
-        text = data[at + 1 : data.find('"', at + 1)]
-        if "\\" not in text:
-            return text
-    return _value_at(data, at)[0]
-
-
-def _time(data: str, key: str) -> datetime | None:
-    """A timestamp of the rendered data (ISO-8601, UTC), or None if absent."""
-    value = _field(data, key)
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:  # the relay rendered it, so this is a bug: never stop the watcher
-        log.warning("unreadable %s %r in a rendered event", key, value[:40])
-        return None
+def _moment(contract: Contract, name: str) -> datetime | None:
+    """A timestamp field of the model (UTC), or None where it has none."""
+    value = getattr(contract, name, None)
+    return value if isinstance(value, datetime) else None
 
 
 class _Park(NamedTuple):
@@ -227,23 +213,23 @@ class OpenDeadlines:
             return None
         kind: str
         due: datetime | None = None
-        data = event.data
+        contract = _contract(event)
         if event.event_type in _CLEARS:
             kind = "clear"
         elif event.event_type == _ALERT:
             current = self.get(order)
-            if current is None or _field(data, "kind") != current.kind:
+            if current is None or getattr(contract, "kind", None) != current.kind:
                 return None
-            expected = _time(data, "expectedBy")
+            expected = _moment(contract, "expected_by")
             if expected is not None and expected != current.due:
                 return None  # an alert for an earlier deadline of the same kind
             kind = "clear"  # already raised: by this watcher or one before it
         elif event.event_type in _SETS or event.event_type == _READY:
             if event.event_type == _READY:
-                since = _time(data, "estimatedDeliveryTime")
+                since = _moment(contract, "estimated_delivery_time")
                 kind = "clear" if since is None else "DeliveryLate"
             else:
-                since = _time(data, "lastUpdateTimestamp") or _time(data, "occurredOnUtc")
+                since = _moment(contract, "last_update_timestamp")
                 if since is None:
                     return None
                 kind = _SETS[event.event_type]
@@ -256,15 +242,10 @@ class OpenDeadlines:
             if previous is None or not previous.parked:
                 return None
             return _Park(order, previous.restaurant_id, None, None, "clear", None)
-        number = _field(data, "orderNumber")
+        number = getattr(contract, "order_number", None)
+        parked = due - event.enqueued_at > park_beyond
         deadline = Deadline(
-            kind,
-            due,
-            event.restaurant_id,
-            event.customer_id,
-            str(number) if isinstance(number, (str, int)) else None,
-            event.at,
-            parked=due - event.enqueued_at > park_beyond,
+            kind, due, event.restaurant_id, event.customer_id, number, event.at, parked
         )
         self._open_new(order, deadline)  # its previous deadline was dropped above
         if deadline.parked:

@@ -34,6 +34,7 @@ __all__ = [
     "known_event_types",
     "order_channel",
     "render",
+    "render_fields",
     "spec_for",
 ]
 
@@ -61,6 +62,7 @@ class Broadcast(NamedTuple):
     json: str  # the broadcast object, encoded once (SSE data and broker body)
     channels: tuple[str, ...]
     dropped_fields: tuple[str, ...]
+    contract: Contract  # the validated model: typed fields for readers (the SLA timers)
 
     @property
     def data(self) -> dict[str, Any]:
@@ -68,7 +70,9 @@ class Broadcast(NamedTuple):
         return decoded
 
 
-Route = Callable[[Envelope, Any], tuple[str, ...]]
+# The channels of an event, from its routing columns (restaurant, order,
+# customer) and its validated model.
+Route = Callable[[str, str | None, str | None, Any], tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,26 +115,31 @@ def kitchen_of(order: str) -> str:
     return _channel("restaurant", order.split(":", 2)[1])
 
 
-def _kitchen_and_order(envelope: Envelope, _model: Any) -> tuple[str, ...]:
-    kitchen = _channel("restaurant", envelope.restaurant_id)
-    if envelope.order_id is None:
+def _kitchen_and_order(
+    restaurant: str, order: str | None, customer: str | None, _model: Any
+) -> tuple[str, ...]:
+    kitchen = _channel("restaurant", restaurant)
+    if order is None:
         # Routing follows the columns only: a payload's orderId never opens a
         # channel that the order's owner lookup (by column) cannot authorise.
         return (kitchen,)
-    order = order_channel(envelope.restaurant_id, envelope.order_id)
-    if envelope.customer_id is None:
-        return (kitchen, order)
+    if customer is None:
+        return (kitchen, order_channel(restaurant, order))
     # The customer's stream of all their orders; the gateway keeps only the
     # events of each order's owner restaurant (see ``order_owner``).
-    return (kitchen, order, _channel("customer", envelope.customer_id))
+    return (kitchen, order_channel(restaurant, order), _channel("customer", customer))
 
 
-def _coupon(_envelope: Envelope, model: Any) -> tuple[str, ...]:
+def _coupon(
+    _restaurant: str, _order: str | None, _customer: str | None, model: Any
+) -> tuple[str, ...]:
     return (f"coupon:{model.coupon_id}", "admin")
 
 
-def _finance(envelope: Envelope, _model: Any) -> tuple[str, ...]:
-    return (f"finance:{envelope.restaurant_id}",)
+def _finance(
+    restaurant: str, _order: str | None, _customer: str | None, _model: Any
+) -> tuple[str, ...]:
+    return (f"finance:{restaurant}",)
 
 
 def _status(event_type: str, status: str) -> EventSpec:
@@ -203,15 +212,30 @@ def spec_for(event_type: str, schema_version: int) -> EventSpec:
 
 def render(envelope: Envelope) -> Broadcast:
     """Validate, whitelist and route one event; raises a ContractError subclass."""
-    spec = spec_for(envelope.event_type, envelope.schema_version)
-    if spec.derived and not envelope.derived:
+    return render_fields(*envelope)
+
+
+def render_fields(
+    event_id: str,
+    event_type: str,
+    schema_version: int,
+    restaurant_id: str,
+    order_id: str | None,
+    customer_id: str | None,
+    occurred_on_utc: datetime,
+    payload: Any,
+    derived: bool = False,
+) -> Broadcast:
+    """``render`` of an envelope's fields, in ``Envelope``'s order: the log's
+    reads render every row they read without building an envelope for it."""
+    spec = spec_for(event_type, schema_version)
+    if spec.derived and not derived:
         raise InvalidPayload(
             f"{spec.event_type}: derived by the relay only (its SLA timers); "
             "the order service must not write it"
         )
-    payload = envelope.payload
     if type(payload) is not dict and not isinstance(payload, Mapping):
-        raise InvalidPayload(f"{envelope.event_type}: payload must be a JSON object")
+        raise InvalidPayload(f"{event_type}: payload must be a JSON object")
     # Whitelisting: the model's core validator reads its fields by their
     # camelCase names and ignores every other key, so only PascalCase keys
     # need a renamed copy; dropped keys are just named (and counted).
@@ -226,56 +250,43 @@ def render(envelope: Envelope) -> Broadcast:
         status = accepted.get("newStatus")
         if status != spec.expected_status:
             raise InvalidPayload(
-                f'{envelope.event_type}: newStatus: must be "{spec.expected_status}" for '
-                f"{envelope.event_type}, got {_shown(status)}",
+                f'{event_type}: newStatus: must be "{spec.expected_status}" for '
+                f"{event_type}, got {_shown(status)}",
                 field="newStatus",
             )
         if accepted.get("occurredOnUtc") is None:  # absent or null: the row's column (SPEC §1)
-            accepted = {**accepted, "occurredOnUtc": envelope.occurred_on_utc}
+            accepted = {**accepted, "occurredOnUtc": occurred_on_utc}
     try:
         # The core validator itself: model_validate's Python wrapper costs a
         # tenth of the validation, for every event.
         model = spec.model.__pydantic_validator__.validate_python(accepted)
     except ValidationError as exc:
-        raise _invalid(envelope.event_type, exc) from None
-    _check_routing(envelope, model, accepted)
+        raise _invalid(event_type, exc) from None
+    # The payload's ids must be the row's. The model's ids are UUIDs (any
+    # spelling the producer used, normalised) and the row's are text as
+    # PostgreSQL prints a uuid, which str() prints too; a payload that spells
+    # an id as the column does (the usual case) needs no formatting.
+    if accepted.get("restaurantId") != restaurant_id:
+        _check_id(event_type, "restaurantId", getattr(model, "restaurant_id", None), restaurant_id)
+    if order_id is not None and accepted.get("orderId") != order_id:
+        _check_id(event_type, "orderId", getattr(model, "order_id", None), order_id)
     # Every broadcast object also carries the envelope fields (SPEC §1).
-    text = f'{model.broadcast_json()[:-1]},"eventId":"{envelope.event_id}"{spec.envelope_tail}'
+    text = f'{model.broadcast_json()[:-1]},"eventId":"{event_id}"{spec.envelope_tail}'
     if spec.expected_status is None:
-        text = f'{text},"occurredOnUtc":"{utc_text(envelope.occurred_on_utc)}"}}'
+        text = f'{text},"occurredOnUtc":"{utc_text(occurred_on_utc)}"}}'
     else:
         text += "}"
-    return Broadcast(spec.sse_event, text, spec.route(envelope, model), dropped)
+    channels = spec.route(restaurant_id, order_id, customer_id, model)
+    return Broadcast(spec.sse_event, text, channels, dropped, model)
 
 
-def _check_routing(envelope: Envelope, model: Any, accepted: Mapping[str, Any]) -> None:
-    """The payload's ids must be the row's. The model's ids are UUIDs (any
-    spelling the producer used, normalised) and the row's are text as
-    PostgreSQL prints a uuid, which str() prints too; a payload that spells
-    an id as the column does (the usual case) needs no formatting."""
-    name = envelope.event_type
-    restaurant = getattr(model, "restaurant_id", None)
-    if (
-        restaurant is not None
-        and accepted.get("restaurantId") != envelope.restaurant_id
-        and str(restaurant) != envelope.restaurant_id
-    ):
+def _check_id(event_type: str, name: str, payload_id: Any, row_id: str) -> None:
+    """A payload id (a UUID, or None where the model has no such field) must
+    be the row's, spelled as PostgreSQL prints it."""
+    if payload_id is not None and str(payload_id) != row_id:
         raise InvalidPayload(
-            f"{name}: restaurantId: payload says {restaurant}, the outbox row says "
-            f"{envelope.restaurant_id}",
-            field="restaurantId",
-        )
-    order = getattr(model, "order_id", None)
-    row_order = envelope.order_id
-    if (
-        order is not None
-        and row_order is not None
-        and accepted.get("orderId") != row_order
-        and str(order) != row_order
-    ):
-        raise InvalidPayload(
-            f"{name}: orderId: payload says {order}, the outbox row says {row_order}",
-            field="orderId",
+            f"{event_type}: {name}: payload says {payload_id}, the outbox row says {row_id}",
+            field=name,
         )
 
 

@@ -1,10 +1,10 @@
-"""From a stored row to an ``Envelope``: what a producer wrote is not yet an event.
+"""From a stored row to a ``Broadcast``: what a producer wrote is not yet an event.
 
 The outbox accepts whatever PostgreSQL accepts: infinite timestamps, JSON
 nested a thousand levels deep, numbers with ten thousand digits, megabyte
 strings. Each of those must become a dead letter with a reason that names
-it, never an exception that stops the relay. The claim and the dead-letter
-retry read a row's columns alike and hand them to ``envelope_from_row``.
+it, never an exception that stops the relay. The log's reads and the
+dead-letter retry read a row's columns alike and hand them to ``render_stored``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 from pydantic_core import from_json
 
 from relay.errors import InvalidPayload, clip
-from relay.events.registry import NUMBERLESS_TYPES, Envelope
+from relay.events.registry import NUMBERLESS_TYPES, Broadcast, render_fields
 
-__all__ = ["MAX_REASON", "decode_payload", "envelope_from_row"]
+__all__ = ["MAX_REASON", "decode_payload", "render_stored"]
 
 # A dead letter's reason is cut to this many characters: a megabyte event
 # type must not become a megabyte reason.
@@ -63,7 +63,7 @@ def _too_deep(event_type: str) -> InvalidPayload:
     return InvalidPayload(f"{clip(event_type)}: payload: JSON nested too deeply to decode")
 
 
-def envelope_from_row(
+def render_stored(
     event_id: str,
     event_type: str,
     schema_version: int,
@@ -75,8 +75,9 @@ def envelope_from_row(
     unloadable_time: str | None,
     *,
     derived: bool = False,
-) -> Envelope:
-    """The row's envelope; InvalidPayload when a column holds no usable value.
+) -> Broadcast:
+    """The stored row rendered (``render``); InvalidPayload when a column
+    holds no usable value.
 
     ``occurred_on_utc`` is None exactly when the database held a time outside
     the years 1..9999 in UTC (±infinity included); ``unloadable_time`` is then
@@ -92,5 +93,5 @@ def envelope_from_row(
         )
     payload = decode_payload(payload_text, event_type)
     # Positional (in Envelope's field order): keywords cost a third more, per event.
-    return Envelope(event_id, event_type, schema_version, restaurant_id, order_id,
-                    customer_id, occurred_on_utc, payload, derived)  # fmt: skip
+    return render_fields(event_id, event_type, schema_version, restaurant_id, order_id,
+                         customer_id, occurred_on_utc, payload, derived)  # fmt: skip

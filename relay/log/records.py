@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
+from relay.events.base import Contract
 from relay.log.cursor import Position
 
 __all__ = ["LogEvent", "Page", "Rejected"]
@@ -29,6 +30,9 @@ class LogEvent(NamedTuple):
     customer_id: str | None
     occurred_on_utc: datetime
     enqueued_at: datetime
+    # The validated model, when this process rendered the row (None for an
+    # event received over the backplane): its typed fields, for the SLA timers.
+    contract: Contract | None = None
 
 
 class Rejected(NamedTuple):

@@ -11,8 +11,7 @@ import logging
 from typing import Any
 
 from relay.errors import ContractError, clip
-from relay.events import render
-from relay.events.stored import MAX_REASON, envelope_from_row
+from relay.events.stored import MAX_REASON, render_stored
 from relay.log.cursor import Position
 from relay.log.records import LogEvent, Rejected
 
@@ -35,12 +34,11 @@ COLUMNS = b"""o.xid::text::bigint, o.id, o.event_id::text, o.event_type, o.schem
 def render_row(row: tuple[Any, ...]) -> tuple[LogEvent | Rejected, int]:
     """``(window, *COLUMNS)`` as an event, or as a rejected row with its reason;
     and how many payload fields the contract's whitelist dropped."""
-    # (window, xid, id), then the envelope's columns as envelope_from_row
-    # takes them (event id … unloadable time), then derived and enqueued_at.
+    # (window, xid, id), then the row's columns as render_stored takes them
+    # (event id … unloadable time), then derived and enqueued_at.
     at = Position(row[0], row[1], row[2])
-    envelope = row[3:12]
     try:
-        broadcast = render(envelope_from_row(*envelope, derived=row[12]))
+        broadcast = render_stored(*row[3:12], derived=row[12])
     except ContractError as exc:
         reason = clip(str(exc), MAX_REASON)
         return Rejected(at, row[2], row[3], row[4], row[5], reason), 0
@@ -50,5 +48,6 @@ def render_row(row: tuple[Any, ...]) -> tuple[LogEvent | Rejected, int]:
         return Rejected(at, row[2], row[3], row[4], row[5], reason), 0
     # event id, type, version, restaurant, order, customer; occurred; enqueued
     event = LogEvent(at, broadcast.sse_event, broadcast.channels, broadcast.json,
-                     row[3], row[4], row[5], row[6], row[7], row[8], row[10], row[13])  # fmt: skip
+                     row[3], row[4], row[5], row[6], row[7], row[8], row[10], row[13],
+                     broadcast.contract)  # fmt: skip
     return event, len(broadcast.dropped_fields)

@@ -18,8 +18,7 @@ import sys
 
 from relay.db import connect
 from relay.errors import ConfigError, ContractError, clip
-from relay.events import render
-from relay.events.stored import MAX_REASON, envelope_from_row
+from relay.events.stored import MAX_REASON, render_stored
 from relay.settings import Settings
 from relay.sql import query
 
@@ -43,7 +42,7 @@ def retry(database_url: str, ids: list[int], *, everything: bool = False) -> tup
         rows = conn.execute(query("dead_letters_take"), {"all": everything, "ids": ids}).fetchall()
         for row_id, *columns, derived in rows:
             try:
-                render(envelope_from_row(*columns, derived=derived))
+                render_stored(*columns, derived=derived)
             except ContractError as exc:
                 reason = clip(str(exc), MAX_REASON)
                 conn.execute(query("dead_letters_still_bad"), {"id": row_id, "reason": reason})

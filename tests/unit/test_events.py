@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from relay.errors import InvalidPayload, UnknownEventType
 from relay.events import REGISTRY, Envelope, kitchen_of, known_event_types, render, spec_for
 from relay.events.registry import NUMBERLESS_TYPES
-from relay.events.stored import decode_payload, envelope_from_row
+from relay.events.stored import decode_payload, render_stored
 from relay.events.types import MAX_ORDER_NUMBER
 
 R = uuid.UUID("8e0f1c2a-3b4c-4d5e-8f60-7a8b9c0d1e2f")
@@ -285,9 +285,7 @@ def test_payloads_python_cannot_hold_are_contract_errors(
     """Alike whichever decoder the type's payloads go through."""
     event_id, _type, version, restaurant, order, customer = _ids()
     with pytest.raises(InvalidPayload, match=reason):
-        envelope_from_row(
-            event_id, event_type, version, restaurant, order, customer, text, WHEN, None
-        )
+        render_stored(event_id, event_type, version, restaurant, order, customer, text, WHEN, None)
 
 
 def test_only_types_that_take_no_number_skip_exact_decimals() -> None:
@@ -323,7 +321,7 @@ def test_a_numberless_type_decodes_what_the_standard_decoder_does(
 
 def test_an_unloadable_occurred_time_is_a_contract_error() -> None:
     with pytest.raises(InvalidPayload, match="-infinity is outside the years") as caught:
-        envelope_from_row(*_ids(), "{}", None, "-infinity")
+        render_stored(*_ids(), "{}", None, "-infinity")
     assert caught.value.field == "occurred_on_utc"
 
 

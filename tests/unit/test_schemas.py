@@ -174,7 +174,7 @@ async def test_a_new_type_is_one_registry_entry_plus_its_model(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     spec = EventSpec(
-        "TipAdded", 1, TipAdded, "TipAdded", lambda e, _m: (f"restaurant:{e.restaurant_id}",)
+        "TipAdded", 1, TipAdded, "TipAdded", lambda restaurant, *_: (f"restaurant:{restaurant}",)
     )
     monkeypatch.setitem(cast(dict[tuple[str, int], EventSpec], REGISTRY), ("TipAdded", 1), spec)
 
