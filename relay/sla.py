@@ -40,8 +40,6 @@ import psycopg
 
 from relay import log as event_log
 from relay.db import sleep_or_stop
-from relay.events import spec_for
-from relay.events.base import Contract
 from relay.log import LogEvent, Page, Position
 from relay.sessions import hold_session
 from relay.sql import query
@@ -62,10 +60,8 @@ _ALERT = "OrderDelayAlert"
 _KINDS = ("NotAccepted", "NotReady", "DeliveryLate")  # as relay_sla_thresholds' columns
 # Pages this process's recorder read, kept for the watcher's next step so it
 # need not read and validate them again (a full queue drops the oldest: the
-# watcher then reads those from the log). Their events hold their validated
-# models (about 2.3 KB an event in all), so a watcher far behind holds at
-# most about 2.4 GB of them.
-_HANDED_PAGES = 1024
+# watcher then reads those from the log).
+_HANDED_PAGES = 4096
 _RAISE_AT_MOST = 500  # alerts per step
 _APPLY_SLICE = 100  # events applied between two turns of the event loop
 
@@ -109,22 +105,6 @@ class _Thresholds:
         if override is not None and kind in override:
             return override[kind]
         return self._default[kind]
-
-
-def _contract(event: LogEvent) -> Contract:
-    """The event's validated model: the one its rendering made (every page
-    the watcher applies was rendered in this process), else its rendered
-    JSON validated again."""
-    if event.contract is not None:
-        return event.contract
-    model = spec_for(event.event_type, event.schema_version).model
-    return model.__pydantic_validator__.validate_json(event.data)  # type: ignore[no-any-return]
-
-
-def _moment(contract: Contract, name: str) -> datetime | None:
-    """A timestamp field of the model (UTC), or None where it has none."""
-    value = getattr(contract, name, None)
-    return value if isinstance(value, datetime) else None
 
 
 class _Park(NamedTuple):
@@ -213,23 +193,22 @@ class OpenDeadlines:
             return None
         kind: str
         due: datetime | None = None
-        contract = _contract(event)
+        # The validated model's facts (``EventSpec.deadline_from``): no JSON is read.
+        since = event.deadline_from
         if event.event_type in _CLEARS:
             kind = "clear"
         elif event.event_type == _ALERT:
             current = self.get(order)
-            if current is None or getattr(contract, "kind", None) != current.kind:
+            # The relay rendered the alert itself: its kind is spelled so.
+            if current is None or f'"kind":"{current.kind}"' not in event.data:
                 return None
-            expected = _moment(contract, "expected_by")
-            if expected is not None and expected != current.due:
+            if since != current.due:
                 return None  # an alert for an earlier deadline of the same kind
             kind = "clear"  # already raised: by this watcher or one before it
         elif event.event_type in _SETS or event.event_type == _READY:
             if event.event_type == _READY:
-                since = _moment(contract, "estimated_delivery_time")
                 kind = "clear" if since is None else "DeliveryLate"
             else:
-                since = _moment(contract, "last_update_timestamp")
                 if since is None:
                     return None
                 kind = _SETS[event.event_type]
@@ -242,10 +221,9 @@ class OpenDeadlines:
             if previous is None or not previous.parked:
                 return None
             return _Park(order, previous.restaurant_id, None, None, "clear", None)
-        number = getattr(contract, "order_number", None)
         parked = due - event.enqueued_at > park_beyond
         deadline = Deadline(
-            kind, due, event.restaurant_id, event.customer_id, number, event.at, parked
+            kind, due, event.restaurant_id, event.customer_id, event.order_number, event.at, parked
         )
         self._open_new(order, deadline)  # its previous deadline was dropped above
         if deadline.parked:

@@ -62,7 +62,9 @@ class Broadcast(NamedTuple):
     json: str  # the broadcast object, encoded once (SSE data and broker body)
     channels: tuple[str, ...]
     dropped_fields: tuple[str, ...]
-    contract: Contract  # the validated model: typed fields for readers (the SLA timers)
+    # Typed facts of the validated model, for the SLA timers (they read no JSON).
+    order_number: str | None
+    deadline_from: datetime | None  # the model's ``EventSpec.deadline_from`` field
 
     @property
     def data(self) -> dict[str, Any]:
@@ -84,6 +86,9 @@ class EventSpec:
     route: Route
     expected_status: str | None = None  # for the uniform status DTO
     derived: bool = False  # raised by the relay only: refused when a producer writes it
+    # The model field an order's SLA deadline counts from, for the types that
+    # set (or, for an alert, report) one: ``relay.sla`` reads it per event.
+    deadline_from: str | None = None
     # Worked out once per type, for ``render``: the camelCase names, every
     # accepted input name, and the envelope fields every broadcast ends with.
     canonical_keys: frozenset[str] = field(init=False, compare=False, repr=False)
@@ -142,7 +147,7 @@ def _finance(
     return (f"finance:{restaurant}",)
 
 
-def _status(event_type: str, status: str) -> EventSpec:
+def _status(event_type: str, status: str, deadline_from: str | None = None) -> EventSpec:
     return EventSpec(
         event_type,
         1,
@@ -150,6 +155,7 @@ def _status(event_type: str, status: str) -> EventSpec:
         "OrderStatusChanged",
         _kitchen_and_order,
         expected_status=status,
+        deadline_from=deadline_from,
     )
 
 
@@ -160,13 +166,14 @@ _SPECS = (
         OrderPaymentSucceeded,
         "OrderPaymentSucceeded",
         _kitchen_and_order,
+        deadline_from="last_update_timestamp",
     ),
     EventSpec(
         "OrderPaymentFailed", 1, OrderPaymentFailed, "OrderPaymentFailed", _kitchen_and_order
     ),
-    _status("OrderAccepted", "Accepted"),
+    _status("OrderAccepted", "Accepted", "last_update_timestamp"),
     _status("OrderPreparing", "Preparing"),
-    _status("OrderReadyForDelivery", "ReadyForDelivery"),
+    _status("OrderReadyForDelivery", "ReadyForDelivery", "estimated_delivery_time"),
     _status("OrderDelivered", "Delivered"),
     _status("OrderRejected", "Rejected"),
     _status("OrderCancelled", "Cancelled"),
@@ -174,7 +181,13 @@ _SPECS = (
     EventSpec("RevenueRecorded", 1, FinanceEntry, "RevenueRecorded", _finance),
     EventSpec("PlatformFeeRecorded", 1, FinanceEntry, "PlatformFeeRecorded", _finance),
     EventSpec(
-        "OrderDelayAlert", 1, OrderDelayAlert, "OrderDelayAlert", _kitchen_and_order, derived=True
+        "OrderDelayAlert",
+        1,
+        OrderDelayAlert,
+        "OrderDelayAlert",
+        _kitchen_and_order,
+        derived=True,
+        deadline_from="expected_by",
     ),
 )
 
@@ -277,7 +290,11 @@ def render_fields(
     else:
         text += "}"
     channels = spec.route(restaurant_id, order_id, customer_id, model)
-    return Broadcast(spec.sse_event, text, channels, dropped, model)
+    # Facts, not the model: a model per event kept to the SLA's turn would
+    # double the objects each garbage collection walks.
+    number = getattr(model, "order_number", None)
+    due = getattr(model, spec.deadline_from) if spec.deadline_from is not None else None
+    return Broadcast(spec.sse_event, text, channels, dropped, number, due)
 
 
 def _check_id(event_type: str, name: str, payload_id: Any, row_id: str) -> None:

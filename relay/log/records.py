@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from relay.events.base import Contract
 from relay.log.cursor import Position
 
 __all__ = ["LogEvent", "Page", "Rejected"]
@@ -30,9 +29,11 @@ class LogEvent(NamedTuple):
     customer_id: str | None
     occurred_on_utc: datetime
     enqueued_at: datetime
-    # The validated model, when this process rendered the row (None for an
-    # event received over the backplane): its typed fields, for the SLA timers.
-    contract: Contract | None = None
+    # Facts of the validated model (``Broadcast``) for the SLA timers, which
+    # read only events rendered in their own process; an event received over
+    # the backplane goes to the hub alone and carries none.
+    order_number: str | None = None
+    deadline_from: datetime | None = None
 
 
 class Rejected(NamedTuple):

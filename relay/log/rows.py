@@ -49,5 +49,5 @@ def render_row(row: tuple[Any, ...]) -> tuple[LogEvent | Rejected, int]:
     # event id, type, version, restaurant, order, customer; occurred; enqueued
     event = LogEvent(at, broadcast.sse_event, broadcast.channels, broadcast.json,
                      row[3], row[4], row[5], row[6], row[7], row[8], row[10], row[13],
-                     broadcast.contract)  # fmt: skip
+                     broadcast.order_number, broadcast.deadline_from)  # fmt: skip
     return event, len(broadcast.dropped_fields)
