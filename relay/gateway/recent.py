@@ -24,6 +24,7 @@ __all__ = ["Recalled", "Recent", "Remembered"]
 # its restaurant's list, so order channels get no list of their own.
 _NOT_KEPT = "customer:"
 _IN_KITCHEN = "order:"
+_NOT_LISTED = (_IN_KITCHEN, _NOT_KEPT)
 
 
 class Recalled(NamedTuple):
@@ -91,7 +92,7 @@ class Recent:
             kept = Recalled(event.at, event.sse_event, event.data, channels)
             keep(event.at)
             for channel in channels:
-                if channel.startswith(_IN_KITCHEN) or channel.startswith(_NOT_KEPT):
+                if channel.startswith(_NOT_LISTED):
                     continue
                 found = by_channel.get(channel)
                 if found is None:

@@ -34,20 +34,20 @@ COLUMNS = b"""o.xid::text::bigint, o.id, o.event_id::text, o.event_type, o.schem
 def render_row(row: tuple[Any, ...]) -> tuple[LogEvent | Rejected, int]:
     """``(window, *COLUMNS)`` as an event, or as a rejected row with its reason;
     and how many payload fields the contract's whitelist dropped."""
-    # (window, xid, id), then the row's columns as render_stored takes them
-    # (event id … unloadable time), then derived and enqueued_at.
-    at = Position(row[0], row[1], row[2])
+    (window, xid, row_id, event_id, event_type, version, restaurant, order, customer,
+     payload, occurred, unloadable, derived, enqueued) = row  # fmt: skip
+    at = Position(window, xid, row_id)
     try:
-        broadcast = render_stored(*row[3:12], derived=row[12])
+        broadcast = render_stored(event_id, event_type, version, restaurant, order, customer,
+                                  payload, occurred, unloadable, derived=derived)  # fmt: skip
     except ContractError as exc:
         reason = clip(str(exc), MAX_REASON)
-        return Rejected(at, row[2], row[3], row[4], row[5], reason), 0
+        return Rejected(at, row_id, event_id, event_type, version, reason), 0
     except Exception as exc:  # a bug must not stop the log: the row is parked for retry
-        log.exception("unexpected error validating event %s", row[3])
+        log.exception("unexpected error validating event %s", event_id)
         reason = f"internal error: {type(exc).__name__}: {clip(str(exc), 200)}"
-        return Rejected(at, row[2], row[3], row[4], row[5], reason), 0
-    # event id, type, version, restaurant, order, customer; occurred; enqueued
-    event = LogEvent(at, broadcast.sse_event, broadcast.channels, broadcast.json,
-                     row[3], row[4], row[5], row[6], row[7], row[8], row[10], row[13],
+        return Rejected(at, row_id, event_id, event_type, version, reason), 0
+    event = LogEvent(at, broadcast.sse_event, broadcast.channels, broadcast.json, event_id,
+                     event_type, version, restaurant, order, customer, occurred, enqueued,
                      broadcast.order_number, broadcast.deadline_from)  # fmt: skip
     return event, len(broadcast.dropped_fields)
