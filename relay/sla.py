@@ -280,7 +280,10 @@ class SlaWatcher:
         # the log): its events after ``at`` continue the watcher's position.
         while handed and handed[0].after <= reached and len(events) < self.config.page_size:
             page = handed.popleft()
-            events.extend(e for e in page.events if e.at > reached)
+            if page.after >= reached:  # the usual case: the page continues the position
+                events.extend(page.events)
+            else:
+                events.extend(e for e in page.events if e.at > reached)
             reached = page.reached
         return (events, reached) if reached != at else None
 

@@ -49,7 +49,9 @@ def decode_payload(text: str, event_type: str) -> Any:
 
 def _decode_numberless(text: str, event_type: str) -> Any:
     try:
-        return from_json(text)
+        # Keys only: a payload's keys recur in every event, its values
+        # (ids, numbers, times) seldom, and caching those cost a fifth more.
+        return from_json(text, cache_strings="keys")
     except ValueError as exc:
         message = str(exc)
         if message.startswith("recursion limit exceeded"):
