@@ -88,10 +88,13 @@ def _plain_decimal(amount: Decimal) -> str:
 
 def _order_number(value: Any) -> str:
     """.NET services often use an int order number: rendered as its decimal string."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
+    if type(value) is str:  # the usual case first: this runs for every event
+        text = value
+    elif isinstance(value, str | int) and not isinstance(value, bool):
+        text = str(value)
+    else:
         raise ValueError("expected a string or an integer")
-    text = str(value)
-    if not text.strip():
+    if not text or text.isspace():
         raise ValueError("must not be empty")
     if len(text) > MAX_ORDER_NUMBER:
         raise ValueError(f"longer than {MAX_ORDER_NUMBER} characters ({len(text)})")
