@@ -222,9 +222,10 @@ class OpenDeadlines:
                 return None
             return _Park(order, previous.restaurant_id, None, None, "clear", None)
         parked = due - event.enqueued_at > park_beyond
-        deadline = Deadline(
+        # tuple.__new__: without the named tuple's own (Python) __new__, per event.
+        deadline = tuple.__new__(Deadline, (
             kind, due, event.restaurant_id, event.customer_id, event.order_number, event.at, parked
-        )
+        ))  # fmt: skip
         self._open_new(order, deadline)  # its previous deadline was dropped above
         if deadline.parked:
             return _Park(

@@ -294,7 +294,8 @@ def render_fields(
     # double the objects each garbage collection walks.
     number = getattr(model, "order_number", None)
     due = getattr(model, spec.deadline_from) if spec.deadline_from is not None else None
-    return Broadcast(spec.sse_event, text, channels, dropped, number, due)
+    # tuple.__new__: without the named tuple's own (Python) __new__, per event.
+    return tuple.__new__(Broadcast, (spec.sse_event, text, channels, dropped, number, due))
 
 
 def _check_id(event_type: str, name: str, payload_id: Any, row_id: str) -> None:

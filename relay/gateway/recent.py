@@ -89,7 +89,8 @@ class Recent:
         keep = self._kept.append
         for event in events:
             channels = event.channels
-            kept = Recalled(event.at, event.sse_event, event.data, channels)
+            # tuple.__new__: without the named tuple's own (Python) __new__.
+            kept = tuple.__new__(Recalled, (event.at, event.sse_event, event.data, channels))
             keep(event.at)
             for channel in channels:
                 if channel.startswith(_NOT_LISTED):

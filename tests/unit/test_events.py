@@ -240,6 +240,33 @@ def test_an_order_number_longer_than_the_limit_is_rejected() -> None:
     assert len(str(caught.value)) < 200
 
 
+class _Text(str):
+    """A string subclass, as a producer's own types may pass one."""
+
+
+@pytest.mark.parametrize(("given", "shown"), [("B-7", "B-7"), (7, "7"), (_Text("B-8"), "B-8")])
+def test_an_order_number_is_broadcast_as_text(given: Any, shown: str) -> None:
+    result = render(envelope("OrderPaymentSucceeded", {**CASES[0][1], "orderNumber": given}))
+    assert result.data["orderNumber"] == shown
+    assert result.order_number == shown
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("", "must not be empty"),
+        (" \t ", "must not be empty"),
+        (True, "expected a string or an integer"),
+        (7.5, "expected a string or an integer"),
+        (" " * (MAX_ORDER_NUMBER + 1), "must not be empty"),
+    ],
+)
+def test_an_order_number_that_says_nothing_is_refused(bad: Any, reason: str) -> None:
+    with pytest.raises(InvalidPayload, match=f"orderNumber: {reason}") as caught:
+        render(envelope("OrderPaymentSucceeded", {**CASES[0][1], "orderNumber": bad}))
+    assert caught.value.field == "orderNumber"
+
+
 def test_a_payload_time_beyond_year_9999_in_utc_is_a_contract_error() -> None:
     payload = _status_payload(lastUpdateTimestamp="9999-12-31T23:00:00-05:00")
     with pytest.raises(InvalidPayload, match="years 1 to 9999") as caught:
