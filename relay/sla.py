@@ -51,12 +51,21 @@ log = logging.getLogger("relay.sla")
 SLA = "relay.sla"  # the watcher's offset in relay_offsets
 REPLAY = "relay.sla.replay"  # where a rebuild of the open deadlines starts reading
 
-# What each event type does to its order's deadline. Anything else
-# (Preparing) leaves the current deadline standing.
-_CLEARS = frozenset({"OrderDelivered", "OrderRejected", "OrderCancelled", "OrderPaymentFailed"})
-_SETS = {"OrderPaymentSucceeded": "NotAccepted", "OrderAccepted": "NotReady"}
-_READY = "OrderReadyForDelivery"
-_ALERT = "OrderDelayAlert"
+# What each event type does to its order's deadline: clears it, checks it
+# off (an alert already raised), or sets the next one of a kind. Anything
+# else (Preparing) leaves the current deadline standing.
+_CLEAR = "clear"
+_RAISED = "raised"
+_EFFECT = {
+    "OrderDelivered": _CLEAR,
+    "OrderRejected": _CLEAR,
+    "OrderCancelled": _CLEAR,
+    "OrderPaymentFailed": _CLEAR,
+    "OrderDelayAlert": _RAISED,
+    "OrderPaymentSucceeded": "NotAccepted",
+    "OrderAccepted": "NotReady",
+    "OrderReadyForDelivery": "DeliveryLate",  # or clears: no estimate, no deadline
+}
 _KINDS = ("NotAccepted", "NotReady", "DeliveryLate")  # as relay_sla_thresholds' columns
 # Pages this process's recorder read, kept for the watcher's next step so it
 # need not read and validate them again (a full queue drops the oldest: the
@@ -191,36 +200,32 @@ class OpenDeadlines:
         order = event.order_id
         if order is None:
             return None
-        kind: str
-        due: datetime | None = None
+        kind = _EFFECT.get(event.event_type)
+        if kind is None:
+            return None
         # The validated model's facts (``EventSpec.deadline_from``): no JSON is read.
         since = event.deadline_from
-        if event.event_type in _CLEARS:
-            kind = "clear"
-        elif event.event_type == _ALERT:
+        due: datetime | None = None
+        if kind == _RAISED:
             current = self.get(order)
             # The relay rendered the alert itself: its kind is spelled so.
             if current is None or f'"kind":"{current.kind}"' not in event.data:
                 return None
             if since != current.due:
                 return None  # an alert for an earlier deadline of the same kind
-            kind = "clear"  # already raised: by this watcher or one before it
-        elif event.event_type in _SETS or event.event_type == _READY:
-            if event.event_type == _READY:
-                kind = "clear" if since is None else "DeliveryLate"
-            else:
-                if since is None:
-                    return None
-                kind = _SETS[event.event_type]
+            kind = _CLEAR  # already raised: by this watcher or one before it
+        elif kind != _CLEAR:
             if since is not None:
                 due = since + threshold(event.restaurant_id, kind)
-        else:
-            return None
+            elif kind == "DeliveryLate":
+                kind = _CLEAR  # ready with no delivery estimate: nothing to be late for
+            else:
+                return None
         previous = self.drop(order)
         if due is None:
             if previous is None or not previous.parked:
                 return None
-            return _Park(order, previous.restaurant_id, None, None, "clear", None)
+            return _Park(order, previous.restaurant_id, None, None, _CLEAR, None)
         parked = due - event.enqueued_at > park_beyond
         # tuple.__new__: without the named tuple's own (Python) __new__, per event.
         deadline = tuple.__new__(Deadline, (
@@ -233,7 +238,7 @@ class OpenDeadlines:
                 deadline.kind, due,
             )  # fmt: skip
         if previous is not None and previous.parked:
-            return _Park(order, previous.restaurant_id, None, None, "clear", None)
+            return _Park(order, previous.restaurant_id, None, None, _CLEAR, None)
         return None
 
 
