@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -104,7 +105,7 @@ def _render_and_check(event_type: str, body: dict[str, Any]) -> None:
             assert key in result.dropped_fields
 
 
-def _b64(data: dict[str, Any]) -> str:
+def _b64(data: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
@@ -170,6 +171,24 @@ def test_random_tokens_are_refused_or_yield_a_principal(
     assert all(_numeric_date(claims[t]) for t in ("exp", "nbf", "iat") if t in claims), claims
     assert abs(principal.expires_at.timestamp() - claims["exp"]) < 1
     assert principal.expires_at > datetime.now(UTC) - timedelta(minutes=1)
+
+
+TOKEN_PIECES = st.sampled_from([".", "=", "-", "_", "!", "eyJ", "e30", "W10", "bnVsbA", "fQ", " "])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.text(max_size=60) | st.lists(TOKEN_PIECES, max_size=12).map("".join),
+    header=st.sampled_from([[], "x", None, {"alg": "HS256", "kid": 7}, {"alg": 5}, {}]),
+)
+def test_malformed_tokens_are_refused_with_401(text: str, header: Any) -> None:
+    """Garbage, a header that is no JSON object, or one with a kid that is no
+    string: a 401, never another exception, whatever the header reading meets."""
+    verifier = TokenVerifier(AuthConfig(secret=SECRET))
+    for token in (text, f"{_b64(header)}.{_b64({'sub': 's'})}.{text}"):
+        with pytest.raises(AuthError) as caught:
+            verifier.verify(token)
+        assert caught.value.status == 401
 
 
 CURSOR_PIECES = st.sampled_from(["w", ".", "~", "-", "v.", "0", "7", "12", "9" * 19, "1a2b3c4d"])
