@@ -214,6 +214,7 @@ async def read(
             "limit": limit,
         },
         prepare=False,  # planned with this range's real bounds, every time
+        binary=True,
     )
     rows = await cur.fetchall()
     if len(rows) < limit:
@@ -261,6 +262,7 @@ async def _read_window(
         # since planning was a third of a live read. Filtered, a generic plan
         # may sort a big window's rows for every page: planned each time.
         prepare=selector == _EVERYTHING,
+        binary=True,
     )
     rows = await cur.fetchall()
     if len(rows) < limit:
@@ -318,6 +320,7 @@ async def record_window_if_due(
                 "limit": limit,
             },
             prepare=True,
+            binary=True,
         )
         rows = await cur.fetchall()
     newest, window, snapshot = rows[0][:3]
