@@ -165,6 +165,12 @@ class _Plan:
     # Decides which events are sent (live and replay); None sends all.
     owners: _Owners | None = None
 
+    @property
+    def whole_buffer(self) -> bool:
+        """Whether a live wake-up sends its subscriber's buffer as it is: one
+        channel (each event offered once), every event sent, shared frames."""
+        return len(self.channels) == 1 and self.owners is None and not self.scope
+
     def wants(self, event: LogEvent) -> bool:
         """Whether a replayed event belongs to this stream: the replay's
         selector reads by column, the channels decide (a restaurant's finance
@@ -399,7 +405,12 @@ async def sse(
                 learn = partial(owners.learn, channels=missing)
                 async for beat in _reading(pool, sub, options.heartbeat, learn, learnt):
                     yield beat
-            chunk, sent = _above(plan, sent, fresh)
+            if plan.whole_buffer and fresh and fresh[0][0].at > sent:
+                # One channel's buffer holds each event once, in log order:
+                # all of it is new once its first event is (the usual wake-up).
+                chunk, sent = b"".join([item[1] for item in fresh]), fresh[-1][0].at
+            else:
+                chunk, sent = _above(plan, sent, fresh)
             del fresh
             if chunk:
                 yield chunk
