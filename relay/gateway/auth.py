@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import time
 import urllib.parse
@@ -172,7 +171,7 @@ class TokenVerifier:
         segment = token.split(".", 1)[0]
         try:
             header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-        except (ValueError, binascii.Error):  # UnicodeDecodeError is a ValueError
+        except (ValueError, RecursionError):  # binascii's and UTF-8's errors are ValueErrors
             raise AuthError("malformed token", reason="malformed") from None
         if not isinstance(header, dict) or not isinstance(header.get("kid", ""), str):
             raise AuthError("malformed token", reason="malformed")

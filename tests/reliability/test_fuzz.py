@@ -181,6 +181,8 @@ TOKEN_PIECES = st.sampled_from([".", "=", "-", "_", "!", "eyJ", "e30", "W10", "b
     text=st.text(max_size=60) | st.lists(TOKEN_PIECES, max_size=12).map("".join),
     header=st.sampled_from([[], "x", None, {"alg": "HS256", "kid": 7}, {"alg": 5}, {}]),
 )
+# A header nested deeper than any decoder recurses.
+@example(text=base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode() + ".e30.", header={})
 def test_malformed_tokens_are_refused_with_401(text: str, header: Any) -> None:
     """Garbage, a header that is no JSON object, or one with a kid that is no
     string: a 401, never another exception, whatever the header reading meets."""
