@@ -21,7 +21,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -164,12 +164,6 @@ class _Plan:
     scope: str = ""
     # Decides which events are sent (live and replay); None sends all.
     owners: _Owners | None = None
-
-    @property
-    def whole_buffer(self) -> bool:
-        """Whether a live wake-up sends its subscriber's buffer as it is: one
-        channel (each event offered once), every event sent, shared frames."""
-        return len(self.channels) == 1 and self.owners is None and not self.scope
 
     def wants(self, event: LogEvent) -> bool:
         """Whether a replayed event belongs to this stream: the replay's
@@ -405,12 +399,7 @@ async def sse(
                 learn = partial(owners.learn, channels=missing)
                 async for beat in _reading(pool, sub, options.heartbeat, learn, learnt):
                     yield beat
-            if plan.whole_buffer and fresh and fresh[0][0].at > sent:
-                # One channel's buffer holds each event once, in log order:
-                # all of it is new once its first event is (the usual wake-up).
-                chunk, sent = b"".join([item[1] for item in fresh]), fresh[-1][0].at
-            else:
-                chunk, sent = _above(plan, sent, fresh)
+            chunk, sent = _above(plan, sent, fresh)
             del fresh
             if chunk:
                 yield chunk
@@ -479,7 +468,7 @@ async def _catch_up(
     events, reached = first_page
     end = start.head.end
     while True:
-        chunk, sent = _above(plan, sent, ((e, None) for e in events))
+        chunk, sent = _above(plan, sent, [(e, None) for e in events])
         # Positions are global: past a page that sent nothing, the stream is
         # still complete up to where the page reached.
         sent = max(sent, reached)
@@ -509,14 +498,19 @@ async def _replay_page(
 
 
 def _above(
-    plan: _Plan, sent: Position, events: Iterable[tuple[LogEvent, bytes | None]]
+    plan: _Plan, sent: Position, events: Sequence[tuple[LogEvent, bytes | None]]
 ) -> tuple[bytes, Position]:
     """The frames of the events after ``sent``, and the position past them
-    (advanced past each, admitted or not)."""
+    (advanced past each, admitted or not). ``events`` are in log order."""
     chunks = []
     if plan.owners is None and not plan.scope:
-        # The fan-out's inner loop (a thousand dashboards of one restaurant):
-        # every event sent, the hub's shared frame as it is.
+        if len(plan.channels) == 1 and events and events[0][0].at > sent:
+            # One channel holds each event once: all of them are new once the
+            # first is (the usual live wake-up), and none needs comparing.
+            whole = [f if f is not None else frame(e) for e, f in events]
+            return b"".join(whole), events[-1][0].at
+        # Several channels (an event may come twice), or a page that begins
+        # among events already sent: every event compared, then sent as is.
         for e, shared in events:
             if e.at > sent:
                 sent = e.at
